@@ -1,0 +1,1 @@
+"""Memory-augmented transformer LMs on megatron-core layers, trained with DeepSpeed."""

@@ -1,0 +1,219 @@
+"""Config as data: dataclasses with defaults, loaded from YAML, overridden field by field, validated once.
+
+* ``from_dict(Cls, mapping)`` builds a (nested) dataclass, coercing values to the annotated types; an unknown
+  key or a value of the wrong type raises ``ConfigError`` naming the dotted field (``model.n_head``).
+* ``set_field(cfg, "model.n_head", "8")`` applies one override; the string is parsed as YAML (so ``8`` is an
+  int, ``[1, 2]`` a list, ``null`` None) and then coerced like a YAML value.
+* ``validate(cfg)`` calls ``validate()`` on every nested dataclass that defines it (bottom-up); those methods
+  raise ``ConfigError(field, why)``.
+* ``to_dict(cfg)`` gives plain data for YAML/JSON (the resolved config saved beside a run).
+
+No torch here: configs are read before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid config value; ``field`` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config field '{field}': {message}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(field, f"{value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(field, f"expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, field)
+    if origin in (list, List, tuple, Tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(field, f"expected a list, got {value!r}")
+        if origin in (tuple, Tuple) and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(field, f"expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin in (tuple, Tuple) else out
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(field, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(field, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(field, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(field, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(field, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(field, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(field, f"expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(field, f"cannot use {value!r} as {tp}")
+
+
+def from_dict(cls, data: Optional[Mapping[str, Any]], prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; missing fields keep their defaults."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(_join(prefix, unknown[0]),
+                          f"unknown field (valid fields{' of ' + prefix if prefix else ''}: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(prefix or cls.__name__, str(e)) from None
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)
+
+
+def field_paths(cls, prefix: str = "") -> Dict[str, Tuple[Any, Any, str]]:
+    """Every leaf field of ``cls``: dotted path -> (type, default, help text from ``metadata['help']``)."""
+    out = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            out.update(field_paths(tp, path))
+        else:
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = None
+            out[path] = (tp, default, f.metadata.get("help", ""))
+    return out
+
+
+def set_field(cfg, path: str, value: Any) -> None:
+    """Set the dotted ``path`` of ``cfg`` (in place).  A string value is parsed as YAML first."""
+    parts = path.split(".")
+    obj = cfg
+    for i, p in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(".".join(parts[:i + 1]), "unknown field")
+        obj = getattr(obj, p)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+        raise ConfigError(path, f"unknown field (valid here: {valid})")
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        value = value if parsed is None and value.strip().lower() not in ("null", "none", "~", "") else parsed
+        if isinstance(value, str) and value.strip().lower() == "none":
+            value = None
+    tp = _hints(type(obj))[name]
+    setattr(obj, name, _coerce(value, tp, path))
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError("config", f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError("config", f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Run ``validate()`` of every nested dataclass, innermost first."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, _join(prefix, f.name))
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            if prefix and not e.field.startswith(prefix + "."):
+                raise ConfigError(_join(prefix, e.field), str(e).split(": ", 1)[-1]) from None
+            raise
