@@ -1,0 +1,440 @@
+"""preprocess.py end to end: every input kind and tokenizer, exact split cut points, metadata, worker
+order, bounded streaming of huge documents, merge and summarize, and a clear one-line error with no
+output left behind for every kind of bad input."""
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, shared_path
+from data_tools import inputs
+from data_tools.indexed import IndexedDataset, IndexedDatasetWriter
+from data_tools.merge import main as merge_main
+from data_tools.metadata import read_metadata
+from data_tools.preprocess import copy_token_range, main, split_cuts
+from data_tools.summarize import main as summarize_main
+from data_tools.tokenization import GPT2Tokenizer, build_word_vocab, load_tokenizer
+
+SCRIPT = os.path.join(ROOT, "data_tools", "preprocess.py")
+
+
+def run(capsys, *argv):
+    """Run the CLI in-process; return (exit code, stderr)."""
+    rc = main([str(a) for a in argv] + ["--no-progress"])
+    return rc, capsys.readouterr().err
+
+
+def docs_of(prefix):
+    ds = IndexedDataset(str(prefix))
+    return [np.asarray(ds.document(i)).tolist() for i in range(ds.num_documents)]
+
+
+def write_jsonl(path, texts, key="text"):
+    path.write_text("".join(json.dumps({key: t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_args():
+    return ["--tokenizer", "gpt2", "--vocab-file", shared_path("tokenizers", "gpt2", "vocab.json"),
+            "--merge-file", shared_path("tokenizers", "gpt2", "merges.txt")]
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_args):
+    return GPT2Tokenizer(gpt2_args[3], gpt2_args[5])
+
+
+def shakespeare_docs(n=400):
+    return open(shared_path("tinyshakespeare", "input.txt"), encoding="utf-8").read().split("\n\n")[:n]
+
+
+# -------------------------------------------------------------------------------------------- outputs
+def test_jsonl_gpt2_tokens_and_metadata(tmp_path, capsys, gpt2_args, gpt2):
+    texts = shakespeare_docs() + ["", "naïve 🙂 <|endoftext|>"]
+    src = write_jsonl(tmp_path / "corpus.jsonl", texts)
+    rc, err = run(capsys, "--input", src, *gpt2_args, "--append-eod", "--output-prefix", tmp_path / "out" / "c")
+    assert rc == 0, err
+    assert docs_of(tmp_path / "out" / "c") == [gpt2.encode(t) + [50256] for t in texts]
+    meta = read_metadata(str(tmp_path / "out" / "c"))
+    assert meta["format"] == "MMIDIDX" and meta["dtype"] == "uint16" and meta["dtype_code"] == 8
+    assert (meta["vocab_size"], meta["eod_id"], meta["documents"], meta["sequences"]) == (50257, 50256, 402, 402)
+    assert meta["tokens"] == IndexedDataset(str(tmp_path / "out" / "c")).num_tokens
+    assert meta["input"]["paths"] == [str(src)] and meta["input"]["bytes"] == [src.stat().st_size]
+    assert meta["input"]["sha256"] == [hashlib.sha256(src.read_bytes()).hexdigest()]
+    assert meta["tokenizer"] == {"type": "gpt2", "vocab": "c.vocab.json", "merges": "c.merges.txt"}
+    tok = load_tokenizer(str(tmp_path / "out" / "c"))
+    assert tok.decode(docs_of(tmp_path / "out" / "c")[-1][:-1]) == texts[-1]
+    assert sorted(os.listdir(tmp_path / "out")) == ["c.bin", "c.idx", "c.json", "c.merges.txt", "c.vocab.json"]
+
+
+def test_workers_keep_order_and_bytes(tmp_path, gpt2_args):
+    """--workers 2 writes exactly the bytes --workers 1 writes (several blocks, gzip input)."""
+    text = open(shared_path("tinyshakespeare", "input.txt"), encoding="utf-8").read()
+    texts = [p for p in text.split("\n\n")] * 3  # ~3.4 MB: several 1 MiB blocks
+    src = tmp_path / "c.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), *gpt2_args, "--append-eod", "--workers",
+                            str(w), "--output-prefix", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "docs/s" in r.stderr and "MB/s" in r.stderr  # the progress bar and the summary
+        outs.append([(out.parent / (out.name + e)).read_bytes() for e in (".bin", ".idx")])
+    assert outs[0] == outs[1]
+    assert IndexedDataset(str(tmp_path / "w2")).num_documents == len(texts)
+    assert read_metadata(str(tmp_path / "w2"))["input"]["sha256"] == [hashlib.sha256(src.read_bytes()).hexdigest()]
+
+
+def test_no_torch_import(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", ["hello world"])
+    r = subprocess.run([sys.executable, "-X", "importtime", SCRIPT, "--input", str(src), "--tokenizer", "bytes",
+                        "--output-prefix", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    modules = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "numpy" in modules and not any(m == "torch" or m.startswith("torch.") for m in modules)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_text_formats_and_globs(tmp_path, capsys, workers):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "b.txt").write_text("second file\n")
+    (tmp_path / "in" / "a.txt").write_text("first file\nline two\n")
+    rc, err = run(capsys, "--input", tmp_path / "in" / "*.txt", "--tokenizer", "bytes", "--workers", workers,
+                  "--output-prefix", tmp_path / "t")
+    assert rc == 0, err
+    assert docs_of(tmp_path / "t") == [list(b"first file\nline two\n"), list(b"second file\n")]
+    rc, err = run(capsys, "--input", tmp_path / "in" / "a.txt", tmp_path / "in" / "b.txt", "--input-format", "lines",
+                  "--tokenizer", "bytes", "--output-prefix", tmp_path / "l")
+    assert rc == 0, err
+    assert docs_of(tmp_path / "l") == [list(b"first file"), list(b"line two"), list(b"second file")]
+
+
+def test_wikitext_articles(tmp_path, capsys):
+    raw = open(shared_path("wikitext-2", "test.txt"), encoding="utf-8").read()
+    rc, err = run(capsys, "--input", shared_path("wikitext-2", "test.txt"), "--input-format", "wikitext",
+                  "--tokenizer", "bytes", "--output-prefix", tmp_path / "w")
+    assert rc == 0, err
+    docs = [bytes(d).decode() for d in docs_of(tmp_path / "w")]
+    assert "".join(docs) == raw and len(docs) == 62
+    assert docs[0].startswith(" \n = Robert <unk> = \n")  # the blank line before the first title joins it
+    assert all(d.lstrip(" \n").startswith("= ") and not d.lstrip(" \n").startswith("= =") for d in docs)
+    assert inputs.split_articles(" = A = \n x \n = = S = = \n y \n = B = \n z\n") == \
+        [" = A = \n x \n = = S = = \n y \n", " = B = \n z\n"]
+
+
+def test_words_reproduce_published_counts(tmp_path, capsys):
+    valid, test = shared_path("wikitext-2", "valid.txt"), shared_path("wikitext-2", "test.txt")
+    rc, err = run(capsys, "--input", f"train={valid}", f"valid={valid}", f"test={test}", "--input-format", "wikitext",
+                  "--tokenizer", "words", "--output-prefix", tmp_path / "wt2")
+    assert rc == 0, err
+    metas = {s: read_metadata(str(tmp_path / f"wt2_{s}")) for s in ("train", "valid", "test")}
+    assert metas["valid"]["tokens"] == 217646 and metas["test"]["tokens"] == 245569
+    assert {m["tokenizer"]["file"] for m in metas.values()} == {"wt2.vocab.json"}  # one shared tokenizer file
+    assert metas["test"]["split"] == {"name": "test"} and metas["test"]["input"]["paths"] == [test]
+    tok = load_tokenizer(str(tmp_path / "wt2_test"))
+    ids = IndexedDataset(str(tmp_path / "wt2_test")).tokens
+    assert (ids == tok.unk_id).sum() > 15218  # test words never seen in the train split became <unk> too
+    assert not (tmp_path / "wt2.bin").exists()
+
+
+def test_words_vocabulary_from_the_train_share_of_a_split(tmp_path, capsys):
+    """With --split, the words vocabulary counts only the tokens before the first cut (one cut inside a
+    document, inside a line)."""
+    src = shared_path("wikitext-2", "valid.txt")
+    rc, err = run(capsys, "--input", src, "--input-format", "wikitext", "--tokenizer", "words", "--split", "50,50",
+                  "--workers", "2", "--output-prefix", tmp_path / "w")
+    assert rc == 0, err
+    stream = []
+    for line in open(src, encoding="utf-8").read().split("\n")[:-1]:
+        stream += line.split() + [None]
+    cut = len(stream) // 2
+    counts = {}
+    for w in stream[:cut]:
+        if w is not None:
+            counts[w] = counts.get(w, 0) + 1
+    assert load_tokenizer(str(tmp_path / "w_train")).symbols == build_word_vocab(counts).symbols
+    assert read_metadata(str(tmp_path / "w_train"))["tokens"] == cut == 217646 // 2
+
+
+def test_chars_split_like_nanogpt(tmp_path, capsys):
+    src = shared_path("tinyshakespeare", "input.txt")
+    rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--split", "90,10", "--output-prefix", tmp_path / "s")
+    assert rc == 0, err
+    text = open(src, encoding="utf-8").read()
+    n = int(0.9 * len(text))
+    tok = load_tokenizer(str(tmp_path / "s_train"))
+    assert tok.vocab_size == 65
+    for split, part in (("train", text[:n]), ("valid", text[n:])):
+        ds = IndexedDataset(str(tmp_path / f"s_{split}"))
+        assert tok.decode(ds.tokens) == part
+    assert read_metadata(str(tmp_path / "s_valid"))["split"] == {"name": "valid", "weights": [90, 10],
+                                                                   "token_range": [n, len(text)]}
+
+
+def test_bytes_split_exact_cuts_and_straddling_documents(tmp_path, capsys):
+    """enwik8-style: raw bytes, 90/5/5 at exact byte positions; JSON documents across a cut are cut in two."""
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    (tmp_path / "raw").write_bytes(data)
+    rc, err = run(capsys, "--input", tmp_path / "raw", "--input-format", "bytes", "--tokenizer", "bytes",
+                  "--split", "90,5,5", "--output-prefix", tmp_path / "e")
+    assert rc == 0, err
+    parts = [IndexedDataset(str(tmp_path / f"e_{s}")).tokens.tolist() for s in ("train", "valid", "test")]
+    assert [len(p) for p in parts] == [9000, 500, 500] and bytes(sum(parts, [])) == data
+    assert IndexedDataset(str(tmp_path / "e_train")).dtype == np.uint16
+
+    texts = ["a" * 7, "b" * 5, "", "c" * 9, "d"]  # 22 bytes + 5 EOD = 27 tokens; cuts at 24 and 25
+    rc, err = run(capsys, "--input", write_jsonl(tmp_path / "d.jsonl", texts), "--tokenizer", "bytes", "--append-eod",
+                  "--split", "90,5,5", "--output-prefix", tmp_path / "j")
+    assert rc == 0, err
+    a, eod = ord("a"), 256
+    stream = sum(([ord(t[0])] * len(t) + [eod] if t else [eod] for t in texts), [])
+    assert split_cuts(27, [90, 5, 5]) == [("train", 0, 24), ("valid", 24, 25), ("test", 25, 27)]
+    assert docs_of(tmp_path / "j_train") == [stream[0:8], stream[8:14], stream[14:15], stream[15:24]]
+    assert stream[:8] == [a] * 7 + [eod]
+    assert docs_of(tmp_path / "j_valid") == [stream[24:25]] and docs_of(tmp_path / "j_test") == [stream[25:27]]
+
+
+def test_copy_token_range_matches_brute_force(tmp_path):
+    """Any token range of a dataset with multi-sequence and empty documents (both conventions)."""
+    rng = np.random.default_rng(3)
+    prefix = str(tmp_path / "src")
+    docs = []
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        for k in range(60):
+            kind = k % 5
+            if kind == 0:
+                w.add_document([], [])
+                docs.append([])
+            elif kind == 1:
+                w.add_documents([], [0])
+                docs.append([])
+            else:
+                lens = rng.integers(1, 6, kind - 1)
+                toks = rng.integers(0, 1000, int(lens.sum()))
+                w.add_document(toks, lens)
+                docs.append(toks.tolist())
+    src = IndexedDataset(prefix)
+    starts = np.cumsum([0] + [len(d) for d in docs])
+    total = int(starts[-1])
+    for cut in sorted(set(rng.integers(0, total + 1, 12).tolist()) | {0, total}):
+        for lo, hi, last in ((0, cut, cut == total), (cut, total, True)):
+            out = str(tmp_path / f"o{lo}_{hi}")
+            with IndexedDatasetWriter(out, np.int32) as w:
+                copy_token_range(src, w, lo, hi, last=last, max_tokens=7)
+            expect = []
+            for d, s in zip(docs, starts):
+                e = s + len(d)
+                if (e > s and e > lo and s < hi) or (e == s and (lo <= s < hi or (last and s == hi))):
+                    expect.append(d[max(lo - s, 0):max(min(hi, e) - s, 0)])
+            assert docs_of(out) == expect, (lo, hi)
+
+
+def test_huge_document_is_streamed_in_pieces(tmp_path, capsys, monkeypatch, gpt2_args, gpt2):
+    """A one-document file longer than a piece becomes several sequences of one document, cut only where
+    the tokenizer allows: the tokens equal encoding the whole text."""
+    monkeypatch.setattr(inputs, "PIECE_BYTES", 50_000)
+    src = shared_path("tinyshakespeare", "input.txt")
+    text = open(src, encoding="utf-8").read()
+    for args, expect in ((gpt2_args, gpt2.encode(text) + [50256]), (["--tokenizer", "bytes"], list(text.encode()) + [256])):
+        rc, err = run(capsys, "--input", src, *args, "--append-eod", "--output-prefix", tmp_path / "h")
+        assert rc == 0, err
+        ds = IndexedDataset(str(tmp_path / "h"))
+        assert ds.num_documents == 1 and ds.sequence_count > 10 and ds.document(0).tolist() == expect
+
+
+def test_train_bpe(tmp_path, capsys):
+    text = "\n\n".join(shakespeare_docs(800))
+    src = write_jsonl(tmp_path / "c.jsonl", text.split("\n\n"))
+    rc, err = run(capsys, "--input", src, "--train-bpe", "300", "--append-eod", "--output-prefix", tmp_path / "b")
+    assert rc == 0, err
+    meta = read_metadata(str(tmp_path / "b"))
+    assert meta["tokenizer"] == {"type": "gpt2", "file": "b.tokenizer.json"} and meta["vocab_size"] == 300
+    tok = load_tokenizer(str(tmp_path / "b"))
+    first = docs_of(tmp_path / "b")[0]
+    assert first[-1] == tok.eod_id and tok.decode(first[:-1]) == text.split("\n\n")[0]
+
+
+def test_hf_and_sentencepiece(tmp_path, capsys):
+    spm = pytest.importorskip("sentencepiece")
+    texts = shakespeare_docs(300)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    src = write_jsonl(tmp_path / "c.jsonl", texts + ["</s> is text here"])
+    rc, err = run(capsys, "--input", src, "--tokenizer", "SentencePieceTokenizer", "--tokenizer-model",
+                  tmp_path / "sp.model", "--append-eod", "--output-prefix", tmp_path / "o" / "sp")
+    assert rc == 0, err
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert docs_of(tmp_path / "o" / "sp") == [ref.encode(t) + [ref.eos_id()] for t in texts + ["</s> is text here"]]
+    assert (tmp_path / "o" / "sp.model").read_bytes() == (tmp_path / "sp.model").read_bytes()
+    tj = shared_path("tokenizers", "gpt2", "tokenizer.json")
+    rc, err = run(capsys, "--input", src, "--tokenizer", "hf", "--tokenizer-file", tj, "--output-prefix", tmp_path / "hf")
+    assert rc == 0, err
+    assert read_metadata(str(tmp_path / "hf"))["eod_id"] == 50256
+    assert load_tokenizer(str(tmp_path / "hf")).decode(docs_of(tmp_path / "hf")[1]) == texts[1]
+
+
+def test_vocabulary_size_picks_dtype(tmp_path, capsys):
+    words = " ".join(f"w{i}" for i in range(70_000)) + "\n"
+    (tmp_path / "many.txt").write_text(words)
+    rc, err = run(capsys, "--input", tmp_path / "many.txt", "--tokenizer", "words", "--output-prefix", tmp_path / "m")
+    assert rc == 0, err
+    assert read_metadata(str(tmp_path / "m"))["dtype"] == "int32" and IndexedDataset(str(tmp_path / "m")).dtype == np.int32
+    rc, err = run(capsys, "--input", tmp_path / "many.txt", "--tokenizer", "words", "--dtype", "uint16",
+                  "--output-prefix", tmp_path / "out" / "m")
+    assert rc == 1 and "70,002 ids, more than uint16 holds" in err and not (tmp_path / "out").exists()
+
+
+def test_skip_bad_lines(tmp_path, capsys):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b'{"text": "good"}\n{"text": \n{"body": "x"}\n{"text": 5}\n\n{"text": "\xff"}\n'
+                    b'{"text": "lone \\ud800"}\n{"text": "ok \\ud83d\\ude42"}\n')
+    rc, err = run(capsys, "--input", src, "--tokenizer", "bytes", "--skip-bad-lines", "--output-prefix", tmp_path / "o")
+    assert rc == 0, err
+    assert docs_of(tmp_path / "o") == [list(b"good"), list("ok 🙂".encode())]
+    assert read_metadata(str(tmp_path / "o"))["skipped_bad_lines"] == 5
+    assert "skipped 5 bad lines (first: " + str(src) + ":2: invalid JSON" in err
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _word_level(d):
+    """A tokenizer.json with no end-of-text token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"fine": 0, "ok": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(d / "wl.json"))
+    return d / "wl.json"
+
+
+def _bad_inputs(tmp_path, gpt2_args):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "bad.jsonl").write_bytes(b'{"text": "a"}\n' * 3 + b'{"text": "b",}\n')
+    (d / "nokey.jsonl").write_bytes(b'{"text": "a"}\n{"body": "b"}\n')
+    (d / "latin1.txt").write_bytes(b"line one\ncaf\xe9\n")
+    (d / "latin1.jsonl").write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "surrogate.jsonl").write_bytes(b'{"text": "bad \\ud800"}\n')
+    (d / "ok.txt").write_text("fine\n")
+    vocab = gpt2_args[3]
+    return {
+        "missing file": (["--input", d / "nope.jsonl", "--tokenizer", "bytes"], "nope.jsonl: no such file"),
+        "no glob match": (["--input", d / "*.parquet", "--tokenizer", "bytes"], "no file matches"),
+        "bad json line": (["--input", d / "bad.jsonl", "--tokenizer", "bytes"], "bad.jsonl:4: invalid JSON"),
+        "missing key": (["--input", d / "nokey.jsonl", "--tokenizer", "bytes"], "nokey.jsonl:2: no key 'text' (keys: body"),
+        "undecodable text": (["--input", d / "latin1.txt", "--tokenizer", "bytes"],
+                             "latin1.txt:2: invalid UTF-8 at byte offset 12"),
+        "undecodable json": (["--input", d / "latin1.jsonl", "--tokenizer", "bytes"],
+                             "latin1.jsonl:2: invalid UTF-8 (invalid continuation byte) at byte offset 27"),
+        "empty input": (["--input", d / "empty.jsonl", "--tokenizer", "bytes"], "no tokens in the input"),
+        "lone surrogate": (["--input", d / "surrogate.jsonl", "--tokenizer", "chars"],
+                           "surrogate.jsonl:1: 'text' holds a lone surrogate (\\ud800 at character 4)"),
+        "unknown tokenizer": (["--input", d / "ok.txt", "--tokenizer", "bpe3000"], "--tokenizer bpe3000: unknown"),
+        "no tokenizer": (["--input", d / "ok.txt"], "--tokenizer is required"),
+        "missing merges": (["--input", d / "ok.txt", "--tokenizer", "gpt2", "--vocab-file", vocab, "--merge-file",
+                            d / "merges.txt"], "--merge-file " + str(d / "merges.txt") + ": no such file"),
+        "gpt2 without files": (["--input", d / "ok.txt", "--tokenizer", "gpt2"], "needs --vocab-file and --merge-file"),
+        "split and named": (["--input", f"train={d / 'ok.txt'}", "--tokenizer", "bytes", "--split", "9,1"],
+                            "--split cuts one input stream"),
+        "bad split": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--split", "a,b"], "--split a,b"),
+        "empty split": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--split", "98,1,1"],
+                        "split 'valid' would be empty"),
+        "words without train": (["--input", f"valid={d / 'ok.txt'}", "--tokenizer", "words"], "train split"),
+        "raw bytes need bytes": (["--input", d / "ok.txt", "--input-format", "bytes", "--tokenizer", "chars"],
+                                 "needs --tokenizer bytes"),
+        "not a tokenizer.json": (["--input", d / "ok.txt", "--tokenizer", "hf", "--tokenizer-file",
+                                  shared_path("megatron-sample", "gpt2-tiny-vocab.json")],
+                                 "gpt2-tiny-vocab.json: not a Hugging Face tokenizer.json"),
+        "eod without one": (["--input", d / "ok.txt", "--tokenizer", "hf", "--tokenizer-file", _word_level(d),
+                             "--append-eod"], "--append-eod: the tokenizer (hf tokenizer.json (3 ids, backend "
+                                              "reference)) has no EOD token (name one with --eod-token)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "no glob match", "bad json line", "missing key", "undecodable text",
+                                  "undecodable json", "empty input", "lone surrogate", "unknown tokenizer",
+                                  "no tokenizer",
+                                  "missing merges", "gpt2 without files", "split and named", "bad split",
+                                  "empty split", "words without train", "raw bytes need bytes", "not a tokenizer.json",
+                                  "eod without one"])
+def test_bad_input_fails_cleanly(tmp_path, capsys, gpt2_args, case):
+    argv, words = _bad_inputs(tmp_path, gpt2_args)[case]
+    out = tmp_path / "out"
+    rc, err = run(capsys, *argv, "--output-prefix", out / "x")
+    assert rc == 1, err
+    assert err.count("\n") == 1 and err.startswith("preprocess.py: error: ") and words in err, err
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_bad_line_after_many_blocks_leaves_nothing(tmp_path, monkeypatch):
+    """A failure deep into the input, with worker processes and part of the output already written."""
+    src = tmp_path / "c.jsonl"
+    good = "".join(json.dumps({"text": t}) + "\n" for t in shakespeare_docs(10_000))
+    src.write_text(good * 3 + '{"text": oops}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), "--tokenizer", "bytes", "--workers", "2",
+                        "--output-prefix", str(out / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("preprocess.py: error: ") and f"c.jsonl:{3 * good.count(chr(10)) + 1}: invalid JSON" in last
+    assert "Traceback" not in r.stderr and os.listdir(out) == []
+
+
+def test_argparse_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, SCRIPT, "--input", "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--output-prefix" in r.stderr
+    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
+    options = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  --") and "help" not in line]
+    text = " ".join(r.stdout.split())
+    assert len(options) > 15 and text.count("(default:") + text.count("(required, no default)") >= len(options)
+
+
+# ------------------------------------------------------------------------------------ merge, summarize
+def test_merge_and_summarize(tmp_path, capsys, gpt2_args):
+    texts = shakespeare_docs(60)
+    for k in (0, 1):
+        write_jsonl(tmp_path / f"p{k}.jsonl", texts[30 * k:30 * (k + 1)])
+        rc, err = run(capsys, "--input", tmp_path / f"p{k}.jsonl", *gpt2_args, "--append-eod",
+                      "--output-prefix", tmp_path / "shards" / f"s{k}")
+        assert rc == 0, err
+    assert merge_main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "all")]) == 0
+    assert docs_of(tmp_path / "all") == docs_of(tmp_path / "shards" / "s0") + docs_of(tmp_path / "shards" / "s1")
+    meta = read_metadata(str(tmp_path / "all"))
+    assert meta["documents"] == 60 and meta["producer"] == "merge" and len(meta["input"]["sha256"]) == 2
+    assert load_tokenizer(str(tmp_path / "all")).eod_id == 50256
+
+    rc, err = run(capsys, "--input", tmp_path / "p0.jsonl", "--tokenizer", "bytes", "--output-prefix", tmp_path / "b")
+    capsys.readouterr()
+    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "o" / "x")]) == 1
+    assert "tokenizer differs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    with IndexedDatasetWriter(str(tmp_path / "i32"), np.int32) as w:
+        w.add_document([1, 2])
+    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "i32"), "--output-prefix", str(tmp_path / "y")]) == 1
+    assert "dtype int32 differs" in capsys.readouterr().err and not (tmp_path / "y.bin").exists()
+
+    assert summarize_main([str(tmp_path / "all"), "--tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    for field in ("all.bin", "all.idx", "all.json", "uint16 (code 8)", "gpt2 byte-level BPE", "50,257", "EOD id      50256",
+                  "documents   60", "sequences   60", "doc length  min", "first 12 tokens", "decoded: 'First Citizen"):
+        assert field in out, field
+
+
+def test_summarize_megatron_sample_without_json(capsys):
+    prefix = shared_path("megatron-sample", "meg-gpt2-openwebtext_text_document.idx")[:-4]
+    assert summarize_main([prefix, "--vocab-file", shared_path("megatron-sample", "gpt2-tiny-vocab.json"),
+                           "--merge-file", shared_path("megatron-sample", "gpt2-tiny-merges.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "1,361,845" in out and "EOD id      4999" in out and 'decoded: "A magazine supplement' in out
+    assert summarize_main([prefix]) == 0
+    out = capsys.readouterr().out
+    assert "none (ids only)" in out and "first 40 tokens: [32, 2153" in out
