@@ -1,0 +1,130 @@
+"""Parameter bookkeeping: how each parameter is initialised and split across tensor-parallel ranks.
+
+Every parameter is ``describe``d by the module that creates it (an init rule and, for sharded ones, a
+``ShardSpec``).  From that the model
+
+* initialises itself: each full tensor is drawn from a generator seeded by (``cfg.seed``, parameter name),
+  then cut to this rank's shard, so every tensor-parallel layout (and every device) starts from the same
+  full weights;
+* gathers a consolidated, layout-independent state dict (``gather_full``) and loads one (``load_full``).
+
+Init rules (Transformer-XL's ``weights_init``): ``weight`` = normal(0, init_std) or uniform(+-init_range)
+per ``cfg.init``; ``proj`` = normal(0, proj_init_std); ``zeros``; ``norm`` = normal(1, init_std) (XL's
+LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from pretrain.model import parallel
+from pretrain.model.parallel import ShardSpec
+
+INIT_RULES = ("weight", "proj", "zeros", "norm", "xavier")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMeta:
+    init: str
+    shard: Optional[ShardSpec] = None
+
+
+def describe(module: nn.Module, name: str, init: str, shard: Optional[ShardSpec] = None) -> None:
+    """Record how ``module.<name>`` is initialised and sharded (and mark it tensor-parallel if sharded)."""
+    if init not in INIT_RULES:
+        raise ValueError(f"unknown init rule {init!r}")
+    meta = module.__dict__.setdefault("_param_meta", {})
+    meta[name] = ParamMeta(init, shard)
+    if shard is not None:
+        parallel.mark_tensor_parallel(getattr(module, name), shard.dim)
+
+
+def described_parameters(model: nn.Module) -> Dict[str, Tuple[nn.Parameter, ParamMeta]]:
+    """name -> (parameter, meta) for every distinct parameter (tied ones under their first name)."""
+    metas = {}
+    for mod_name, mod in model.named_modules():
+        for pname, meta in mod.__dict__.get("_param_meta", {}).items():
+            p = getattr(mod, pname)
+            metas.setdefault(id(p), meta)
+    out = {}
+    for name, p in model.named_parameters():
+        if id(p) not in metas:
+            raise RuntimeError(f"parameter {name} has no init/shard description")
+        out[name] = (p, metas[id(p)])
+    return out
+
+
+def full_shape(p: torch.Tensor, meta: ParamMeta, world: int) -> Tuple[int, ...]:
+    shape = list(p.shape)
+    if meta.shard is not None:
+        shape[meta.shard.dim] = sum(meta.shard.sections)
+    return tuple(shape)
+
+
+def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape)
+    if meta.init == "zeros":
+        return t.zero_()
+    if meta.init == "norm":
+        return t.normal_(1.0, cfg.init_std, generator=gen)
+    if meta.init == "proj":
+        return t.normal_(0.0, cfg.proj_init_std, generator=gen)
+    if meta.init == "xavier":
+        fan_out, fan_in = shape[0], shape[1] if len(shape) > 1 else 1
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        return t.uniform_(-bound, bound, generator=gen)
+    if cfg.init == "uniform":
+        return t.uniform_(-cfg.init_range, cfg.init_range, generator=gen)
+    return t.normal_(0.0, cfg.init_std, generator=gen)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg) -> None:
+    rank, world = parallel.tp_rank(), parallel.tp_world_size()
+    for name, (p, meta) in described_parameters(model).items():
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+        full = _draw(full_shape(p, meta, world), meta, cfg, gen)
+        local = meta.shard.split(full, rank, world) if meta.shard is not None else full
+        p.copy_(local)
+
+
+@torch.no_grad()
+def gather_full(model: nn.Module, grads: bool = False) -> Dict[str, torch.Tensor]:
+    """Consolidated weights (CPU, the parameters' dtype): the same keys and values for every layout; with
+    ``grads`` the consolidated gradients instead (zeros where none).  A collective under tensor
+    parallelism: call it on every rank of the group."""
+    out = {}
+    for name, (p, meta) in described_parameters(model).items():
+        t = p.detach()
+        if grads:
+            t = p.grad.detach() if p.grad is not None else torch.zeros_like(t)
+        if meta.shard is not None:
+            t = meta.shard.join(parallel.all_gather(t))
+        out[name] = t.cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_full(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load consolidated weights (from ``gather_full`` under any layout) into this rank's shards."""
+    params = described_parameters(model)
+    if strict:
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"full state dict mismatch: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    rank, world = parallel.tp_rank(), parallel.tp_world_size()
+    for name, (p, meta) in params.items():
+        if name not in state:
+            continue
+        full = state[name]
+        expect = full_shape(p, meta, world)
+        if tuple(full.shape) != expect:
+            raise ValueError(f"{name}: shape {tuple(full.shape)}, the model has {expect}")
+        local = meta.shard.split(full, rank, world) if meta.shard is not None else full
+        p.copy_(local.to(p.dtype))

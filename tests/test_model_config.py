@@ -1,0 +1,88 @@
+"""Model config: validation names the field, presets load and mirror the published sizes, the tiny
+presets build and run."""
+import glob
+import os
+
+import pytest
+import torch
+
+from pretrain.config_base import ConfigError
+from pretrain.model import ModelConfig, build_model, load_model_config, parallel
+from pretrain.model.model_config import CONFIG_DIR
+
+PRESETS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel():
+    parallel.initialize(1)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(n_layer=0), "n_layer"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(attn_type=4), "attn_type"),
+    (dict(attn_type=2, mem_len=8), "mem_len"),
+    (dict(attn_type=3, mem_len=0), "mem_len"),
+    (dict(same_length=True, mem_len=0), "same_length"),
+    (dict(d_model=17), "d_model"),
+    (dict(mechanism="rmt"), "mechanism"),
+    (dict(mechanism="xl", attn_type=3), "attn_type"),
+    (dict(init="xavier"), "init"),
+    (dict(div_val=2), "div_val"),
+])
+def test_invalid_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**changes).validate()
+    assert e.value.field == field
+
+
+def test_layout_errors_name_the_field(monkeypatch):
+    monkeypatch.setattr(parallel, "tp_world_size", lambda: 3)
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(n_head=4))
+    assert e.value.field == "n_head"
+
+
+def test_preset_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_head: four\n")
+    with pytest.raises(ConfigError, match="bad.yaml") as e:
+        load_model_config(str(bad))
+    assert e.value.field == "model.n_head"
+    (tmp_path / "nomodel.yaml").write_text("train: {}\n")
+    with pytest.raises(ConfigError, match="model"):
+        load_model_config(str(tmp_path / "nomodel.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_model_config("does_not_exist")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_validate(name):
+    cfg = load_model_config(name)
+    assert cfg.tgt_len >= 1
+
+
+def test_preset_sizes_match_the_published_models(monkeypatch):
+    """Parameter counts of the reference configurations (Transformer-XL paper / code), from the shapes
+    alone: built on the meta device, not initialised."""
+    from pretrain.model import weights
+    monkeypatch.setattr(weights, "init_weights", lambda model, cfg: None)
+    expected = {"xl_wt103_base": 151.1e6, "xl_enwik8_base": 41.1e6, "xl_enwik8_large": 277.3e6,
+                "lamemo_wt103_base": 151.1e6, "lamemo_enwik8_base": 41.1e6}
+    for name, n in expected.items():
+        with torch.device("meta"):
+            model = build_model(load_model_config(name))
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
+
+
+@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny"])
+def test_tiny_presets_run(name):
+    cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8))
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    state = model.init_state(2)
+    for s in range(2):
+        out, state = model(tokens[:, 8 * s:8 * s + 8], state, tokens[:, 8 * s + 1:8 * s + 9])
+        assert torch.isfinite(out.nll).all()
+        assert out.nll.mean().item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.5)
