@@ -1,0 +1,123 @@
+"""Process-group set-up and teardown for every way the trainer is launched.
+
+* ``deepspeed`` launcher and ``torchrun``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are set.
+* Slurm with one task per GPU (``srun python pretrain/train.py ...``): SLURM_PROCID / SLURM_NTASKS /
+  SLURM_LOCALID are mapped to the variables above (MASTER_ADDR from the first host of SLURM_JOB_NODELIST
+  unless set; MASTER_PORT from the job id unless set).
+* A plain ``python pretrain/train.py``: a one-process group on a free local port.
+
+Backend: NCCL when CUDA is available, gloo otherwise.  ``teardown()`` is the exit recipe that avoids
+gloo's abort-at-exit: barrier, drop references, collect garbage, destroy the group.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``node[003-005,007],gpu1``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    base, _, ranges = m.groups()
+    if not ranges:
+        return base
+    first = ranges.split(",")[0].split("-")[0]
+    return base + first
+
+
+def map_slurm_env() -> None:
+    """Fill torch.distributed's variables from Slurm's when the launcher did not set them."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    if int(os.environ["SLURM_NTASKS"]) <= 1 and "SLURM_STEP_ID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def initialize(timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise the default process group (through DeepSpeed's comm layer, which DeepSpeed needs)."""
+    map_slurm_env()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        import datetime
+
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank, world, local_rank, backend, device)
+
+
+def all_reduce_max(value: float, group=None) -> float:
+    """Largest ``value`` over the group (a float; used for flags and timers)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def all_reduce_sum(values, group=None):
+    """Element-wise sum of a list of floats over the group (float64)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+    return [float(x) for x in t.cpu()]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Barrier, garbage collection, destroy the group: the clean-exit recipe for gloo."""
+    if dist.is_initialized():
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            gc.collect()
+            dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""Scoring a split: every target token counted exactly once, under a named protocol.
+
+Protocols (the one used is printed with every result):
+
+* ``train``: the training segment and memory lengths, state carried from segment to segment (LaMemo, RMT);
+* ``xl``: Transformer-XL's: a short target segment with a long memory, ``clamp_len`` and ``same_length``;
+* ``carry``: one stream over the whole split, state carried (fast-weight "carry-over" evaluation);
+* ``sliding``: no memory; windows of ``tgt_len`` tokens moved by ``stride``, each scoring only its last
+  ``stride`` targets with the window before them as context (the first window scores all its targets).
+
+``streamed_eval`` serves the first three (they differ in lengths and stream count); ``sliding_eval`` the
+last.  Both take a ``forward(tokens, state, targets, **kw) -> (out, state)`` callable so the trainer can pass
+its DeepSpeed engine and ``evaluate.py`` a plain model.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_tools.indexed import IndexedDataset
+from data_tools.streams import EvalStream
+
+
+def _reduce(values, group) -> list:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+    return t.cpu().tolist()
+
+
+@torch.no_grad()
+def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_len: Optional[int] = None,
+                  clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
+                  reset_memory: bool = False, max_steps: int = 0, group=None, accuracy: bool = False,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+    """Mean NLL over the stream's scored targets (summed over the data-parallel ``group``); with ``accuracy``
+    also the fraction of scored targets that are the most likely token (teacher-forced, as RMT reports)."""
+    steps = len(stream) if max_steps <= 0 else min(max_steps, len(stream))
+    state = model.init_state(stream.num_streams, mem_len=mem_len, device=device)
+    nll_sum, count, correct = 0.0, 0.0, 0.0
+    kw = {"return_logits": True} if accuracy else {}
+    t0 = time.time()
+    for step in range(steps):
+        mb = stream.get(step)
+        if reset_memory and mb.reset.any():
+            state = model.reset_state(state, torch.from_numpy(mb.reset).to(device))
+        tokens = torch.from_numpy(mb.tokens).to(device)
+        targets = torch.from_numpy(mb.targets).to(device)
+        mask = torch.from_numpy(mb.loss_mask).to(device)
+        out, state = forward(tokens, state, targets, clamp_len=clamp_len, same_length=same_length, **kw)
+        nll_sum += float((out.nll.float() * mask).sum())
+        count += float(mask.sum())
+        if accuracy:
+            correct += float(((out.logits.argmax(-1) == targets).float() * mask).sum())
+        if progress is not None:
+            progress(step + 1, steps)
+    nll_sum, count, correct = _reduce([nll_sum, count, correct], group)
+    res = {"nll_sum": nll_sum, "tokens": count, "loss": nll_sum / max(count, 1.0), "steps": steps,
+           "seconds": time.time() - t0}
+    if accuracy:
+        res["accuracy"] = correct / max(count, 1.0)
+    return res
+
+
+@torch.no_grad()
+def sliding_eval(forward: Callable, model, prefix: str, *, window: int, stride: int, batch_size: int,
+                 device, loss_mask: Optional[str] = None, max_windows: int = 0,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+    """Sliding-window NLL without memory over the whole token stream of ``prefix`` (one process).
+
+    Window k ends at target position e_k (e_0 = min(window, T-1), then += stride, capped at T-1); its inputs
+    are the ``window`` tokens before e_k and it scores the targets in (e_{k-1}, e_k], so every target
+    1 .. T-1 is scored exactly once, with at least ``window - stride`` tokens of context (all after the first
+    window)."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    ds = IndexedDataset(prefix)
+    tokens, T = ds.tokens, ds.num_tokens
+    if T < 2:
+        raise ValueError(f"{prefix}: needs at least 2 tokens, has {T}")
+    mask_tokens = IndexedDataset(loss_mask).tokens if loss_mask else None
+    ends = [min(window, T - 1)]
+    while ends[-1] < T - 1:
+        ends.append(min(ends[-1] + stride, T - 1))
+    if max_windows > 0:
+        ends = ends[:max_windows]
+    scored = np.diff([0] + ends)
+    n = min(window, T - 1)
+    nll_sum, count = 0.0, 0.0
+    for b0 in range(0, len(ends), batch_size):
+        E, C = ends[b0:b0 + batch_size], scored[b0:b0 + batch_size]
+        inp = np.stack([np.asarray(tokens[e - n:e], dtype=np.int64) for e in E])
+        tgt = np.stack([np.asarray(tokens[e - n + 1:e + 1], dtype=np.int64) for e in E])
+        score = np.zeros((len(E), n), dtype=np.float32)
+        for i, (e, c) in enumerate(zip(E, C)):
+            score[i, n - c:] = 1.0
+            if mask_tokens is not None:
+                score[i] *= np.asarray(mask_tokens[e - n + 1:e + 1], dtype=np.float32)
+        state = model.init_state(len(E), device=device)  # fresh: the memory holds nothing
+        out, _ = forward(torch.from_numpy(inp).to(device), state, torch.from_numpy(tgt).to(device))
+        m = torch.from_numpy(score).to(device)
+        nll_sum += float((out.nll.float() * m).sum())
+        count += float(m.sum())
+        if progress is not None:
+            progress(min(b0 + batch_size, len(ends)), len(ends))
+    return {"nll_sum": nll_sum, "tokens": count, "loss": nll_sum / max(count, 1.0), "windows": len(ends)}

@@ -1,0 +1,341 @@
+"""The run configuration: model, data, training, optimizer, evaluation, checkpoints, logging, parallelism.
+
+A preset YAML (``pretrain/configs/<name>.yaml`` or any path) gives the starting values; command-line options
+override single fields.  Every leaf field is an option ``--section.field VALUE``; Megatron's names work where
+they overlap (``--train-iters``, ``--data-path``, ``--save``, ``--load``, ...; see ``ALIASES``).  ``validate``
+runs once at start-up and names the offending field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from pretrain.config_base import (ConfigError, field_paths, from_dict, load_yaml, set_field, to_dict,
+                                  validate)
+from pretrain.model.model_config import ModelConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def F(default, help: str, **kw):
+    """A dataclass field with a default and the help text shown by ``--help``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = F(None, "dataset prefix from preprocess (PREFIX uses PREFIX_train/_valid/_test when "
+                                  "they exist), or 'train=P1,valid=P2,test=P3'")
+    roll: bool = F(False, "rotate every stream by a seeded random offset each epoch (LaMemo's --roll)")
+    reset_memory: bool = F(False, "reset a row's memory when a document starts in its segment")
+    align: str = F("token", "stripe alignment: 'token' (equal token stripes) or 'document' (stripes start at "
+                            "documents; for fixed-length synthetic examples)")
+    resume_policy: str = F("error", "when the data-parallel layout differs on resume: error, restart_epoch "
+                                    "or proportional (memory states are reset in the latter two)")
+
+    def validate(self):
+        if self.align not in ("token", "document"):
+            raise ConfigError("align", f"must be 'token' or 'document', got {self.align!r}")
+        if self.resume_policy not in ("error", "restart_epoch", "proportional"):
+            raise ConfigError("resume_policy", f"must be error, restart_epoch or proportional, "
+                                               f"got {self.resume_policy!r}")
+
+
+@dataclass
+class TrainConfig:
+    iters: int = F(1000, "optimizer steps to train (Megatron: --train-iters)")
+    micro_batch: Optional[int] = F(None, "rows per micro-batch per data-parallel rank (default: the DeepSpeed "
+                                         "config's train_micro_batch_size_per_gpu, else 8)")
+    grad_accum: Optional[int] = F(None, "micro-batches per optimizer step; each slot keeps its own memory state "
+                                        "(default: the DeepSpeed config's gradient_accumulation_steps, else 1)")
+    seed: int = F(1234, "random seed (weights, dropout, data roll)")
+    bptt_segments: int = F(1, "segments unrolled per micro-batch with gradients flowing through the memory "
+                              "(1 = truncated backprop at every segment boundary)")
+    max_nonfinite: int = F(5, "stop after this many steps in a row with a non-finite loss (each is skipped)")
+    exit_duration_mins: float = F(0.0, "save and exit after this many minutes (0 = no limit)")
+    exit_interval: int = F(0, "save and exit when the step is a multiple of this (0 = never; Megatron's "
+                              "--exit-interval)")
+    exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1")
+    threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
+    init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
+
+    def validate(self):
+        if self.iters < 0:
+            raise ConfigError("iters", f"must be >= 0, got {self.iters}")
+        for name in ("micro_batch", "grad_accum"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(name, f"must be >= 1, got {v}")
+        if self.bptt_segments < 1:
+            raise ConfigError("bptt_segments", f"must be >= 1, got {self.bptt_segments}")
+        if self.exit_interval < 0:
+            raise ConfigError("exit_interval", f"must be >= 0, got {self.exit_interval}")
+        if self.max_nonfinite < 1:
+            raise ConfigError("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(2.5e-4, "peak learning rate (AdamW)")
+    min_lr: float = F(0.0, "final learning rate of the decay")
+    schedule: str = F("cosine", "decay after warmup: cosine, linear, constant or wsd (warmup-stable-decay)")
+    warmup_iters: int = F(0, "linear warmup steps")
+    decay_iters: Optional[int] = F(None, "steps over which the rate decays (default: train.iters)")
+    wsd_decay: float = F(0.1, "wsd: fraction of decay_iters spent decaying")
+    wsd_shape: str = F("linear", "wsd: decay shape (linear, cosine, 1-sqrt)")
+    weight_decay: float = F(0.0, "AdamW weight decay (not applied to biases, norms and embeddings' biases)")
+    beta1: float = F(0.9, "AdamW beta1")
+    beta2: float = F(0.999, "AdamW beta2")
+    eps: float = F(1e-8, "AdamW epsilon")
+    clip_grad: float = F(0.25, "clip the global gradient norm to this value (0 = off)")
+
+    def validate(self):
+        if self.schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise ConfigError("schedule", f"must be cosine, linear, constant or wsd, got {self.schedule!r}")
+        if self.wsd_shape not in ("linear", "cosine", "1-sqrt"):
+            raise ConfigError("wsd_shape", f"must be linear, cosine or 1-sqrt, got {self.wsd_shape!r}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_iters < 0:
+            raise ConfigError("warmup_iters", f"must be >= 0, got {self.warmup_iters}")
+        if not 0 < self.wsd_decay <= 1:
+            raise ConfigError("wsd_decay", f"must be in (0, 1], got {self.wsd_decay}")
+        if self.clip_grad < 0:
+            raise ConfigError("clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = F(0, "evaluate on the validation split every this many steps (0 = only at the end)")
+    iters: int = F(0, "segments per stream per evaluation (0 = the whole split)")
+    micro_batch: int = F(1, "evaluation streams per data-parallel rank")
+    protocol: str = F("train", "train (training lengths), xl (eval tgt_len/mem_len/clamp_len/same_length "
+                               "below), carry (one stream, state carried), sliding (window, no memory)")
+    tgt_len: Optional[int] = F(None, "evaluation segment length (default: model.tgt_len)")
+    mem_len: Optional[int] = F(None, "evaluation memory length (default: model.mem_len)")
+    clamp_len: Optional[int] = F(None, "evaluation clamp_len (default: model.clamp_len)")
+    same_length: Optional[bool] = F(None, "evaluation same_length (default: model.same_length)")
+    final_splits: List[str] = F(["valid"], "splits evaluated after training")
+    accuracy: Optional[bool] = F(None, "also report next-token accuracy on scored tokens (default: when the "
+                                       "dataset marks answer tokens, e.g. the synthetic tasks)")
+
+    def validate(self):
+        if self.protocol not in ("train", "xl", "carry", "sliding"):
+            raise ConfigError("protocol", f"must be train, xl, carry or sliding, got {self.protocol!r}")
+        if self.interval < 0 or self.iters < 0 or self.micro_batch < 1:
+            raise ConfigError("interval", "interval and iters must be >= 0 and micro_batch >= 1")
+        for s in self.final_splits:
+            if s not in ("train", "valid", "test"):
+                raise ConfigError("final_splits", f"unknown split {s!r} (train, valid, test)")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = F(None, "run directory: checkpoints, metrics.jsonl, TensorBoard, config, export")
+    load: Optional[str] = F(None, "resume from the latest checkpoint in this directory (default: --save's, "
+                                  "when it has one)")
+    interval: int = F(0, "save every this many steps (0 = only at the end and on signals)")
+    keep_last: int = F(2, "complete checkpoints to keep (older ones are deleted)")
+    load_optim: bool = F(True, "also restore optimizer and scheduler state when resuming")
+    export: bool = F(True, "write a consolidated fp32 model (safetensors + config + tokenizer) at the end")
+
+    def validate(self):
+        if self.interval < 0:
+            raise ConfigError("interval", f"must be >= 0, got {self.interval}")
+        if self.keep_last < 1:
+            raise ConfigError("keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LogConfig:
+    interval: int = F(10, "log every this many steps")
+    tensorboard: bool = F(True, "write TensorBoard event files under SAVE/tensorboard")
+    wandb: bool = F(False, "log to Weights & Biases")
+    wandb_project: str = F("memtrain", "W&B project")
+    wandb_mode: str = F("offline", "W&B mode: offline (default; sync later with `wandb sync`) or online")
+    peak_tflops: float = F(0.0, "peak TFLOP/s per device for MFU (0 = datasheet on GPU, measured GEMM on CPU)")
+    progress: bool = F(True, "progress bar with ETA on the first rank")
+
+    def validate(self):
+        if self.interval < 1:
+            raise ConfigError("interval", f"must be >= 1, got {self.interval}")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError("wandb_mode", f"must be offline, online or disabled, got {self.wandb_mode!r}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = F(1, "tensor-parallel size (heads are split across these ranks)")
+
+    def validate(self):
+        if self.tp < 1:
+            raise ConfigError("tp", f"must be >= 1, got {self.tp}")
+
+
+@dataclass
+class DebugConfig:
+    inject_nonfinite: List[int] = F([], "fault injection: steps whose loss is made NaN on the first rank (tests the "
+                                        "non-finite guard)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# Megatron-LM's option names (and a few common ones) -> config fields.
+ALIASES = {
+    "data-path": "data.path",
+    "save": "checkpoint.save",
+    "load": "checkpoint.load",
+    "train-iters": "train.iters",
+    "eval-interval": "eval.interval",
+    "eval-iters": "eval.iters",
+    "save-interval": "checkpoint.interval",
+    "log-interval": "log.interval",
+    "seed": "train.seed",
+    "tensor-model-parallel-size": "parallel.tp",
+    "micro-batch-size": "train.micro_batch",
+    "lr": "optim.lr",
+    "min-lr": "optim.min_lr",
+    "lr-decay-style": "optim.schedule",
+    "lr-warmup-iters": "optim.warmup_iters",
+    "lr-decay-iters": "optim.decay_iters",
+    "weight-decay": "optim.weight_decay",
+    "clip-grad": "optim.clip_grad",
+    "adam-beta1": "optim.beta1",
+    "adam-beta2": "optim.beta2",
+    "adam-eps": "optim.eps",
+    "exit-duration-in-mins": "train.exit_duration_mins",
+    "exit-duration-mins": "train.exit_duration_mins",
+    "exit-interval": "train.exit_interval",
+    "seq-length": "model.tgt_len",
+    "mem-length": "model.mem_len",
+    "init-from": "train.init_from",
+}
+# Megatron's switches that take no value.
+SWITCHES = {
+    "recompute-activations": ("model.checkpoint_activations", True),
+    "checkpoint-activations": ("model.checkpoint_activations", True),
+    "no-load-optim": ("checkpoint.load_optim", False),
+    "exit-signal-handler": ("train.exit_on_signal", True),
+    "wandb": ("log.wandb", True),
+    "roll": ("data.roll", True),
+}
+
+
+def preset_path(name: str) -> str:
+    """A preset name (``lamemo_tiny``) or a path to a YAML file."""
+    if os.path.isfile(name):
+        return name
+    cand = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(cand):
+        return cand
+    avail = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError("config", f"{name!r} is neither a file nor a preset (presets: {', '.join(avail)})")
+
+
+def _fmt_default(v) -> str:
+    return "null" if v is None else json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line errors with a suggestion instead of the full (long) usage."""
+
+    def error(self, message: str):
+        import difflib
+        import sys
+        hint = ""
+        if "unrecognized arguments" in message:
+            bad = message.split(":", 1)[1].split()[0]
+            known = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(bad, known, n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            message = f"unknown option {bad}{hint}"
+        print(f"{self.prog}: error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None,
+                   help="preset name in pretrain/configs or a YAML file (default: none; built-in defaults)")
+    g.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
+                   help="DeepSpeed JSON config (ds_configs/...; default: ZeRO-0 fp32)")
+    g.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's convention (always on)")
+    g.add_argument("--deepspeed_config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed's name for --ds_config")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    meg = p.add_argument_group("Megatron-style names (aliases of the fields below)")
+    for name, target in ALIASES.items():
+        meg.add_argument(f"--{name}", dest=f"alias::{target}", default=argparse.SUPPRESS, metavar="V",
+                         help=f"= --{target}")
+    for name, (target, value) in SWITCHES.items():
+        meg.add_argument(f"--{name}", dest=f"switch::{target}", action="store_const", const=value,
+                         default=argparse.SUPPRESS, help=f"= --{target} {_fmt_default(value)}")
+    for section in (f.name for f in dataclasses.fields(RunConfig)):
+        sub = p.add_argument_group(f"{section} fields")
+        for path, (ftp, default, help_text) in field_paths(_section_type(section), section).items():
+            sub.add_argument(f"--{path}", dest=f"field::{path}", default=argparse.SUPPRESS, metavar="V",
+                             help=f"{help_text} (default: {_fmt_default(default)})")
+    return p
+
+
+def _section_type(section: str):
+    import typing
+    return typing.get_type_hints(RunConfig)[section]
+
+
+def resolve(args: argparse.Namespace, argv_order: Sequence[str]) -> RunConfig:
+    """Preset, then command-line overrides in the order given; validated."""
+    data: Dict[str, Any] = load_yaml(preset_path(args.config)) if args.config else {}
+    cfg = from_dict(RunConfig, data)
+    overrides = [(key.split("::", 1)[1], value) for key, value in vars(args).items() if "::" in key]
+
+    def last_mention(target: str) -> int:
+        """Position of the last command-line token that sets ``target`` (so the last one wins)."""
+        found = -1
+        for i, tok in enumerate(argv_order):
+            name = tok.split("=", 1)[0].lstrip("-")
+            if name == target or ALIASES.get(name) == target or SWITCHES.get(name, ("",))[0] == target:
+                found = i
+        return found
+
+    for target, value in sorted(overrides, key=lambda tv: last_mention(tv[0])):
+        set_field(cfg, target, value)
+    validate(cfg)
+    return cfg
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> tuple:
+    """(RunConfig, argparse namespace).  ConfigError for an invalid config."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    return resolve(args, argv), args
+
+
+def save_resolved(cfg: RunConfig, path: str) -> None:
+    import yaml
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""Runs training scenarios inside one process group and writes what happened as JSON (for the engine tests).
+
+    torchrun --nproc_per_node 2 tests/engine_driver.py --scenario resume --out r.json -- <train.py options>
+
+Scenarios:
+* ``resume``: for each ZeRO stage: an uninterrupted run of ``--train-iters`` steps; a run that stops at
+  ``--stop-at`` (``--exit-interval``: it saves and exits); a run resumed from that checkpoint.  Records the
+  losses of each, the final memory states and, with data parallelism, which stream stripes each rank read.
+* ``losses``: one run; records the losses.
+* ``skip``: a run of 2 steps whose step 2 has a non-finite loss (fault injection) and a run of 1 step: the
+  skipped step must leave weights and memory exactly as they were.
+Every run is a fresh ``Trainer`` (model, DeepSpeed engine, streams, states); the process group and the
+megatron-core parallel state are kept between runs, which is what lets one launch cover several runs.
+"""
+if __name__ == "__main__" and not __package__:
+    import os, sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def one_run(argv, ds_config):
+    from pretrain.engine.run_config import parse_args
+    from pretrain.engine.trainer import Trainer
+    cfg, _ = parse_args(argv)
+    tr = Trainer(cfg, ds_config)
+    code = tr.train()
+    out = {"code": code, "losses": [h["loss"] for h in tr.history], "steps": [h["step"] for h in tr.history],
+           "finite": [h["finite"] for h in tr.history], "final_step": tr.step,
+           "memory": [{k: s[k].float().sum().item() for k in s.keys()} for s in tr.states],
+           "dp_rank": tr.dp_rank, "dp_size": tr.dp_size, "tp_rank": tr.tp_rank, "tp_size": tr.tp_size,
+           "stripes": [[int(tr.stream.begin[tr.stream.stripe(slot, row)]) for row in range(tr.micro)]
+                       for slot in range(tr.accum)],
+           "first_tokens": tr.stream.get(0, 0).tokens[:, :4].tolist(),
+           "skipped_by_deepspeed": int(tr.engine.skipped_steps),
+           "params_finite": bool(tr._all_finite()),
+           "param_sum": float(sum(p.detach().double().sum() for p in tr.model.parameters()
+                                  if not hasattr(p, "ds_tensor")))}
+    tr.close()
+    del tr
+    gc.collect()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--scenario", choices=["resume", "losses", "skip"], required=True)
+    p.add_argument("--zero", default="0", help="comma-separated ZeRO stages")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--stop-at", type=int, default=3)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    rest = [a for a in args.rest if a != "--"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import torch.distributed as dist
+    results = {}
+    for stage in [int(s) for s in args.zero.split(",")]:
+        ds = os.path.join(root, "ds_configs", f"zero{stage}_{args.precision}.json")
+        base = os.path.join(args.workdir, f"z{stage}")
+        if args.scenario == "losses":
+            results[stage] = {"run": one_run(rest + ["--save", base + "_run"], ds)}
+            continue
+        if args.scenario == "skip":
+            results[stage] = {
+                "poisoned": one_run(rest + ["--save", base + "_poisoned", "--train-iters", "2",
+                                            "--debug.inject_nonfinite", "[2]"], ds),
+                "short": one_run(rest + ["--save", base + "_short", "--train-iters", "1"], ds)}
+            continue
+        full = one_run(rest + ["--save", base + "_full"], ds)
+        stopped = one_run(rest + ["--save", base + "_resumed", "--exit-interval", str(args.stop_at)], ds)
+        resumed = one_run(rest + ["--save", base + "_resumed"], ds)
+        results[stage] = {"full": full, "stopped": stopped, "resumed": resumed}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, results)
+    else:
+        gathered = [results]
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(gathered, f)
+    from pretrain.engine.dist import teardown
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()

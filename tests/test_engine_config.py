@@ -1,0 +1,159 @@
+"""Run configuration, DeepSpeed reconciliation and learning-rate schedules (no processes started)."""
+import math
+
+import pytest
+import torch
+
+from pretrain.config_base import ConfigError, field_paths
+from pretrain.engine.ds_setup import GuardedAdamW, load_ds_config, precision_of, reconcile
+from pretrain.engine.run_config import RunConfig, build_parser, parse_args
+from pretrain.engine.schedule import LRScheduler, lr_at
+
+
+def test_megatron_names_and_field_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  n_layer: 3\n  attn_type: 3\ntrain:\n  iters: 7\noptim:\n  lr: 0.01\n")
+    cfg, _ = parse_args(["--config", str(preset), "--train-iters", "50", "--model.d_model", "64",
+                         "--tensor-model-parallel-size", "2", "--data-path", "d/x", "--save", "runs/a",
+                         "--recompute-activations", "--lr", "1e-3", "--optim.lr", "2e-3"])
+    assert cfg.model.n_layer == 3 and cfg.model.attn_type == 3          # from the preset
+    assert cfg.train.iters == 50 and cfg.model.d_model == 64           # overrides
+    assert cfg.parallel.tp == 2 and cfg.data.path == "d/x" and cfg.checkpoint.save == "runs/a"
+    assert cfg.model.checkpoint_activations is True
+    assert cfg.optim.lr == pytest.approx(2e-3)                         # the last mention wins
+
+
+def test_the_last_mention_wins_in_either_order():
+    cfg, _ = parse_args(["--optim.lr", "2e-3", "--lr", "1e-3"])
+    assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--model.n_head", "abc"], "model.n_head"),
+    (["--optim.schedule", "exponential"], "optim.schedule"),
+    (["--train-iters", "-1"], "train.iters"),
+    (["--data.align", "sentence"], "data.align"),
+    (["--eval.final_splits", "[dev]"], "eval.final_splits"),
+    (["--optim.min_lr", "1.0", "--lr", "0.1"], "optim.min_lr"),
+])
+def test_invalid_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_unknown_yaml_key_names_the_field(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match="model.n_layers") as e:
+        parse_args(["--config", str(preset)])
+    assert "n_layer" in str(e.value)  # the valid names are listed
+
+
+def test_unknown_option_exits_with_a_short_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model.nlayer", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --model.nlayer" in err and "--model.n_layer" in err and len(err.splitlines()) == 1
+
+
+def test_help_documents_every_field_with_its_default():
+    text = build_parser("x").format_help()
+    for path, (_, default, help_text) in field_paths(RunConfig).items():
+        assert f"--{path}" in text, path
+        assert help_text, f"{path} has no help text"
+    assert "(default: 0.00025)" in text  # optim.lr's
+
+
+def _cfg(**train):
+    cfg = RunConfig()
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_reconcile_fills_deepspeed_from_the_run_config():
+    ds, micro, accum = reconcile({"zero_optimization": {"stage": 2}}, _cfg(micro_batch=4, grad_accum=3), 2, None)
+    assert (micro, accum) == (4, 3)
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.25
+    ds, micro, accum = reconcile({"train_micro_batch_size_per_gpu": 5}, _cfg(), 1, None)
+    assert (micro, accum) == (5, 1)  # the JSON's value when the run config leaves it unset
+
+
+def test_reconcile_refuses_conflicts_and_unsupported_settings():
+    with pytest.raises(ConfigError, match="train.micro_batch.*train_micro_batch_size_per_gpu=8.*a.json"):
+        reconcile({"train_micro_batch_size_per_gpu": 8}, _cfg(micro_batch=4), 1, "a.json")
+    with pytest.raises(ConfigError, match="train_batch_size=100"):
+        reconcile({"train_batch_size": 100}, _cfg(micro_batch=4), 2, "a.json")
+    with pytest.raises(ConfigError, match="optim.clip_grad"):
+        reconcile({"gradient_clipping": 1.0}, _cfg(), 1, "a.json")
+    with pytest.raises(ConfigError, match="scheduler"):
+        reconcile({"scheduler": {"type": "WarmupLR"}}, _cfg(), 1, "a.json")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16.*GPU"):
+            reconcile({"fp16": {"enabled": True}}, _cfg(), 1, "a.json")
+
+
+def test_every_shipped_deepspeed_config_loads(tmp_path):
+    import glob
+    import os
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs")
+    files = sorted(glob.glob(os.path.join(root, "*.json")))
+    assert len(files) >= 13
+    for f in files:
+        ds = load_ds_config(f)
+        dtype = precision_of(ds)
+        assert ("bf16" in f) == (dtype == torch.bfloat16) and ("fp16" in f) == (dtype == torch.float16)
+        assert f"zero{ds['zero_optimization']['stage']}" in os.path.basename(f)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\n  \"zero_optimization\": {\n")
+    with pytest.raises(ConfigError, match="bad.json:3"):
+        load_ds_config(str(bad))
+
+
+def test_guarded_adamw_skips_non_finite_updates():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert opt.overflow and opt.skipped == 1 and torch.equal(p.data, torch.ones(3)) and p.grad is None
+    assert not opt.state  # no moment was touched
+    p.grad = torch.tensor([1.0, 1.0, 1.0])
+    opt.step()
+    assert not opt.overflow and (p.data < 1).all()
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant", "wsd"])
+def test_schedules_warm_up_then_follow_their_shape(style):
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, total=110, style=style, wsd_decay=0.2)
+    assert [lr_at(s, **kw) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    end = lr_at(110, **kw)
+    assert end == pytest.approx(1.0 if style == "constant" else 0.1)
+    mid = lr_at(60, **kw)
+    expect = {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), "linear": 0.55, "constant": 1.0,
+              "wsd": 1.0}[style]
+    assert mid == pytest.approx(expect)
+    if style == "wsd":
+        assert lr_at(88, **kw) == pytest.approx(1.0) and lr_at(99, **kw) == pytest.approx(0.55)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))  # never increases after warmup
+
+
+def test_scheduler_state_round_trips_and_resumes_exactly():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.0)
+    a = LRScheduler(opt, lr=1.0, min_lr=0.0, warmup=3, total=20, style="cosine")
+    for _ in range(7):
+        a.step()
+    sd = a.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    b = LRScheduler(opt2, lr=1.0, min_lr=0.0, warmup=3, total=20, style="cosine")
+    b.load_state_dict(sd)
+    for _ in range(5):
+        assert a.get_last_lr() == b.get_last_lr() and opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+        a.step()
+        b.step()
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRScheduler(opt, lr=1.0, min_lr=0.0, warmup=0, total=5, style="step")
