@@ -14,7 +14,8 @@ by one process:
 Formats (``--input-format``):
 
 ============  ==================================================================================
-``jsonl``     one JSON object per line, the text under ``json_key``; blank lines are skipped
+``jsonl``     one JSON object per line, the text under ``json_key`` (and with ``answer_key`` an answer
+              under that key: prompt/answer records); blank lines are skipped
 ``lines``     one document per line (blank lines are skipped)
 ``text``      one document per file
 ``wikitext``  WikiText articles: a document starts at each `` = Title = `` line (one ``=`` on each
@@ -37,7 +38,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 FORMATS = ("auto", "jsonl", "lines", "text", "wikitext", "bytes")
 BLOCK_BYTES = 1 << 20   # target block size for line- and article-based formats
@@ -265,6 +266,13 @@ class Parsed:
     lines: Optional[List[int]] = None  # line number of each document (line-based formats)
     skipped: int = 0              # bad lines skipped
     first_skip: Optional[str] = None
+    answers: Optional[List[str]] = None  # the answer of each document (JSON lines with an answer key)
+
+    def records(self) -> Iterator[Tuple[Doc, ...]]:
+        """Each document's texts in token order: ``(text,)``, or ``(prompt, answer)`` with answers."""
+        if self.answers is None:
+            return ((d,) for d in self.docs)
+        return zip(self.docs, self.answers)
 
 
 def _decode(data: bytes, block: Block) -> str:
@@ -276,10 +284,13 @@ def _decode(data: bytes, block: Block) -> str:
         raise InputError(f"{block.path}:{line}: invalid UTF-8 at byte offset {where} ({e.reason})") from None
 
 
-def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = False) -> Parsed:
+def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = False,
+                answer_key: Optional[str] = None) -> Parsed:
     """The documents in ``block``.  A bad line (bad JSON, no ``json_key``, a value that is not a string,
     undecodable text in a line-based format) raises ``InputError`` naming the file and line, or with
-    ``skip_bad_lines`` is counted and skipped."""
+    ``skip_bad_lines`` is counted and skipped.  With ``answer_key`` (JSON lines only) every record also
+    gives an answer, in ``Parsed.answers``; a record without one, or with one that is not a string, is a
+    bad line too."""
     fmt, data = block.fmt, block.payload()
     if fmt == "bytes":
         return Parsed([data], block.continues)
@@ -287,14 +298,24 @@ def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = Fal
         return Parsed([_decode(data, block)], block.continues)
     if fmt == "wikitext":
         return Parsed(split_articles(_decode(data, block), block.first))
-    out = Parsed([], lines=[])
+    if answer_key is not None and fmt != "jsonl":
+        raise InputError(f"{block.path}: --answer-key needs JSON lines, but this input is read as {fmt}")
+    out = Parsed([], lines=[], answers=None if answer_key is None else [])
     pos = 0
     for n, line in enumerate(data.split(b"\n")):
         start, pos = pos, pos + len(line) + 1
         if not line.strip():
             continue
         try:
-            out.docs.append(_parse_json_line(line, json_key) if fmt == "jsonl" else _parse_text_line(line))
+            if answer_key is not None:
+                obj = _load_json_object(line)
+                doc = _string_field(obj, json_key, "--json-key")
+                out.answers.append(_string_field(obj, answer_key, "--answer-key"))
+            elif fmt == "jsonl":
+                doc = _parse_json_line(line, json_key)
+            else:
+                doc = _parse_text_line(line)
+            out.docs.append(doc)
             out.lines.append(block.line + n)
         except InputError as e:
             lineno = block.line + n
@@ -309,6 +330,10 @@ def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = Fal
 
 
 def _parse_json_line(line: bytes, key: str) -> str:
+    return _string_field(_load_json_object(line), key, "--json-key")
+
+
+def _load_json_object(line: bytes) -> dict:
     try:
         obj = json.loads(line)
     except UnicodeDecodeError as e:
@@ -317,9 +342,14 @@ def _parse_json_line(line: bytes, key: str) -> str:
         raise InputError(f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})") from None
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _string_field(obj: dict, key: str, flag: str) -> str:
+    """``obj[key]``, which must be Unicode text; ``flag`` is the option that names the key."""
     if key not in obj:
         keys = ", ".join(list(obj)[:8])
-        raise InputError(f"no key {key!r} (keys: {keys or 'none'}; choose one with --json-key)")
+        raise InputError(f"no key {key!r} (keys: {keys or 'none'}; choose one with {flag})")
     text = obj[key]
     if not isinstance(text, str):
         raise InputError(f"{key!r} is a {type(text).__name__}, expected a string")

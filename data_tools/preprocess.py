@@ -7,14 +7,20 @@ megatron-core writes) and ``P.json`` (tokenizer spec, counts, input checksums).
         --split 90,5,5 --output-prefix data/enwik8          # -> data/enwik8_{train,valid,test}
     python data_tools/preprocess.py --input train=wiki.train.tokens valid=wiki.valid.tokens \\
         test=wiki.test.tokens --input-format wikitext --tokenizer words --output-prefix data/wt103
+    python data_tools/preprocess.py --input qa.jsonl --json-key question --answer-key answer \\
+        --tokenizer gpt2 --tokenizer-file tokenizer.json --append-eod --output-prefix data/qa  # + data/qa.mask
 
 How it runs: the main process reads the inputs once, in order (hashing them as it goes), and cuts them into
 blocks of whole documents; ``--workers`` processes parse and tokenize blocks; the main process writes the
 results in input order through the streaming writer, so memory stays bounded whatever the corpus size.
 Everything is written under temporary names and renamed into place only when complete; on any error
 nothing is left behind.  Vocabularies built from the data (``chars``, ``words``) and ``--train-bpe`` take
-an extra pass over the input before encoding (two for ``words`` with ``--split``).  This module never
-imports torch.
+an extra pass over the input before encoding (two for ``words`` with ``--split``).
+
+Prompt/answer data (``--answer-key``, JSON lines): each document is the prompt's tokens followed by the
+answer's (each encoded on its own), and a companion uint8 dataset ``P.mask`` with the same documents and
+sequences marks the answer tokens (and the EOD) with 1; ``P.json`` names it under ``loss_mask``, so
+training and evaluation score the answers only.  This module never imports torch.
 """
 if __name__ == "__main__" and not __package__:
     import os, sys  # noqa: E401
@@ -25,6 +31,7 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -68,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "file; wikitext: articles split at ' = Title = ' lines; bytes: one raw byte stream per "
                         "file (enwik8); auto: jsonl for *.jsonl/*.json/*.ndjson, else text (default: auto)")
     g.add_argument("--json-key", "--json-keys", default="text",
-                   help="key holding the text in JSON lines (default: text)")
+                   help="key holding the text in JSON lines; with --answer-key, the prompt (default: text)")
+    g.add_argument("--answer-key", default=None, metavar="KEY",
+                   help="JSON lines: key holding an answer; each document is the prompt (--json-key) then the "
+                        "answer, and PREFIX.mask marks the answer tokens (and the EOD) as the only scored ones "
+                        "(default: none, every token is scored and no mask is written)")
     g.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip and count bad JSON lines (unparsable, no key, not a string) and undecodable lines "
+                   help="skip and count bad JSON lines (unparsable, no key, not a string; the answer too with "
+                        "--answer-key) and undecodable lines "
                         "instead of stopping at the first (default: off)")
     g.add_argument("--split", default=None, metavar="W1,W2[,W3]",
                    help="cut the input stream into train,valid[,test] by tokens, in order, at exact token "
@@ -146,20 +158,25 @@ def split_cuts(total: int, weights: List[int]) -> List[Tuple[str, int, int]]:
 
 # ------------------------------------------------------------------------------------ worker tasks
 class EncodeTask:
-    """Block -> tokens of its documents (in the output dtype) and one length per document piece."""
+    """Block -> tokens of its documents (in the output dtype) and one length per document piece; with an
+    answer key also the answer mask of those tokens (uint8, 1 on the answer and the EOD)."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype, json_key: str, skip_bad_lines: bool, append_eod: bool):
+    def __init__(self, tokenizer: Tokenizer, dtype, json_key: str, skip_bad_lines: bool, append_eod: bool,
+                 answer_key: Optional[str] = None):
         self.tokenizer, self.dtype = tokenizer, np.dtype(dtype)
-        self.json_key, self.skip_bad_lines = json_key, skip_bad_lines
+        self.json_key, self.skip_bad_lines, self.answer_key = json_key, skip_bad_lines, answer_key
         self.eod = np.array([tokenizer.eod_id], self.dtype) if append_eod else None
 
     def __call__(self, block: Block) -> Dict[str, Any]:
-        parsed = parse_block(block, self.json_key, self.skip_bad_lines)
+        parsed = parse_block(block, self.json_key, self.skip_bad_lines, self.answer_key)
+        answers = parsed.answers
         parts, lengths, encode = [], [], self.tokenizer.encode_ids
+        spans: List[int] = []  # with answers: prompt length, scored length, per document
         last = len(parsed.docs) - 1
         for i, doc in enumerate(parsed.docs):
             try:
                 ids = encode(doc)
+                answer = encode(answers[i]) if answers is not None else None
             except (ValueError, UnicodeError) as e:  # e.g. a lone surrogate, a symbol outside a fixed vocabulary
                 line = parsed.lines[i] if parsed.lines else block.line
                 msg = f"{block.path}:{line}: cannot tokenize: {str(e).splitlines()[0]}"
@@ -170,59 +187,73 @@ class EncodeTask:
                 continue
             parts.append(ids)
             n = len(ids)
+            if answer is not None:
+                parts.append(answer)
+                n += len(answer)
             if self.eod is not None and not (i == last and parsed.continues):
                 parts.append(self.eod)
                 n += 1
+            if answer is not None:
+                spans += [len(ids), n - len(ids)]
             lengths.append(n)
         tokens = np.concatenate(parts).astype(self.dtype, copy=False) if parts else np.zeros(0, self.dtype)
-        return {"tokens": tokens, "lengths": np.array(lengths, np.int64), "continues": parsed.continues,
-                "skipped": parsed.skipped, "first_skip": parsed.first_skip}
+        out = {"tokens": tokens, "lengths": np.array(lengths, np.int64), "continues": parsed.continues,
+               "skipped": parsed.skipped, "first_skip": parsed.first_skip}
+        if answers is not None:
+            out["mask"] = np.repeat(np.tile(np.array([0, 1], np.uint8), len(spans) // 2), spans)
+        return out
 
 
 class CharsTask:
     """Block -> the set of characters in it."""
 
-    def __init__(self, json_key: str, skip_bad_lines: bool):
-        self.json_key, self.skip_bad_lines = json_key, skip_bad_lines
+    def __init__(self, json_key: str, skip_bad_lines: bool, answer_key: Optional[str] = None):
+        self.json_key, self.skip_bad_lines, self.answer_key = json_key, skip_bad_lines, answer_key
 
     def __call__(self, block: Block) -> set:
         chars = set()
-        for doc in parse_block(block, self.json_key, self.skip_bad_lines).docs:
-            chars.update(doc)
+        for texts in parse_block(block, self.json_key, self.skip_bad_lines, self.answer_key).records():
+            for text in texts:
+                chars.update(text)
         return chars
 
 
 class WordsTask:
     """Block -> word counts (when ``count``) and its number of word-level tokens (words + one ``<eos>`` per
-    line, + one EOD per complete document with ``--append-eod``)."""
+    line, + one EOD per complete document with ``--append-eod``); with an answer key, the answers' words
+    count too."""
 
-    def __init__(self, json_key: str, skip_bad_lines: bool, append_eod: bool, count: bool = True):
+    def __init__(self, json_key: str, skip_bad_lines: bool, append_eod: bool, count: bool = True,
+                 answer_key: Optional[str] = None):
         self.json_key, self.skip_bad_lines, self.append_eod, self.count = json_key, skip_bad_lines, append_eod, count
+        self.answer_key = answer_key
 
     def __call__(self, block: Block, limit: Optional[int] = None) -> Tuple[Dict[str, int], int]:
         """With ``limit``, only the words among the block's first ``limit`` tokens are counted."""
-        parsed = parse_block(block, self.json_key, self.skip_bad_lines)
+        parsed = parse_block(block, self.json_key, self.skip_bad_lines, self.answer_key)
         counts: Dict[str, int] = {}
         total = 0
-        for i, doc in enumerate(parsed.docs):
+        for i, texts in enumerate(parsed.records()):
             eod = self.append_eod and not (i == len(parsed.docs) - 1 and parsed.continues)
-            if limit is not None and total + count_words(doc, {}) + eod > limit:
-                return self._count_until(doc, counts, total, limit)
-            total += count_words(doc, counts if self.count else {}) + eod
+            if limit is not None and total + sum(count_words(t, {}) for t in texts) + eod > limit:
+                return self._count_until(texts, counts, total, limit)
+            total += sum(count_words(t, counts if self.count else {}) for t in texts) + eod
         return counts, total
 
     @staticmethod
-    def _count_until(doc: str, counts: Dict[str, int], total: int, limit: int) -> Tuple[Dict[str, int], int]:
-        """Count the words of ``doc`` one token at a time until ``limit`` tokens in all (the cut falls inside
-        this document)."""
-        *lines, tail = doc.split("\n")
-        for line, eos in [(line, True) for line in lines] + [(tail, False)]:
-            for w in line.split() + ([None] if eos else []):  # None: the line's <eos>
-                if total >= limit:
-                    return counts, total
-                if w is not None:
-                    counts[w] = counts.get(w, 0) + 1
-                total += 1
+    def _count_until(texts: Tuple[str, ...], counts: Dict[str, int], total: int,
+                     limit: int) -> Tuple[Dict[str, int], int]:
+        """Count the words of a document's ``texts`` (each encoded on its own) one token at a time until
+        ``limit`` tokens in all (the cut falls inside this document)."""
+        for text in texts:
+            *lines, tail = text.split("\n")
+            for line, eos in [(line, True) for line in lines] + [(tail, False)]:
+                for w in line.split() + ([None] if eos else []):  # None: the line's <eos>
+                    if total >= limit:
+                        return counts, total
+                    if w is not None:
+                        counts[w] = counts.get(w, 0) + 1
+                    total += 1
         return counts, total
 
 
@@ -298,6 +329,24 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------- the job
+def mask_prefix(prefix: str) -> str:
+    """The answer mask written beside ``prefix`` with ``--answer-key``."""
+    return prefix + ".mask"
+
+
+@dataclass
+class Output:
+    """One dataset being written: its token writer and, with ``--answer-key``, its answer-mask writer (fed
+    the same calls, so both have the same documents and sequences)."""
+    prefix: str
+    name: Optional[str]  # split name
+    writer: IndexedDatasetWriter
+    mask: Optional[IndexedDatasetWriter]
+    info: List[FileInfo] = field(default_factory=list)  # the input files' sizes and checksums
+    split: Dict[str, Any] = field(default_factory=dict)  # --split details for the metadata
+    scored: int = 0  # tokens marked 1 in the mask
+
+
 class Outputs:
     """Every file the job creates: temporary ones are removed on failure, and final ones too if the
     failure comes after some were renamed into place."""
@@ -312,6 +361,11 @@ class Outputs:
         w = IndexedDatasetWriter(prefix, dtype)
         self.writers.append(w)
         return w
+
+    def output(self, prefix: str, name: Optional[str], dtype, masked: bool) -> Output:
+        """Writers for ``prefix`` (and ``prefix.mask`` when ``masked``)."""
+        mask = self.writer(mask_prefix(prefix), np.uint8) if masked else None
+        return Output(prefix, name, self.writer(prefix, dtype), mask)
 
     def finalize(self, w: IndexedDatasetWriter) -> None:
         self.created += [bin_path(w.prefix), idx_path(w.prefix)]
@@ -344,6 +398,15 @@ class Job:
         if args.workers < 1:
             raise PreprocessError(f"--workers {args.workers}: must be at least 1")
         self.formats = {p: detect_format(p, args.input_format) for ps in self.inputs.values() for p in ps}
+        if args.answer_key is not None:
+            other = next((p for p, f in self.formats.items() if f != "jsonl"), None)
+            if other is not None:
+                raise PreprocessError(f"--answer-key {args.answer_key} reads prompt/answer records from JSON lines, "
+                                      f"but {other} is read as {self.formats[other]} (give *.jsonl files or "
+                                      f"--input-format jsonl)")
+            if args.answer_key == args.json_key:
+                raise PreprocessError(f"--answer-key {args.answer_key}: the same key as --json-key (the prompt); "
+                                      f"name the answer's key")
         kind = ALIASES.get(args.tokenizer, args.tokenizer)
         if args.train_bpe is not None:
             if kind not in (None, "gpt2"):
@@ -409,7 +472,7 @@ class Job:
                                           backend=a.tokenizer_backend)
         if kind == "chars":
             chars: set = set()
-            task = CharsTask(a.json_key, a.skip_bad_lines)
+            task = CharsTask(a.json_key, a.skip_bad_lines, a.answer_key)
             with self.progress("reading characters", self.all_paths()) as bar:
                 for block, found in ordered_map(task, self.blocks(self.all_paths()), a.workers):
                     chars |= found
@@ -444,14 +507,14 @@ class Job:
         limit = None
         if self.weights:
             total = 0
-            task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod, count=False)
+            task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod, count=False, answer_key=a.answer_key)
             with self.progress("counting tokens", paths) as bar:
                 for block, (_, n) in ordered_map(task, self.blocks(paths), a.workers):
                     total += n
                     bar.update(block.raw_bytes)
             limit = split_cuts(total, self.weights)[0][2] if self.weights[0] else 0
         counts: Dict[str, int] = {}
-        task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod)
+        task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod, answer_key=a.answer_key)
         seen = 0
         with self.progress("counting words", paths) as bar:
             for block, (c, n) in ordered_map(task, self.blocks(paths), a.workers):
@@ -480,43 +543,34 @@ class Job:
                     return
                 seen += block.raw_bytes
                 bar.update(block.raw_bytes)
-                yield from parse_block(block, a.json_key, a.skip_bad_lines).docs
+                for record in parse_block(block, a.json_key, a.skip_bad_lines, a.answer_key).records():
+                    yield from record  # the prompt and the answer are encoded on their own
 
         self.outputs.created.append(a.output_prefix + ".tokenizer.json")
+        os.makedirs(self.outputs.directory, exist_ok=True)  # the trained tokenizer is written before any data
         with self.progress("training BPE", paths) as bar:
             return train_byte_bpe(texts(bar), a.train_bpe, a.output_prefix, a.bpe_min_frequency)
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, paths: List[str], writer: IndexedDatasetWriter, task: EncodeTask, desc: str) -> List[FileInfo]:
-        """Tokenize ``paths`` in order into ``writer``; return the files' sizes and checksums."""
-        info: List[FileInfo] = []
+    def encode(self, paths: List[str], out: Output, task: EncodeTask, desc: str) -> None:
+        """Tokenize ``paths`` in order into ``out`` (the tokens, and the answer mask when there is one);
+        record the files' sizes and checksums in ``out.info``."""
         open_doc = False  # the previous block's last document continues
         skipped = 0
-        blocks = self.blocks(paths, info, self.tokenizer.cut_point)
+        blocks = self.blocks(paths, out.info, self.tokenizer.cut_point)
         with self.progress(desc, paths, count_docs=True) as bar:
             for block, r in ordered_map(task, blocks, self.args.workers):
-                tokens, lengths = r["tokens"], r["lengths"]
                 skipped += r["skipped"]
                 if r["skipped"] and "first_skip" not in self.stats:
                     self.stats["first_skip"] = r["first_skip"]
-                complete = len(lengths) - (1 if r["continues"] else 0)  # pieces that end their document
-                pos, k = 0, 0
-                if open_doc and len(lengths):  # the first piece finishes (or extends) the open document
-                    writer.add_item(tokens[:lengths[0]])
-                    pos, k = int(lengths[0]), 1
-                    if complete >= 1:
-                        writer.end_document()
-                if complete > k:
-                    end = pos + int(lengths[k:complete].sum())
-                    writer.add_documents(tokens[pos:end], lengths[k:complete])
-                    pos, k = end, complete
-                if r["continues"] and k < len(lengths):
-                    writer.add_item(tokens[pos:])
+                complete = write_pieces(out.writer, r["tokens"], r["lengths"], open_doc, r["continues"])
+                if out.mask is not None:
+                    write_pieces(out.mask, r["mask"], r["lengths"], open_doc, r["continues"])
+                    out.scored += int(np.count_nonzero(r["mask"]))
                 open_doc = r["continues"]
                 bar.update(block.raw_bytes, max(complete, 0))
         self.stats["skipped"] = self.stats.get("skipped", 0) + skipped
-        self.skipped[writer.prefix] = skipped
-        return info
+        self.skipped[out.prefix] = skipped
 
     # ---------------------------------------------------------------- run
     def run(self) -> List[str]:
@@ -528,51 +582,62 @@ class Job:
                                       + (" (name one with --eod-token)" if self.kind == "hf" else ""))
             dtype = self.pick_dtype(tok)
             self.verify_fast_backend(tok)
-            task = EncodeTask(tok, dtype, a.json_key, a.skip_bad_lines, a.append_eod)
-            results: List[Tuple[str, Optional[str], IndexedDatasetWriter, List[FileInfo], Dict[str, Any]]] = []
+            task = EncodeTask(tok, dtype, a.json_key, a.skip_bad_lines, a.append_eod, a.answer_key)
+            masked = a.answer_key is not None
+            results: List[Output] = []
             if self.weights:
                 results = self.run_token_split(task, dtype)
             else:
                 for name, paths in self.inputs.items():
                     prefix = a.output_prefix if name is None else f"{a.output_prefix}_{name}"
-                    w = self.outputs.writer(prefix, dtype)
-                    info = self.encode(paths, w, task, f"encoding {os.path.basename(prefix)}")
-                    results.append((prefix, name, w, info, {}))
+                    out = self.outputs.output(prefix, name, dtype, masked)
+                    self.encode(paths, out, task, f"encoding {os.path.basename(prefix)}")
+                    results.append(out)
             self.check_not_empty(results)
             spec = tok.save(a.output_prefix)
             self.outputs.created += [os.path.join(os.path.dirname(os.path.abspath(a.output_prefix)), spec[k])
                                      for k in type(tok).file_keys if spec.get(k)]
-            for prefix, name, w, info, split in results:
-                self.outputs.finalize(w)
-                self.outputs.created.append(meta_path(prefix))
-                write_metadata(prefix, self.metadata(tok, spec, dtype, w, name, info, split))
+            for out in results:
+                self.outputs.finalize(out.writer)
+                if out.mask is not None:
+                    self.outputs.finalize(out.mask)
+                self.outputs.created.append(meta_path(out.prefix))
+                write_metadata(out.prefix, self.metadata(tok, spec, dtype, out))
         except BaseException:
             self.outputs.abort()
             raise
         self.summarize(results, dtype)
-        return [r[0] for r in results]
+        return [r.prefix for r in results]
 
-    def run_token_split(self, task: EncodeTask, dtype) -> list:
-        """One stream, encoded into a temporary dataset, then cut at exact token positions."""
+    def run_token_split(self, task: EncodeTask, dtype) -> List[Output]:
+        """One stream, encoded into a temporary dataset (and mask), then cut at exact token positions."""
         a = self.args
-        tmp_prefix = f"{a.output_prefix}.all.tmp{os.getpid()}"
-        w = self.outputs.writer(tmp_prefix, dtype)
-        info = self.encode(self.all_paths(), w, task, "encoding")
-        self.outputs.finalize(w)
-        self.check_not_empty([(tmp_prefix, None, w, info, {})])
-        src = IndexedDataset(tmp_prefix)
+        tmp = self.outputs.output(f"{a.output_prefix}.all.tmp{os.getpid()}", None, dtype, a.answer_key is not None)
+        self.encode(self.all_paths(), tmp, task, "encoding")
+        self.check_not_empty([tmp])
+        for w in (tmp.writer, tmp.mask):
+            if w is not None:
+                self.outputs.finalize(w)
+        src = IndexedDataset(tmp.prefix)
+        mask_src = IndexedDataset(mask_prefix(tmp.prefix)) if tmp.mask is not None else None
         results = []
         cuts = split_cuts(src.num_tokens, self.weights)
         for k, (name, start, end) in enumerate(cuts):
             if end <= start:
                 raise PreprocessError(f"--split {a.split}: split {name!r} would be empty ({src.num_tokens:,} tokens "
                                       f"in all); give a larger input or other weights")
-            out = self.outputs.writer(f"{a.output_prefix}_{name}", dtype)
-            copy_token_range(src, out, start, end, last=k == len(cuts) - 1)
-            results.append((out.prefix, name, out, info, {"weights": self.weights, "token_range": [start, end]}))
-        del src
-        for p in (bin_path(tmp_prefix), idx_path(tmp_prefix)):
-            os.remove(p)
+            out = self.outputs.output(f"{a.output_prefix}_{name}", name, dtype, mask_src is not None)
+            out.info, out.split = tmp.info, {"weights": self.weights, "token_range": [start, end]}
+            copy_token_range(src, out.writer, start, end, last=k == len(cuts) - 1)
+            if mask_src is not None:  # the same cut of a dataset of the same structure: the same calls
+                copy_token_range(mask_src, out.mask, start, end, last=k == len(cuts) - 1)
+                out.scored = count_nonzero(mask_src.tokens, start, end)
+            results.append(out)
+        del src, mask_src
+        for w in (tmp.writer, tmp.mask):
+            if w is not None:
+                os.remove(bin_path(w.prefix))
+                os.remove(idx_path(w.prefix))
         return results
 
     def pick_dtype(self, tok: Tokenizer):
@@ -591,7 +656,8 @@ class Job:
             return
         sample, size = [], 0
         for block in self.blocks(self.all_paths()[:1]):
-            for doc in parse_block(block, self.args.json_key, True).docs:
+            for doc in (t for r in parse_block(block, self.args.json_key, True, self.args.answer_key).records()
+                        for t in r):
                 sample.append(doc[:1 << 16])  # both backends see the same (possibly cut) text
                 size += len(sample[-1])
                 if size > 1 << 18:
@@ -600,10 +666,10 @@ class Job:
         if not tok.verify(sample):
             self.log(f"gigatoken differs from the reference on this tokenizer; using the reference library")
 
-    def check_not_empty(self, results) -> None:
-        for prefix, name, w, info, _ in results:
-            if w.num_tokens == 0:
-                raise PreprocessError(self._empty_message(name))
+    def check_not_empty(self, results: List[Output]) -> None:
+        for out in results:
+            if out.writer.num_tokens == 0:
+                raise PreprocessError(self._empty_message(out.name))
 
     def _empty_message(self, name: Optional[str] = None) -> str:
         paths = self.inputs.get(name) if name in self.inputs else self.all_paths()
@@ -612,8 +678,8 @@ class Job:
         extra = f" ({self.stats['skipped']} bad lines skipped)" if self.stats.get("skipped") else ""
         return f"no tokens in {what}: {shown}{extra}"
 
-    def metadata(self, tok, spec, dtype, w, name, info: List[FileInfo], split: Dict[str, Any]) -> Dict[str, Any]:
-        a = self.args
+    def metadata(self, tok, spec, dtype, out: Output) -> Dict[str, Any]:
+        a, w, name, info = self.args, out.writer, out.name, out.info
         meta = {
             "format": "MMIDIDX", "dtype": np.dtype(dtype).name, "dtype_code": CODE_OF_DTYPE[np.dtype(dtype)],
             "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "pad_id": tok.pad_id, "tokenizer": spec,
@@ -626,15 +692,22 @@ class Job:
             "skipped_bad_lines": self.skipped.get(w.prefix, self.stats.get("skipped", 0)),
         }
         if name is not None:
-            meta["split"] = dict(name=name, **split)
+            meta["split"] = dict(name=name, **out.split)
+        if out.mask is not None:
+            meta["input"]["answer_key"] = a.answer_key
+            meta["loss_mask"] = os.path.basename(mask_prefix(out.prefix))
+            meta["scored_tokens"] = out.scored
         return meta
 
-    def summarize(self, results, dtype) -> None:
+    def summarize(self, results: List[Output], dtype) -> None:
         secs = time.perf_counter() - self.start
-        for prefix, name, w, info, _ in results:
-            self.log(f"wrote {prefix}.bin/.idx/.json: {w.document_count:,} documents, {w.num_tokens:,} tokens "
-                     f"({np.dtype(dtype).name})")
-        docs = sum(r[2].document_count for r in results)
+        for out in results:
+            w = out.writer
+            mask = f" + {mask_prefix(out.prefix)}.bin/.idx" if out.mask is not None else ""
+            scored = f", {out.scored:,} scored" if out.mask is not None else ""
+            self.log(f"wrote {out.prefix}.bin/.idx/.json{mask}: {w.document_count:,} documents, {w.num_tokens:,} "
+                     f"tokens{scored} ({np.dtype(dtype).name})")
+        docs = sum(r.writer.document_count for r in results)
         self.log(f"{self.tokenizer.describe()}; {self.total_bytes / 1e6:,.1f} MB in {secs:.2f} s "
                  f"({self.total_bytes / 1e6 / secs:,.1f} MB/s, {docs / secs:,.0f} docs/s)")
         if self.stats.get("skipped"):
@@ -644,6 +717,33 @@ class Job:
 def _merge_counts(into: Dict[str, int], counts: Dict[str, int]) -> None:
     for w, c in counts.items():
         into[w] = into.get(w, 0) + c
+
+
+# ---------------------------------------------------------------------------------- writing pieces
+def write_pieces(writer: IndexedDatasetWriter, tokens: np.ndarray, lengths: np.ndarray, open_doc: bool,
+                 continues: bool) -> int:
+    """Append one block's document pieces (``tokens`` cut by ``lengths``) to ``writer``: when ``open_doc``
+    the first piece finishes (or extends) the document left open by the previous block; when
+    ``continues`` the last piece stays open.  Returns the number of pieces that end their document."""
+    complete = len(lengths) - (1 if continues else 0)
+    pos, k = 0, 0
+    if open_doc and len(lengths):
+        writer.add_item(tokens[:lengths[0]])
+        pos, k = int(lengths[0]), 1
+        if complete >= 1:
+            writer.end_document()
+    if complete > k:
+        end = pos + int(lengths[k:complete].sum())
+        writer.add_documents(tokens[pos:end], lengths[k:complete])
+        pos, k = end, complete
+    if continues and k < len(lengths):
+        writer.add_item(tokens[pos:])
+    return complete
+
+
+def count_nonzero(values: np.ndarray, start: int, end: int, chunk: int = 1 << 24) -> int:
+    """Non-zero entries of ``values[start:end]``, a chunk at a time (``values`` may be a large memmap)."""
+    return sum(int(np.count_nonzero(values[a:min(a + chunk, end)])) for a in range(start, end, chunk))
 
 
 # ---------------------------------------------------------------------------------- token splits

@@ -4,6 +4,9 @@
     python data_tools/summarize.py meg-gpt2-openwebtext_text_document \\
         --vocab-file gpt2-tiny-vocab.json --merge-file gpt2-tiny-merges.txt     # a prefix without .json
 
+A dataset with an answer mask (``"loss_mask"`` in ``PREFIX.json``: synthetic tasks, ``preprocess.py
+--answer-key``) also gets its mask checked against the tokens and its scored tokens counted.
+
 The tokenizer comes from ``PREFIX.json`` when there is one; otherwise from ``--vocab-file``/``--merge-file``
 (GPT-2 BPE), ``--tokenizer-file`` (a tokenizer.json, or a sentencepiece .model), or none at all (token ids
 are printed undecoded).
@@ -43,6 +46,28 @@ def tokenizer_for(prefix: str, meta: Optional[Dict[str, Any]], vocab_file: Optio
     return None
 
 
+def mask_row(prefix: str, meta: Optional[Dict[str, Any]], offsets: np.ndarray,
+             num_tokens: int) -> Tuple[Optional[str], Optional[Tuple[str, str]], Optional[int]]:
+    """The answer mask named by ``meta["loss_mask"]``: its prefix, a summary row (scored tokens of the total,
+    or a warning when the mask is unreadable or does not match the tokens' documents) and the scored count.
+    All None when the dataset has no mask."""
+    name = (meta or {}).get("loss_mask")
+    if not name:
+        return None, None, None
+    path = os.path.join(os.path.dirname(os.path.abspath(prefix)), name)
+    try:
+        mask = IndexedDataset(path)
+    except IndexedDatasetError as e:
+        return path, ("warning", f"loss mask {name}: {e}"), None
+    if mask.num_tokens != num_tokens or not np.array_equal(mask.document_token_offsets(), offsets):
+        return path, ("warning", f"loss mask {name}: {mask.num_tokens:,} tokens in {mask.num_documents:,} "
+                                 f"documents, which do not match the dataset's"), None
+    chunk = 1 << 24
+    scored = sum(int(np.count_nonzero(mask.tokens[a:a + chunk])) for a in range(0, num_tokens, chunk))
+    share = f" ({100 * scored / num_tokens:.1f}%)" if num_tokens else ""
+    return path, ("loss mask", f"{name}: {scored:,} of {num_tokens:,} tokens scored{share}"), scored
+
+
 def length_stats(lengths: np.ndarray) -> Tuple[int, float, float, int]:
     """min, median, mean, max of the document lengths."""
     return int(lengths.min()), float(np.median(lengths)), float(lengths.mean()), int(lengths.max())
@@ -59,6 +84,10 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
         spec = meta["tokenizer"]
         files += [os.path.join(os.path.dirname(os.path.abspath(prefix)), spec[k]) for k in
                   ("file", "vocab", "merges", "model") if isinstance(spec.get(k), str)]
+    offsets = ds.document_token_offsets()
+    mask_path, mask_summary, scored = mask_row(prefix, meta, offsets, ds.num_tokens)
+    if mask_path is not None:
+        files += [bin_path(mask_path), idx_path(mask_path)]
     for i, f in enumerate(files):
         rows.append(("files" if i == 0 else "", f"{f}  ({os.path.getsize(f):,} bytes)" if os.path.isfile(f)
                      else f"{f}  (missing)"))
@@ -68,12 +97,13 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
     rows.append(("tokenizer", tokenizer.describe() if tokenizer else "none (ids only)"))
     rows.append(("vocab size", f"{vocab_size:,}" if vocab_size is not None else "unknown"))
     rows.append(("EOD id", str(eod) if eod is not None else "none"))
-    offsets = ds.document_token_offsets()
     lengths = np.diff(offsets)
     empty = int((lengths == 0).sum())
     rows.append(("documents", f"{ds.num_documents:,}" + (f" ({empty:,} empty)" if empty else "")))
     rows.append(("sequences", f"{ds.sequence_count:,}"))
     rows.append(("tokens", f"{ds.num_tokens:,}"))
+    if mask_summary is not None:
+        rows.append(mask_summary)
     stats = length_stats(lengths) if lengths.size else None
     if stats:
         rows.append(("doc length", f"min {stats[0]:,} / median {stats[1]:,.1f} / mean {stats[2]:,.1f} / "
@@ -96,6 +126,7 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
         print(f"decoded: {text!r}", file=out)
     return {"documents": ds.num_documents, "sequences": ds.sequence_count, "tokens": ds.num_tokens,
             "dtype": ds.dtype.name, "vocab_size": vocab_size, "eod_id": eod, "length_stats": stats,
+            "scored_tokens": scored,
             "first_ids": head.tolist(), "first_text": text}
 
 

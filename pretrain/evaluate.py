@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     def progress(done, total):
-        if done == total or done % max(1, total // 20) == 0:
+        if sys.stderr.isatty() and (done == total or done % max(1, total // 20) == 0):
             print(f"\r  {done}/{total} ({(time.time() - t0):.0f}s)", end="", file=sys.stderr, flush=True)
 
     if args.protocol == "sliding":
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
                             reset_memory=args.reset_memory, max_steps=args.max_steps, progress=progress,
                             accuracy=args.accuracy if args.accuracy is not None else "loss_mask" in data.meta)
         settings = {"tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same, "streams": streams}
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     result = {"model": os.path.abspath(args.model), "split": args.split, "data": prefix,
               "protocol": args.protocol, **settings, "scored_tokens": int(res["tokens"]),
               **summarize_loss(res["loss"], data.metric), "seconds": round(time.time() - t0, 2)}

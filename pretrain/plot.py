@@ -68,9 +68,10 @@ def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float
         for r in evals:
             if r.get(metric) is not None:
                 by_split.setdefault(r.get("split", "valid"), []).append((r["step"], r[metric]))
+        markers = {"valid": "o--", "test": "s:", "train": "^-."}
         for split, pts in by_split.items():
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, "o--", color=c, alpha=0.8, label=f"{name} {split}")
+            ax.plot(xs, ys, markers.get(split, "d--"), color=c, alpha=0.8, label=f"{name} {split}")
             plotted += 1
     if not plotted:
         raise ValueError(f"no '{metric}' values in {', '.join(paths)}")

@@ -1,6 +1,6 @@
 """preprocess.py end to end: every input kind and tokenizer, exact split cut points, metadata, worker
-order, bounded streaming of huge documents, merge and summarize, and a clear one-line error with no
-output left behind for every kind of bad input."""
+order, bounded streaming of huge documents, prompt/answer data with its answer mask, merge and summarize,
+and a clear one-line error with no output left behind for every kind of bad input."""
 import gzip
 import hashlib
 import json
@@ -15,9 +15,11 @@ from conftest import ROOT, shared_path
 from data_tools import inputs
 from data_tools.indexed import IndexedDataset, IndexedDatasetWriter
 from data_tools.merge import main as merge_main
-from data_tools.metadata import read_metadata
+from data_tools.metadata import read_metadata, write_metadata
 from data_tools.preprocess import copy_token_range, main, split_cuts
+from data_tools.streams import OrderedStream
 from data_tools.summarize import main as summarize_main
+from data_tools.synthetic import main as synthetic_main
 from data_tools.tokenization import GPT2Tokenizer, build_word_vocab, load_tokenizer
 
 SCRIPT = os.path.join(ROOT, "data_tools", "preprocess.py")
@@ -304,6 +306,193 @@ def test_skip_bad_lines(tmp_path, capsys):
     assert "skipped 5 bad lines (first: " + str(src) + ":2: invalid JSON" in err
 
 
+# ---------------------------------------------------------------------------------- prompt/answer data
+def qa_records(n=60):
+    """Prompt/answer records from tinyshakespeare (the speaker's line, then the speech, often several
+    lines), plus an empty answer, an empty record, an answer alone, and a word and a character that occur
+    in an answer only (vocabularies built from the data must include them)."""
+    recs = []
+    for para in shakespeare_docs(n):
+        speaker, _, speech = para.partition("\n")
+        recs.append({"prompt": speaker + "\n", "answer": speech})
+    return recs + [{"prompt": "Who speaks?", "answer": ""}, {"prompt": "", "answer": ""},
+                   {"prompt": "", "answer": "only an answer"}, {"prompt": "Spell it:", "answer": " zyzzyva \u01c2"}]
+
+
+def mask_of(prefix):
+    return IndexedDataset(str(prefix) + ".mask")
+
+
+def same_structure(a, b):
+    return (np.array_equal(a.sequence_lengths, b.sequence_lengths)
+            and np.array_equal(a.document_indices, b.document_indices))
+
+
+def words_text(text):
+    """What the words tokenizer gives back: the words of each line, single-spaced."""
+    return "\n".join(" ".join(line.split()) for line in text.split("\n"))
+
+
+@pytest.mark.parametrize("kind", ["words", "gpt2", "chars", "train-bpe"])
+def test_answer_mask_marks_exactly_the_answer_tokens(tmp_path, capsys, gpt2_args, kind):
+    """Each document is the prompt's tokens then the answer's; the mask is 1 exactly on the answer (and the
+    EOD): the masked tokens decode to the answer, the others to the prompt."""
+    recs = qa_records()
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    tok_args = {"words": ["--tokenizer", "words"], "gpt2": gpt2_args + ["--append-eod"],
+                "chars": ["--tokenizer", "chars", "--append-eod"], "train-bpe": ["--train-bpe", "300", "--append-eod"]}
+    prefix = tmp_path / "out" / "qa"  # in a folder that does not exist yet
+    rc, err = run(capsys, "--input", src, "--json-key", "prompt", "--answer-key", "answer", *tok_args[kind],
+                  "--output-prefix", prefix)
+    assert rc == 0, err
+    tok = load_tokenizer(str(prefix))
+    ds, mask = IndexedDataset(str(prefix)), mask_of(prefix)
+    assert mask.dtype == np.uint8 and same_structure(ds, mask) and ds.num_documents == len(recs)
+    eod = None if kind == "words" else tok.eod_id
+    norm = words_text if kind == "words" else (lambda t: t)
+    for d, r in enumerate(recs):
+        toks, m = np.asarray(ds.document(d)), np.asarray(mask.document(d))
+        assert (np.diff(m.astype(int)) >= 0).all()  # the prompt, then the scored part
+        scored = toks[m == 1].tolist()
+        if eod is not None:
+            assert scored[-1] == eod
+            scored = scored[:-1]
+        assert tok.decode(scored) == norm(r["answer"]) and tok.decode(toks[m == 0].tolist()) == norm(r["prompt"])
+        assert scored == tok.encode(r["answer"])  # the answer is encoded on its own
+    if kind == "words":
+        assert not (np.asarray(ds.tokens) == tok.unk_id).any()  # the vocabulary saw the answers' words
+        assert mask.document(len(recs) - 4).size == ds.document(len(recs) - 4).size > 0  # empty answer:
+        assert not np.asarray(mask.document(len(recs) - 4)).any()                           # nothing scored
+        assert ds.document(len(recs) - 3).size == 0  # an empty record is an empty document
+    if kind == "train-bpe":
+        assert len(tok.encode(" the")) == 1  # a merge of the speeches (answers), never seen in a speaker's name
+    meta = read_metadata(str(prefix))
+    assert meta["loss_mask"] == "qa.mask" and meta["input"]["answer_key"] == "answer"
+    assert meta["scored_tokens"] == int(np.count_nonzero(mask.tokens))
+
+
+def test_answer_mask_with_token_split_and_summary(tmp_path, capsys, gpt2_args):
+    """--split cuts the mask at the token positions of the tokens: the split masks concatenate to the
+    unsplit mask, each with the documents of its split; summarize reports the scored share.  With words, the
+    train-share vocabulary counts the answers' words too, up to the cut."""
+    recs = qa_records()
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    qa = ["--input", src, "--json-key", "prompt", "--answer-key", "answer"]
+    rc, err = run(capsys, *qa, *gpt2_args, "--append-eod", "--output-prefix", tmp_path / "all")
+    assert rc == 0, err
+    rc, err = run(capsys, *qa, *gpt2_args, "--append-eod", "--split", "80,13,7", "--output-prefix", tmp_path / "s")
+    assert rc == 0, err
+    names = [tmp_path / f"s_{n}" for n in ("train", "valid", "test")]
+    for p in names:
+        assert same_structure(IndexedDataset(str(p)), mask_of(p))
+        assert read_metadata(str(p))["loss_mask"] == p.name + ".mask"
+    whole, whole_mask = IndexedDataset(str(tmp_path / "all")), mask_of(tmp_path / "all")
+    assert np.concatenate([IndexedDataset(str(p)).tokens for p in names]).tolist() == whole.tokens.tolist()
+    assert np.concatenate([mask_of(p).tokens for p in names]).tolist() == whole_mask.tokens.tolist()
+    assert sorted(os.listdir(tmp_path)) == sorted(["qa.jsonl", "all.bin", "all.idx", "all.json", "all.mask.bin",
+                                                   "all.mask.idx", "all.vocab.json", "all.merges.txt",
+                                                   "s.vocab.json", "s.merges.txt"]
+                                                  + [p.name + e for p in names for e in
+                                                     (".bin", ".idx", ".json", ".mask.bin", ".mask.idx")])
+    scored = int(np.count_nonzero(whole_mask.tokens))
+    assert sum(read_metadata(str(p))["scored_tokens"] for p in names) == scored
+    assert summarize_main([str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert f"loss mask   all.mask: {scored:,} of {whole.num_tokens:,} tokens scored" in out and "all.mask.bin" in out
+    meta = read_metadata(str(tmp_path / "all"))
+    write_metadata(str(tmp_path / "all"), dict(meta, loss_mask="s_valid.mask"))  # a mask of other documents
+    assert summarize_main([str(tmp_path / "all")]) == 0
+    assert "warning     loss mask s_valid.mask: " in capsys.readouterr().out
+
+    rc, err = run(capsys, *qa, "--tokenizer", "words", "--split", "45,55", "--output-prefix", tmp_path / "w")
+    assert rc == 0, err
+    stream, source = [], []  # every token (a word, or None for a newline's <eos>) and the text it comes from
+    for d, r in enumerate(recs):
+        for part in ("prompt", "answer"):
+            *lines, tail = r[part].split("\n")
+            for line in lines:
+                stream += line.split() + [None]
+            stream += tail.split()
+            source += [(d, part)] * (len(stream) - len(source))
+    cut = len(stream) * 45 // 100
+    assert source[cut - 1] == source[cut] and source[cut][1] == "answer"  # the cut falls inside an answer
+    counts = {}
+    for w in stream[:cut]:
+        if w is not None:
+            counts[w] = counts.get(w, 0) + 1
+    assert load_tokenizer(str(tmp_path / "w_train")).symbols == build_word_vocab(counts).symbols
+
+
+def test_answer_mask_workers_write_the_same_bytes(tmp_path, monkeypatch, capsys, gpt2_args):
+    monkeypatch.setattr(inputs, "BLOCK_BYTES", 4096)  # many blocks
+    recs = qa_records(400)
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    outs = []
+    for w in (1, 2):
+        rc, err = run(capsys, "--input", src, "--json-key", "prompt", "--answer-key", "answer", *gpt2_args,
+                      "--append-eod", "--workers", w, "--output-prefix", tmp_path / f"w{w}")
+        assert rc == 0, err
+        outs.append([(tmp_path / f"w{w}{e}").read_bytes() for e in (".bin", ".idx", ".mask.bin", ".mask.idx")])
+    assert outs[0] == outs[1] and mask_of(tmp_path / "w2").num_documents == len(recs)
+
+
+def test_ordered_stream_picks_up_the_answer_mask(tmp_path, capsys):
+    recs = qa_records()
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    rc, err = run(capsys, "--input", src, "--json-key", "prompt", "--answer-key", "answer", "--tokenizer", "bytes",
+                  "--append-eod", "--output-prefix", tmp_path / "qa")
+    assert rc == 0, err
+    mask = np.asarray(mask_of(tmp_path / "qa").tokens)
+    stream = OrderedStream(str(tmp_path / "qa"), micro_batch=2, grad_accum=2, seq_len=64)
+    for step in (0, 3):
+        for slot in (0, 1):
+            b = stream.get(step, slot)
+            for row in range(2):
+                at = int(stream.begin[stream.stripe(slot, row)]) + step * 64 + 1  # the row's first target
+                assert b.loss_mask[row].tolist() == mask[at:at + 64].astype(np.float32).tolist()
+    assert 0 < stream.get(0).loss_mask.sum() < stream.get(0).loss_mask.size
+
+
+def test_synthetic_jsonl_round_trip(tmp_path, capsys):
+    """The synthetic task's JSONL (problem, answer), preprocessed with the words tokenizer from named split
+    files: every document's scored tokens decode to its answer, as many as the task scores."""
+    syn = str(tmp_path / "syn" / "copy")
+    assert synthetic_main(["copy", "--output-prefix", syn, "--length", "5", "--num-symbols", "4", "--train-size",
+                           "120", "--valid-size", "20", "--test-size", "20", "--format", "jsonl"]) == 0
+    capsys.readouterr()
+    rc, err = run(capsys, "--input", *(f"{s}={syn}_{s}.jsonl" for s in ("train", "valid", "test")),
+                  "--json-key", "problem", "--answer-key", "answer", "--tokenizer", "words", "--min-count", "1",
+                  "--output-prefix", tmp_path / "c")
+    assert rc == 0, err
+    for split in ("train", "valid", "test"):
+        prefix = str(tmp_path / f"c_{split}")
+        with open(f"{syn}_{split}.jsonl") as f:
+            recs = [json.loads(line) for line in f]
+        tok, ds, mask = load_tokenizer(prefix), IndexedDataset(prefix), mask_of(prefix)
+        assert ds.num_documents == len(recs) and same_structure(ds, mask)
+        for d, r in enumerate(recs):
+            toks, m = np.asarray(ds.document(d)), np.asarray(mask.document(d)).astype(bool)
+            assert tok.decode(toks[m].tolist()) == r["answer"] and tok.decode(toks[~m].tolist()) == r["problem"]
+        assert read_metadata(prefix)["scored_tokens"] == read_metadata(f"{syn}_{split}")["task"]["scored_tokens"]
+
+
+def test_answer_skip_bad_lines(tmp_path, capsys):
+    src = tmp_path / "qa.jsonl"
+    src.write_bytes(b'{"text": "q1", "answer": "a1"}\n{"text": "q2"}\n{"text": "q3", "answer": 3}\n'
+                    b'{"text": "q4", "answer": "\\udc00"}\n{"text": "q5", "answer": ""}\n')
+    rc, err = run(capsys, "--input", src, "--answer-key", "answer", "--tokenizer", "bytes", "--skip-bad-lines",
+                  "--output-prefix", tmp_path / "o")
+    assert rc == 0, err
+    assert docs_of(tmp_path / "o") == [list(b"q1a1"), list(b"q5")]
+    assert docs_of(str(tmp_path / "o") + ".mask") == [[0, 0, 1, 1], [0, 0]]
+    assert read_metadata(str(tmp_path / "o"))["skipped_bad_lines"] == 3
+    assert f"skipped 3 bad lines (first: {src}:2: no key 'answer' (keys: text; choose one with --answer-key))" in err
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def _word_level(d):
     """A tokenizer.json with no end-of-text token."""
@@ -324,6 +513,8 @@ def _bad_inputs(tmp_path, gpt2_args):
     (d / "empty.jsonl").write_bytes(b"")
     (d / "surrogate.jsonl").write_bytes(b'{"text": "bad \\ud800"}\n')
     (d / "ok.txt").write_text("fine\n")
+    (d / "qa.jsonl").write_bytes(b'{"text": "q", "answer": "a"}\n{"text": "q", "reply": "a"}\n')
+    (d / "qa_list.jsonl").write_bytes(b'{"text": "q", "answer": ["a"]}\n')
     vocab = gpt2_args[3]
     return {
         "missing file": (["--input", d / "nope.jsonl", "--tokenizer", "bytes"], "nope.jsonl: no such file"),
@@ -356,6 +547,15 @@ def _bad_inputs(tmp_path, gpt2_args):
         "eod without one": (["--input", d / "ok.txt", "--tokenizer", "hf", "--tokenizer-file", _word_level(d),
                              "--append-eod"], "--append-eod: the tokenizer (hf tokenizer.json (3 ids, backend "
                                               "reference)) has no EOD token (name one with --eod-token)"),
+        "answer key on text": (["--input", d / "qa.jsonl", d / "ok.txt", "--answer-key", "answer", "--tokenizer",
+                                "bytes"], f"--answer-key answer reads prompt/answer records from JSON lines, but "
+                                          f"{d / 'ok.txt'} is read as text"),
+        "missing answer": (["--input", d / "qa.jsonl", "--answer-key", "answer", "--tokenizer", "chars"],
+                           "qa.jsonl:2: no key 'answer' (keys: text, reply; choose one with --answer-key)"),
+        "answer not a string": (["--input", d / "qa_list.jsonl", "--answer-key", "answer", "--tokenizer", "bytes"],
+                                "qa_list.jsonl:1: 'answer' is a list, expected a string"),
+        "answer key is the prompt key": (["--input", d / "qa.jsonl", "--answer-key", "text", "--tokenizer", "bytes"],
+                                         "--answer-key text: the same key as --json-key"),
     }
 
 
@@ -364,7 +564,8 @@ def _bad_inputs(tmp_path, gpt2_args):
                                   "no tokenizer",
                                   "missing merges", "gpt2 without files", "split and named", "bad split",
                                   "empty split", "words without train", "raw bytes need bytes", "not a tokenizer.json",
-                                  "eod without one"])
+                                  "eod without one", "answer key on text", "missing answer", "answer not a string",
+                                  "answer key is the prompt key"])
 def test_bad_input_fails_cleanly(tmp_path, capsys, gpt2_args, case):
     argv, words = _bad_inputs(tmp_path, gpt2_args)[case]
     out = tmp_path / "out"

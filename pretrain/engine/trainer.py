@@ -86,7 +86,8 @@ class Trainer:
         self.seg_len = cfg.model.tgt_len
         self.k = cfg.train.bptt_segments
 
-        # model, optimizer, schedule, DeepSpeed
+        # model, optimizer, schedule, DeepSpeed; --seed governs the weights too (as in Megatron)
+        cfg.model.seed = cfg.train.seed
         torch.manual_seed(cfg.train.seed)
         from pretrain.model import build_model
         self.model = build_model(cfg.model)

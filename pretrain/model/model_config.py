@@ -63,7 +63,8 @@ class ModelConfig:
     init_std: float = F(0.02, "std of the normal init")
     init_range: float = F(0.1, "range of the uniform init")
     proj_init_std: float = F(0.01, "std of the adaptive embedding / softmax projections")
-    seed: int = F(1234, "weight init seed (the same full weights for every tensor-parallel layout)")
+    seed: int = F(1234, "weight init seed (the same full weights for every tensor-parallel layout; training sets "
+                        "it from --seed)")
     # execution
     checkpoint_activations: bool = F(False, "recompute each layer in the backward pass")
 
