@@ -34,6 +34,7 @@ def one_run(argv, ds_config):
     code = tr.train()
     out = {"code": code, "losses": [h["loss"] for h in tr.history], "steps": [h["step"] for h in tr.history],
            "finite": [h["finite"] for h in tr.history], "final_step": tr.step,
+           "grad_norms": [h["grad_norm"] for h in tr.history],
            "memory": [{k: s[k].float().sum().item() for k in s.keys()} for s in tr.states],
            "dp_rank": tr.dp_rank, "dp_size": tr.dp_size, "tp_rank": tr.tp_rank, "tp_size": tr.tp_size,
            "stripes": [[int(tr.stream.begin[tr.stream.stripe(slot, row)]) for row in range(tr.micro)]

@@ -69,10 +69,13 @@ def check_resume(results, stages):
             # bit for bit: the same losses and the same final memory states as the run that never stopped
             assert resumed["losses"] == full["losses"][3:], (rank, stage, resumed["losses"], full["losses"])
             assert resumed["memory"] == full["memory"], (rank, stage)
-        # every ZeRO stage computes the same fp32 training
+        # every ZeRO stage computes the same fp32 training, and reports the same gradient norms (measured by
+        # the trainer for ZeRO-0, by DeepSpeed for 1-3)
         losses = [res[str(s)]["full"]["losses"] for s in stages]
-        for other in losses[1:]:
+        norms = [res[str(s)]["full"]["grad_norms"] for s in stages]
+        for other, other_norms in zip(losses[1:], norms[1:]):
             assert max(abs(a - b) for a, b in zip(losses[0], other)) < 1e-5
+            assert all(a > 0 and abs(a - b) < 1e-4 * a for a, b in zip(norms[0], other_norms)), (norms[0], other_norms)
 
 
 def test_resume_is_exact_for_zero_0_to_3_with_data_parallel(copy_data, tmp_path):
@@ -151,6 +154,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_without_a_poisoned_checkpoint(co
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
     tail = [json.loads(l) for l in open(run / "metrics.jsonl")][-3:]
     assert [x["step"] for x in tail] == [4, 5, 6] and all(math.isfinite(x["loss"]) for x in tail)
+    assert all(isinstance(x["grad_norm"], float) and x["grad_norm"] > 0 for x in tail)  # ZeRO-0 fp32: ours
 
 
 def _children(pid):

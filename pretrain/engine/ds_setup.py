@@ -143,21 +143,16 @@ def build_optimizer(model: torch.nn.Module, cfg, ds: Dict[str, Any]):
     return torch.optim.AdamW(groups, **kw)
 
 
-def global_grad_norm(engine, model: torch.nn.Module) -> float | None:
-    """Global gradient norm before clipping (DeepSpeed's when it computes one; else ours, tensor-parallel
-    aware: sharded parameters count on every rank, replicated ones once)."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        norm = float(norm)
-        return norm if norm >= 0 else float("inf")
-    return None
-
-
-def local_grad_norm_sq(model: torch.nn.Module, tp_rank: int) -> torch.Tensor:
+def grad_norm(model: torch.nn.Module, tp_group=None) -> float:
+    """Global L2 norm of the gradients as they are now (after the data-parallel average), tensor-parallel
+    aware: a sharded parameter (``tensor_model_parallel``) counts on every rank, a replicated one once."""
+    tp_rank = dist.get_rank(tp_group) if dist.is_initialized() else 0
     total = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
             total += p.grad.detach().double().pow(2).sum().cpu()
-    return total
+    if dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+        if dist.get_backend(tp_group) == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=tp_group)
+    return float(total.sqrt())

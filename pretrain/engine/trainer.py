@@ -25,7 +25,8 @@ from pretrain.config_base import ConfigError, to_dict
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine import dist as pdist
 from pretrain.engine.data import load_data_info, summarize_loss
-from pretrain.engine.ds_setup import (build_optimizer, load_ds_config, precision_of, reconcile, zero_stage)
+from pretrain.engine.ds_setup import (build_optimizer, grad_norm, load_ds_config, precision_of, reconcile,
+                                      zero_stage)
 from pretrain.engine.metrics import MetricsWriter, format_console, peak_memory_gb, peak_tflops
 from pretrain.engine.run_config import RunConfig, parse_args, save_resolved
 from pretrain.engine.schedule import LRScheduler
@@ -83,6 +84,9 @@ class Trainer:
         validate(cfg)
         self.ds_config, self.micro, self.accum = reconcile(ds_raw, cfg, self.dp_size, ds_path)
         self.dtype = precision_of(self.ds_config)
+        # DeepSpeed reports no gradient norm for plain fp32 data parallelism: the trainer measures it
+        self.own_grad_norm = zero_stage(self.ds_config) == 0 and self.dtype == torch.float32
+        self.last_grad_norm: Optional[float] = None
         self.seg_len = cfg.model.tgt_len
         self.k = cfg.train.bptt_segments
 
@@ -224,6 +228,8 @@ class Trainer:
             # make sure the update is skipped whatever produced the bad loss: every gradient non-finite
             loss = loss * float("nan")
         self.engine.backward(loss)
+        if self.own_grad_norm and slot == self.accum - 1:  # averaged over data-parallel ranks, not yet clipped
+            self.last_grad_norm = grad_norm(self.model, self.ps.get_tensor_model_parallel_group())
         self.engine.step()
         if finite:
             self.states[slot] = st.detach()
@@ -249,7 +255,7 @@ class Trainer:
             self.nonfinite_run += 1
             self.nonfinite_total += 1
         rec = {"step": self.step, "loss": nll / max(count, 1.0) if finite else float("nan"), "finite": finite,
-               "seconds": time.time() - t0, "scored": count, "nll_sum": nll}
+               "seconds": time.time() - t0, "scored": count, "nll_sum": nll, "grad_norm": self._grad_norm()}
         self.history.append(rec)
         return rec
 
@@ -323,7 +329,6 @@ class Trainer:
                        file=sys.stderr, mininterval=1.0)
         window = {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0}
         code = EXIT_OK
-        skipped_before = self.engine.skipped_steps
         try:
             while self.step < cfg.train.iters:
                 r = self.train_step()
@@ -346,8 +351,7 @@ class Trainer:
                     code = EXIT_NONFINITE
                     break
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.iters:
-                    self._log_window(window, skipped_before)
-                    skipped_before = self.engine.skipped_steps
+                    self._log_window(window)
                     window = {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0}
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.iters:
                     self._eval_and_log("valid", cfg.eval.iters)
@@ -377,7 +381,7 @@ class Trainer:
                 bar.close()
             stop.restore()
 
-    def _log_window(self, w: Dict[str, float], skipped_before: int) -> None:
+    def _log_window(self, w: Dict[str, float]) -> None:
         steps = max(w["steps"], 1)
         dt = max(w["seconds"], 1e-9)
         rec = {"kind": "train", "step": self.step, "total": self.cfg.train.iters,
@@ -397,10 +401,8 @@ class Trainer:
             log(format_console(rec), self.rank)
 
     def _grad_norm(self) -> Optional[float]:
-        try:
-            g = self.engine.get_global_grad_norm()
-        except Exception:
-            g = None
+        """The last step's gradient norm before clipping (None after a skipped step)."""
+        g = self.last_grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         if g is None:
             return None
         g = float(g)
