@@ -39,11 +39,14 @@ VARIANTS = {                                           # model overrides of each
 }
 
 
+OVERRIDES = {}                                         # every variant: e.g. dropout from --dropout
+
+
 def build(size: str, variant: str, threads: int):
     from pretrain.model import build_model, load_model_config, parallel
     torch.set_num_threads(threads)
     parallel.initialize(1)
-    cfg = load_model_config(SIZES[size], VARIANTS[variant])
+    cfg = load_model_config(SIZES[size], {**VARIANTS[variant], **OVERRIDES})
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return cfg, model, opt
@@ -103,6 +106,7 @@ def memory_probe(size, variant, batch, threads, steps):
 
 def measure_memory(size, variant, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", size, variant, "--batch", str(args.batch),
+           *(["--dropout", str(args.dropout)] if args.dropout is not None else []),
            "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
@@ -179,8 +183,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--out", default="benchmarks/results/bench_model.json", help="JSON output path")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout of every variant (default 0.0, the original Transformer-XL code's default)")
     ap.add_argument("--memory-probe", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
+    if args.dropout is not None:
+        OVERRIDES["dropout"] = args.dropout
     if args.memory_probe:
         memory_probe(*args.memory_probe, args.batch, args.threads, steps=3)
         return 0

@@ -52,6 +52,8 @@ def make_corpus(path: str, tokens: int, seed: int = 0) -> str:
 
 
 def worker(args) -> None:
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
     import torch
     import torch.distributed as dist
 

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
     import torch
 
     from data_tools.streams import EvalStream

@@ -90,6 +90,8 @@ def generate(model, tokenizer, prompt_ids: List[int], *, max_new_tokens: int, te
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
     import torch
 
     from pretrain.engine.export import load_exported, read_export

@@ -21,6 +21,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def main(argv=None) -> int:
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick it too, with a warning per rank

@@ -1,9 +1,13 @@
 """Run configuration, DeepSpeed reconciliation and learning-rate schedules (no processes started)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from pretrain.config_base import ConfigError, field_paths
 from pretrain.engine.ds_setup import GuardedAdamW, load_ds_config, precision_of, reconcile
 from pretrain.engine.run_config import RunConfig, build_parser, parse_args
@@ -157,3 +161,13 @@ def test_scheduler_state_round_trips_and_resumes_exactly():
         b.step()
     with pytest.raises(ValueError, match="unknown schedule"):
         LRScheduler(opt, lr=1.0, min_lr=0.0, warmup=0, total=5, style="step")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_cpu_allocator_tuning_applies_once_and_can_be_turned_off():
+    code = "from pretrain.runtime import tune_cpu_allocator as t; print(t(), t())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env=dict(os.environ, MEMTRAIN_MALLOC_TUNING="0"))
+    assert on.stdout.split() == ["True", "True"], on.stderr
+    assert off.stdout.split() == ["False", "False"], off.stderr
