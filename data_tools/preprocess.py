@@ -664,7 +664,7 @@ class Job:
                     break
             break
         if not tok.verify(sample):
-            self.log(f"gigatoken differs from the reference on this tokenizer; using the reference library")
+            self.log("gigatoken differs from the reference on this tokenizer; using the reference library")
 
     def check_not_empty(self, results: List[Output]) -> None:
         for out in results:

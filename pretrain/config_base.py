@@ -7,6 +7,7 @@
 * ``validate(cfg)`` calls ``validate()`` on every nested dataclass that defines it (bottom-up); those methods
   raise ``ConfigError(field, why)``.
 * ``to_dict(cfg)`` gives plain data for YAML/JSON (the resolved config saved beside a run).
+* ``F(default, help)`` declares a field with its ``--help`` text.
 
 No torch here: configs are read before anything heavy is imported.
 """
@@ -26,6 +27,14 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"config field '{field}': {message}")
+
+
+def F(default, help: str):
+    """A dataclass field with a default and the help text shown by the commands' ``--help`` (a list or dict
+    default is copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _join(prefix: str, name: str) -> str:

@@ -14,18 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from pretrain.config_base import (ConfigError, field_paths, from_dict, load_yaml, set_field, to_dict,
+from pretrain.config_base import (F, ConfigError, field_paths, from_dict, load_yaml, set_field, to_dict,
                                   validate)
 from pretrain.model.model_config import ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def F(default, help: str, **kw):
-    """A dataclass field with a default and the help text shown by ``--help``."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass

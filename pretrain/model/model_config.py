@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
-from pretrain.config_base import ConfigError, from_dict, load_yaml, validate
+from pretrain.config_base import ConfigError, F, from_dict, load_yaml, validate
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -21,13 +21,6 @@ XL_TYPES = (0, 1, 2)
 LAMEMO_TYPES = (3, 31, 32, 33)
 ATTN_TYPES = XL_TYPES + LAMEMO_TYPES
 SINUSOID_TYPES = (0, 2) + LAMEMO_TYPES
-
-
-def F(default, help: str):
-    """A dataclass field with a default and a help text (shown by the run's ``--help``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
