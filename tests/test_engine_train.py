@@ -146,6 +146,8 @@ def test_non_finite_steps_in_a_row_stop_the_run_without_a_poisoned_checkpoint(co
     # step 4 without saving
     assert (run / "latest").read_text().strip() == "iter_0000003"
     assert not glob.glob(str(run / "iter_000000[4-9]"))
+    # checkpoint.keep_last (2): only the two newest complete checkpoints remain
+    assert sorted(os.path.basename(p) for p in glob.glob(str(run / "iter_*"))) == ["iter_0000002", "iter_0000003"]
     # and it resumes into finite training
     r = subprocess.run([PY, "pretrain/train.py", "--data-path", copy_data, "--model.attn_type", "0",
                         "--train-iters", "6", "--save", str(run)] + TINY,
@@ -200,6 +202,17 @@ def test_sigterm_on_one_rank_saves_a_checkpoint_and_every_rank_exits_cleanly(cop
     meta = json.loads((run / tag / "memtrain" / "meta.json").read_text())
     assert meta["reason"] == "signal SIGTERM" and meta["step"] >= 3
     assert sorted(os.listdir(run / tag / "memtrain")) == ["meta.json", "rank_dp0_tp0.pt", "rank_dp1_tp0.pt"]
+
+
+def test_exit_duration_saves_and_stops(copy_data, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([PY, "pretrain/train.py", "--data-path", copy_data, "--model.attn_type", "0",
+                        "--train-iters", "100000", "--exit-duration-in-mins", "0.0001", "--save", str(run)] + TINY,
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    tag = (run / "latest").read_text().strip()
+    meta = json.loads((run / tag / "memtrain" / "meta.json").read_text())
+    assert meta["reason"].startswith("exit duration") and 1 <= meta["step"] < 100000
 
 
 def _last_eval(run_dir, split="valid"):
