@@ -1,8 +1,8 @@
 """Process-group set-up and teardown for every way the trainer is launched.
 
 * ``deepspeed`` launcher and ``torchrun``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are set.
-* Slurm with one task per GPU (``srun python pretrain/train.py ...``): SLURM_PROCID / SLURM_NTASKS /
-  SLURM_LOCALID are mapped to the variables above (MASTER_ADDR from the first host of SLURM_JOB_NODELIST
+* Slurm with one task per GPU (``srun python pretrain/train.py ...``): SLURM_PROCID / SLURM_STEP_NUM_TASKS /
+  SLURM_LOCALID are mapped to the variables above (MASTER_ADDR from the first host of the step's node list
   unless set; MASTER_PORT from the job id unless set).
 * A plain ``python pretrain/train.py``: a one-process group on a free local port.
 
@@ -49,16 +49,18 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def map_slurm_env() -> None:
-    """Fill torch.distributed's variables from Slurm's when the launcher did not set them."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
-        return
-    if int(os.environ["SLURM_NTASKS"]) <= 1 and "SLURM_STEP_ID" not in os.environ:
+    """Fill torch.distributed's variables from Slurm's when ``srun`` started this process as one task of a
+    multi-task step and no launcher set them.  ``SLURM_STEP_NUM_TASKS`` (set by srun for its step, not in a batch
+    script) decides: a plain ``python`` inside an allocation or batch script stays a single process."""
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or ntasks is None or int(ntasks) <= 1:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = ntasks
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_STEP_NODELIST")
+                                                      or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
 
