@@ -177,21 +177,19 @@ def test_slurm_variables_map_to_torch_distributed(monkeypatch):
     from pretrain.engine import dist as pdist
     assert pdist._first_slurm_host("node[003-005,007],gpu1") == "node003"
     assert pdist._first_slurm_host("gpu7") == "gpu7"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[12-13]")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    # a private copy of the environment: what the mapping writes must not reach later tests of this process
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM")}
+    env.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_NODELIST="node[12-13]",
+               SLURM_JOB_ID="4242")
+    monkeypatch.setattr(os, "environ", env)
     pdist.map_slurm_env()  # a batch script without srun: no step, stays one process
-    assert "RANK" not in os.environ
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    assert "RANK" not in env
+    env["SLURM_STEP_NUM_TASKS"] = "8"
     pdist.map_slurm_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "node12" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "node12" and env["MASTER_PORT"] == str(20000 + 4242)
     # a launcher's variables win: nothing is overwritten
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("SLURM_PROCID", "3")
+    env.update(RANK="0", SLURM_PROCID="3")
     pdist.map_slurm_env()
-    assert os.environ["RANK"] == "0"
+    assert env["RANK"] == "0"
