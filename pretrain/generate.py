@@ -60,7 +60,7 @@ def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate(model, tokenizer, prompt_ids: List[int], *, max_new_tokens: int, temperature: float, top_k: int,
+def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, generator, mem_len: Optional[int], segment_len: int, clamp_len: Optional[int] = None,
              eod_id: Optional[int] = None, device="cpu") -> List[int]:
     import torch
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"generate.py: prompt {prompt!r}: {e}", file=sys.stderr)
             return 2
-        new = generate(model, tok, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, generator=gen, mem_len=args.mem_len,
                        segment_len=args.segment_len or cfg.tgt_len, clamp_len=args.clamp_len, eod_id=eod,
                        device=device)

@@ -9,7 +9,6 @@ perplexity otherwise.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -89,6 +88,3 @@ def summarize_loss(nll: float, metric: str) -> Dict[str, float]:
         out["ppl"] = math.exp(min(nll, 700.0))
     return out
 
-
-def data_dir_of(prefix: str) -> str:
-    return os.path.dirname(os.path.abspath(prefix))

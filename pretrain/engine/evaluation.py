@@ -19,19 +19,10 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_tools.indexed import IndexedDataset
 from data_tools.streams import EvalStream
-
-
-def _reduce(values, group) -> list:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        if dist.get_backend(group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, group=group)
-    return t.cpu().tolist()
+from pretrain.engine.dist import all_reduce_sum
 
 
 @torch.no_grad()
@@ -60,7 +51,7 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
             correct += float(((out.logits.argmax(-1) == targets).float() * mask).sum())
         if progress is not None:
             progress(step + 1, steps)
-    nll_sum, count, correct = _reduce([nll_sum, count, correct], group)
+    nll_sum, count, correct = all_reduce_sum([nll_sum, count, correct], group)
     res = {"nll_sum": nll_sum, "tokens": count, "loss": nll_sum / max(count, 1.0), "steps": steps,
            "seconds": time.time() - t0}
     if accuracy:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from data_tools.streams import EvalStream, OrderedStream
 from pretrain.config_base import ConfigError, to_dict
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine import dist as pdist
@@ -60,7 +61,6 @@ def set_threads(cfg: RunConfig) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_path: Optional[str]):
         self.cfg = cfg
-        self.ds_path = ds_path
         ds_raw = load_ds_config(ds_path)
         self.data = load_data_info(cfg.data.path)  # before any process starts talking: fail fast
         set_threads(cfg)
@@ -116,12 +116,10 @@ class Trainer:
             self._use_deepspeed_checkpointing(parallel)
 
         # streams and one memory state per accumulation slot
-        from data_tools.streams import EvalStream, OrderedStream
         self.stream = OrderedStream(self.data.prefixes["train"], dp_rank=self.dp_rank, dp_size=self.dp_size,
                                     micro_batch=self.micro, grad_accum=self.accum,
                                     seq_len=self.seg_len * self.k, seed=cfg.train.seed, roll=cfg.data.roll,
                                     align=cfg.data.align, pad_id=self.data.pad_id)
-        self.EvalStream = EvalStream
         self.states = [self._fresh_state() for _ in range(self.accum)]
         self.step = 0
         self.consumed_tokens = 0
@@ -269,7 +267,7 @@ class Trainer:
             raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
         tgt = e.tgt_len or cfg.model.tgt_len
         num_streams = 1 if e.protocol == "carry" else e.micro_batch
-        stream = self.EvalStream(self.data.prefixes[split], seq_len=tgt, num_streams=num_streams,
+        stream = EvalStream(self.data.prefixes[split], seq_len=tgt, num_streams=num_streams,
                                  dp_rank=self.dp_rank, dp_size=self.dp_size, align=cfg.data.align,
                                  pad_id=self.data.pad_id)
         xl = e.protocol == "xl"
