@@ -3,6 +3,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
@@ -21,6 +22,13 @@ def shared_path(*parts):
     if not os.path.exists(p):
         pytest.skip(f"{p} not present (reference data lives outside the repository)")
     return p
+
+
+def stacked(state, name):
+    """State entry ``name`` of every layer that has one (``layers.<i>.<name>``), stacked along a new dim 0."""
+    keys = sorted((k for k in state.keys() if k.startswith("layers.") and k.split(".", 2)[2] == name),
+                  key=lambda k: int(k.split(".")[1]))
+    return torch.stack([state[k] for k in keys])
 
 
 def free_port() -> int:

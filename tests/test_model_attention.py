@@ -53,7 +53,7 @@ def test_recurrence_equals_long_context(attn_type, n, m):
     """With memory covering all earlier tokens, segment-by-segment equals one pass over everything."""
     model = _model(attn_type=attn_type, tgt_len=n, mem_len=m)
     hidden = []
-    model.mechanism.register_forward_hook(lambda mod, args, out: hidden.append(out[0]))
+    model.stack.register_forward_hook(lambda mod, args, out: hidden.append(out[0]))
     torch.manual_seed(1)
     tokens = torch.randint(0, BASE["vocab_size"], (3, 2 * n if m >= n else n + m))
     segments = _run(model, tokens, n, m)

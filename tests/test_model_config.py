@@ -21,7 +21,11 @@ def _parallel():
 @pytest.mark.parametrize("changes,field", [
     (dict(n_layer=0), "n_layer"),
     (dict(dropout=1.0), "dropout"),
-    (dict(attn_type=4), "attn_type"),
+    (dict(attn_type=7), "attn_type"),
+    (dict(attn_type=24), "mem_len"),
+    (dict(layers="delta,bogus", mem_len=0), "layers[1]"),
+    (dict(layers="xl*3", n_layer=4), "layers"),
+    (dict(layers="xl", mechanism="xl"), "mechanism"),
     (dict(attn_type=2, mem_len=8), "mem_len"),
     (dict(attn_type=3, mem_len=0), "mem_len"),
     (dict(same_length=True, mem_len=0), "same_length"),

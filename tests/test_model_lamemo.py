@@ -4,8 +4,10 @@ union of key sets, memory refreshed only from the memory and the first current t
 import pytest
 import torch
 
+from conftest import stacked
+
 from pretrain.model import ModelConfig, build_model, parallel
-from pretrain.model.mechanisms.lamemo import merge
+from pretrain.model.mixers.lamemo import merge
 from pretrain.model.positions import lookahead_mask
 
 BASE = dict(n_layer=3, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0)
@@ -25,8 +27,8 @@ def _segments(model, tokens, n, mem_len, hook_layers=False):
     refreshed = []
     handles = []
     if hook_layers:
-        for layer in model.mechanism.layers[:-1]:
-            handles.append(layer.register_forward_hook(lambda mod, args, out: refreshed.append(out[1])))
+        for layer in model.stack.layers[:-1]:
+            handles.append(layer.register_forward_hook(lambda mod, args, out: refreshed.append(out[2]["lamemo"])))
     state = model.init_state(tokens.shape[0], mem_len=mem_len)
     outs, states = [], []
     for s in range(0, tokens.shape[1], n):
@@ -98,9 +100,12 @@ def test_memory_refresh_ignores_later_current_tokens(attn_type, n, m):
         assert torch.equal(a, b), "memory rows read a current token after the first"
     kept = m - n                                      # state slots that come from refreshed memory
     if kept > 0:
-        assert torch.equal(states[2]["attn"][:, :, :, :kept], states2[2]["attn"][:, :, :, :kept])
-        assert torch.equal(states[2]["lse"][:, :, :, :kept], states2[2]["lse"][:, :, :, :kept])
-    assert not torch.equal(states[2]["attn"], states2[2]["attn"]), "sanity: the current part changes"
+        a, a2 = stacked(states[2], "attn"), stacked(states2[2], "attn")
+        z, z2 = stacked(states[2], "lse"), stacked(states2[2], "lse")
+        assert torch.equal(a[:, :, :, :kept], a2[:, :, :, :kept])
+        assert torch.equal(z[:, :, :, :kept], z2[:, :, :, :kept])
+    assert not torch.equal(stacked(states[2], "attn"), stacked(states2[2], "attn")), \
+        "sanity: the current part changes"
 
 
 def _differs(a, b):
@@ -121,9 +126,9 @@ def _transplant(src, dst_cfg, **extra):
 
 def test_variant_32_with_equal_content_bias_is_variant_3():
     m3 = _model(attn_type=3, tgt_len=4, mem_len=4)
-    u = m3.gather_full_state_dict()["mechanism.biases.u"]
+    u = m3.gather_full_state_dict()["stack.biases.u"]
     m32 = _transplant(m3, ModelConfig(**{**BASE, "attn_type": 32, "tgt_len": 4, "mem_len": 4}),
-                      **{"mechanism.biases.u_fut": u})
+                      **{"stack.biases.u_fut": u})
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12))
     for a, b in zip(_segments(m3, tokens, 4, 4)[0], _segments(m32, tokens, 4, 4)[0]):
         assert (a - b).abs().max().item() < 1e-12

@@ -26,25 +26,32 @@ def _detach(mem):
     if isinstance(mem, dict):
         return {k: _detach(v) for k, v in mem.items()}
     if isinstance(mem, list):
-        return [t.detach() for t in mem]
+        return [_detach(t) for t in mem]
     return mem.detach()
 
 
 def _state_error(cfg, st, mem):
-    """Max difference between the model's state and the reference memory on the valid slots."""
+    """Max difference between the model's state and the reference memory on the valid slots; every entry of
+    the reference must be in the state and vice versa."""
     M = st.mem_len
     err = 0.0
+    keys = {k for k in st.keys() if k != "valid"}
+    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem) for k in d}
+    assert keys == ref_keys, f"state entries {sorted(keys)} != reference {sorted(ref_keys)}"
     for b in range(st.batch_size):
         v = int(st["valid"][b])
-        if cfg.attn_type in (0, 1):
-            for l in range(cfg.n_layer):
-                err = max(err, (st["mem"][l, b, M - v:] - mem[l][b]).abs().max().item())
-        elif cfg.attn_type != 2:
-            err = max(err, (st["emb"][b, M - v:] - mem["emb"][b]).abs().max().item())
-            for l in range(cfg.n_layer):
-                a = st["attn"][l][:, b, M - v:].transpose(0, 1)
-                err = max(err, (a - mem["attn"][l][b]).abs().max().item())
-                err = max(err, (st["lse"][l][:, b, M - v:] - mem["lse"][l][b]).abs().max().item())
+        for l, d in enumerate(mem):
+            for k, ref in d.items():
+                t = st[f"layers.{l}.{k}"]
+                if k == "mem":                                   # [B, M, d]
+                    e = t[b, M - v:] - ref[b]
+                elif k == "attn":                                # [H, B, M, dh] vs [B, m, H, dh]
+                    e = t[:, b, M - v:].transpose(0, 1) - ref[b]
+                elif k == "lse":                                 # [H, B, M] vs [B, H, m]
+                    e = t[:, b, M - v:] - ref[b]
+                else:                                            # fast weights: no positions
+                    e = t[b] - ref[b]
+                err = max(err, e.abs().max().item() if e.numel() else 0.0)
     return err
 
 

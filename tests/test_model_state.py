@@ -52,17 +52,17 @@ def test_reset_uses_the_mechanisms_initial_state():
     """Whatever the mechanism's initial state is (e.g. learned), reset rows get exactly that."""
     model = _model(attn_type=3)
     learned = torch.nn.Parameter(torch.randn(16, dtype=torch.float64))
-    plain = model.mechanism.initial_state
+    plain = model.stack.initial_state
 
     def initial_state(batch_size, mem_len, device, dtype):
         st = plain(batch_size, mem_len, device, dtype)
-        return st.replace(emb=st["emb"] + learned)
-    model.mechanism.initial_state = initial_state
+        return st.replace(**{"layers.0.mem": st["layers.0.mem"] + learned})
+    model.stack.initial_state = initial_state
     _, state = _feed(model, model.init_state(2), torch.randint(0, 31, (2, 8)))
     reset = model.reset_state(state, torch.tensor([False, True]))
-    assert torch.equal(reset["emb"][1], learned.detach().expand(6, 16))
-    assert torch.equal(reset["emb"][0], state["emb"][0])
-    assert reset["emb"].requires_grad, "a learned initial state stays in the graph"
+    assert torch.equal(reset["layers.0.mem"][1], learned.detach().expand(6, 16))
+    assert torch.equal(reset["layers.0.mem"][0], state["layers.0.mem"][0])
+    assert reset["layers.0.mem"].requires_grad, "a learned initial state stays in the graph"
 
 
 @pytest.mark.parametrize("attn_type", [0, 33])
@@ -141,5 +141,5 @@ def test_select_rows_and_detach_to():
     model = _model(attn_type=3)
     _, state = _feed(model, model.init_state(3), torch.randint(0, 31, (3, 8)))
     sub = state.select_rows(torch.tensor([False, True, True]))
-    assert sub.batch_size == 2 and torch.equal(sub["attn"], state["attn"][:, :, 1:])
+    assert sub.batch_size == 2 and torch.equal(sub["layers.1.attn"], state["layers.1.attn"][:, 1:])
     assert state.detach().to("cpu").equal(state)

@@ -1,16 +1,17 @@
-"""The language model: embeddings -> memory mechanism (the layer stack) -> output softmax.
+"""The language model: embeddings -> the layer stack (a token mixer with its memory per layer) -> softmax.
 
     model = build_model(cfg)                       # after parallel.initialize(tp_size)
     state = model.init_state(batch_size)
     out, state = model(tokens, state, targets)     # out.nll [B, N] fp32; state: the memory after the segment
 
-The memory state is an explicit value (``state.py``); the mechanism (``mechanisms/``) decides what it holds.
+The memory state is an explicit value (``state.py``); each layer's mixer (``mixers/``, chosen per layer through
+``registry.py``) decides what its part of it holds; the stack (``stack.py``) runs the layers.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,17 +21,27 @@ from pretrain.model import parallel, weights
 from pretrain.model.attention import layer_norm
 from pretrain.model.dropout import Dropout
 from pretrain.model.embeddings import AdaptiveEmbedding, AdaptiveSoftmax, cluster_bounds, cluster_dims
-from pretrain.model.mechanisms.base import Segment
-from pretrain.model.mechanisms.registry import mechanism_class
 from pretrain.model.model_config import ModelConfig
+from pretrain.model.stack import Stack
 from pretrain.model.state import MemoryState
+
+
+@dataclasses.dataclass
+class Segment:
+    """Per-call settings of one forward pass."""
+    n: int                      # tokens in this segment (may differ from cfg.tgt_len)
+    mem_len: int                # the state's memory length M
+    clamp_len: int
+    same_length: bool
+    detach: bool                # cut the new state from the graph (truncated backprop)
+    run_layer: Callable         # run_layer(fn, *tensors): fn(*tensors) or its activation checkpoint
 
 
 @dataclasses.dataclass
 class LMOutput:
     nll: Optional[torch.Tensor]        # [B, N] fp32 per-token negative log-likelihood (None without targets)
     logits: Optional[torch.Tensor]     # [B, N, V] full-vocabulary log-probabilities (return_logits; no grad)
-    aux_loss: Optional[torch.Tensor]   # a mechanism's auxiliary loss to add to the LM loss (None: none)
+    aux_loss: Optional[torch.Tensor]   # the mixers' auxiliary loss to add to the LM loss (a scalar; None: none)
 
 
 class MemoryLM(nn.Module):
@@ -44,7 +55,7 @@ class MemoryLM(nn.Module):
         self.cfg = cfg
         mp = parallel.model_parallel_config()
         self.embedding = AdaptiveEmbedding(cfg, mp)
-        self.mechanism = mechanism_class(cfg.mechanism_name)(cfg, mp)
+        self.stack = Stack(cfg, mp)
         self.final_norm = layer_norm(cfg.d_model) if cfg.pre_lnorm else None
         self.drop = Dropout(cfg.dropout)
         self.softmax = AdaptiveSoftmax(cfg, mp, self.embedding)
@@ -63,7 +74,7 @@ class MemoryLM(nn.Module):
         The layers read their weights directly (not through their sub-modules' forward), so a sharded engine
         must gather a unit's parameters as a whole; the parameters outside every unit (the final norm) belong
         to modules whose own forward uses them."""
-        return [(self.embedding, [])] + self.mechanism.sharding_units() + \
+        return [(self.embedding, [])] + self.stack.sharding_units() + \
             [(self.softmax, self.softmax.tied_parameters())]
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -78,7 +89,7 @@ class MemoryLM(nn.Module):
         mem_len = self.cfg.mem_len if mem_len is None else mem_len
         if mem_len < 0:
             raise ValueError(f"mem_len must be >= 0, got {mem_len}")
-        return self.mechanism.initial_state(batch_size, mem_len, device or self._param.device, self._param.dtype)
+        return self.stack.initial_state(batch_size, mem_len, device or self._param.device, self._param.dtype)
 
     def reset_state(self, state: MemoryState, rows: torch.Tensor) -> MemoryState:
         """The state with rows ``rows`` (BoolTensor [B]) back to the initial state, the others unchanged."""
@@ -86,7 +97,7 @@ class MemoryLM(nn.Module):
         rows = torch.as_tensor(rows, device=state.device).bool()
         if rows.shape != (state.batch_size,):
             raise ValueError(f"rows has shape {tuple(rows.shape)}, expected ({state.batch_size},)")
-        init = self.mechanism.initial_state(state.batch_size, state.mem_len, state.device, self._param.dtype)
+        init = self.stack.initial_state(state.batch_size, state.mem_len, state.device, self._param.dtype)
         out = {}
         for k, t in state.tensors.items():
             shape = [1] * t.dim()
@@ -97,8 +108,8 @@ class MemoryLM(nn.Module):
     def _check_state(self, state: MemoryState, batch_size: int) -> None:
         if not isinstance(state, MemoryState):
             raise TypeError(f"state must be a MemoryState (model.init_state), got {type(state).__name__}")
-        if state.mechanism != self.mechanism.name:
-            raise ValueError(f"state is for mechanism {state.mechanism!r}, the model uses {self.mechanism.name!r}")
+        if state.mechanism != self.stack.signature:
+            raise ValueError(f"state is for the mechanism layout {state.mechanism!r}, the model's is {self.stack.signature!r}")
         if state.batch_size != batch_size:
             raise ValueError(f"state has {state.batch_size} rows, the batch has {batch_size}")
         world = parallel.tp_world_size()
@@ -126,7 +137,7 @@ class MemoryLM(nn.Module):
             raise ValueError("same_length needs a memory (mem_len > 0)")
         seg = Segment(n=N, mem_len=state.mem_len, clamp_len=self.cfg.clamp_len if clamp_len is None else clamp_len,
                       same_length=same, detach=detach_state, run_layer=self._run_layer)
-        h, new_state, aux = self.mechanism(self.embedding(tokens), state, seg)
+        h, new_state, aux = self.stack(self.embedding(tokens), state, seg)
         if self.final_norm is not None:
             h = self.final_norm(h)
         h = self.drop(h)
@@ -158,7 +169,7 @@ class MemoryLM(nn.Module):
         cfg = self.cfg
         mem_len = cfg.mem_len if mem_len is None else mem_len
         T = batch_size * tgt_len
-        total = self.mechanism.flops(batch_size, tgt_len, mem_len)
+        total = self.stack.flops(batch_size, tgt_len, mem_len)
         bounds, dims = cluster_bounds(cfg), cluster_dims(cfg)
         frac = cluster_fractions or zipf_fractions(bounds)
         if len(frac) != len(bounds):

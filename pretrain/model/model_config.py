@@ -10,21 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from pretrain.config_base import ConfigError, F, from_dict, load_yaml, validate
+from pretrain.model import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-# attn_type -> memory mechanism (LaMemo's numbering; see docs/model.md).
-XL_TYPES = (0, 1, 2)
-LAMEMO_TYPES = (3, 31, 32, 33)
-ATTN_TYPES = XL_TYPES + LAMEMO_TYPES
-SINUSOID_TYPES = (0, 2) + LAMEMO_TYPES
-
-
 @dataclass
-class ModelConfig:
+class _ModelFields:
     # vocabulary and sizes
     vocab_size: int = F(256, "vocabulary size (256 for byte-level data)")
     n_layer: int = F(4, "number of layers")
@@ -37,9 +31,14 @@ class ModelConfig:
     dropatt: float = F(0.0, "dropout on attention probabilities")
     pre_lnorm: bool = F(False, "pre-LayerNorm blocks (+ a final norm); false = post-LN as in Transformer-XL")
     # attention / memory
-    attn_type: int = F(0, "0 XL relative, 1 Shaw learned relative, 2 absolute (no memory), "
-                          "3/31/32/33 LaMemo look-ahead memory variants")
-    mechanism: str = F("auto", "memory mechanism ('auto' = by attn_type: xl for 0/1/2, lamemo for 3/31/32/33)")
+    attn_type: int = F(0, "mixer of every layer (unless `layers` is given): 0 XL relative, 1 Shaw learned "
+                          "relative, 2 absolute (no memory), 3/31/32/33 LaMemo look-ahead, 4/5/6 and 34/35/36 "
+                          "sum-rule fast weights, 24/25/26 delta rule, 44/45/46 delta rule with attention "
+                          "normalisation (x4 ELU+1, x5 FAVOR+, x6 DPFP); see docs/model.md")
+    layers: Union[str, List[Union[int, str]]] = F("", "per-layer mixers: attn_type codes or names, comma-"
+                          "separated, 'name*k' repeats, the list repeated to n_layer (e.g. 'delta*3,xl'); "
+                          "empty: attn_type for every layer")
+    mechanism: str = F("auto", "memory mechanism of every layer ('auto' = by attn_type)")
     tgt_len: int = F(64, "training segment length N")
     mem_len: int = F(64, "memory length M (0 = no memory)")
     clamp_len: int = F(-1, "clamp relative distances to this value (<= 0: no clamp)")
@@ -65,11 +64,27 @@ class ModelConfig:
     def embed_dim(self) -> int:
         return self.d_embed if self.d_embed is not None else self.d_model
 
+    def layer_specs(self) -> List["registry.LayerSpec"]:
+        """Every layer's mixer (registry.LayerSpec), from ``layers`` or ``attn_type``."""
+        return registry.resolve_layers(self)
+
+    def absolute_positions(self) -> bool:
+        """Whether absolute sinusoid positions are added to the embeddings: a layer's variant asks for them
+        (attn_type 2), or a mechanism section does (``fast_weight.positions: absolute``)."""
+        specs = self.layer_specs()
+        if any(s.settings.get("absolute_positions") for s in specs):
+            return True
+        for name in registry.sections():
+            wants = getattr(getattr(self, name, None), "absolute_positions", None)
+            if wants is not None and wants({s.mechanism for s in specs}):
+                return True
+        return False
+
     @property
     def mechanism_name(self) -> str:
-        if self.mechanism != "auto":
-            return self.mechanism
-        return "lamemo" if self.attn_type in LAMEMO_TYPES else "xl"
+        """The mechanism of every layer, or 'hybrid' when layers differ."""
+        names = {s.mechanism for s in self.layer_specs()}
+        return names.pop() if len(names) == 1 else "hybrid"
 
     def validate(self):
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len"):
@@ -81,28 +96,35 @@ class ModelConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {v}")
-        if self.attn_type not in ATTN_TYPES:
-            raise ConfigError("attn_type", f"must be one of {list(ATTN_TYPES)}, got {self.attn_type}")
+        if self.attn_type not in registry.all_codes():
+            raise ConfigError("attn_type", f"must be one of {registry.all_codes()}, got {self.attn_type}")
         if self.mem_len < 0:
             raise ConfigError("mem_len", f"must be >= 0, got {self.mem_len}")
-        if self.attn_type == 2 and self.mem_len != 0:
-            raise ConfigError("mem_len", "attn_type 2 (absolute positions) has no memory: set mem_len 0 "
-                                         f"(got {self.mem_len}); absolute positions break the recurrence")
-        if self.attn_type in LAMEMO_TYPES and self.mem_len == 0:
-            raise ConfigError("mem_len", f"LaMemo (attn_type {self.attn_type}) needs a memory (mem_len >= 1); "
+        if self.mechanism != "auto":
+            if self.mechanism not in registry.mechanisms():
+                raise ConfigError("mechanism", f"unknown mechanism {self.mechanism!r} (known: auto, "
+                                               f"{', '.join(sorted(registry.mechanisms()))})")
+            if self.layers:
+                raise ConfigError("mechanism", "give either `layers` (per-layer mixers) or `mechanism`, not both")
+            allowed = sorted(registry.mechanism(self.mechanism).variants)
+            if self.attn_type not in allowed:
+                raise ConfigError("attn_type", f"mechanism {self.mechanism!r} supports attn_type {allowed}, "
+                                               f"got {self.attn_type}")
+        specs = self.layer_specs()                     # raises ConfigError('layers', ...) on a bad pattern
+        uses_memory = [s for s in specs if s.uses_memory]
+        if not uses_memory and self.mem_len != 0:
+            kinds = sorted({f"{s.mechanism} (attn_type {s.code})" for s in specs})
+            raise ConfigError("mem_len", f"no layer reads a memory of past positions ({', '.join(kinds)}): set "
+                                         f"mem_len 0 (got {self.mem_len})")
+        lamemo = [s for s in specs if s.mechanism == "lamemo"]
+        if lamemo and self.mem_len == 0:
+            raise ConfigError("mem_len", f"LaMemo (attn_type {lamemo[0].code}) needs a memory (mem_len >= 1); "
                                          "use attn_type 0 with mem_len 0 for none")
         if self.same_length and self.mem_len == 0:
             raise ConfigError("same_length", "needs a memory (mem_len > 0): each query sees mem_len keys")
-        if self.attn_type in SINUSOID_TYPES and self.d_model % 2:
+        sinusoid = [s for s in specs if s.settings.get("sinusoid")]
+        if (sinusoid or self.absolute_positions()) and self.d_model % 2:
             raise ConfigError("d_model", f"sinusoid positions need an even width, got {self.d_model}")
-        from pretrain.model.mechanisms.registry import MECHANISMS  # light: names only
-        if self.mechanism != "auto" and self.mechanism not in MECHANISMS:
-            raise ConfigError("mechanism", f"unknown mechanism {self.mechanism!r} (known: auto, "
-                                           f"{', '.join(sorted(MECHANISMS))})")
-        allowed = MECHANISMS[self.mechanism_name]
-        if self.attn_type not in allowed:
-            raise ConfigError("attn_type", f"mechanism {self.mechanism_name!r} supports attn_type "
-                                           f"{list(allowed)}, got {self.attn_type}")
         if self.init not in ("normal", "uniform"):
             raise ConfigError("init", f"must be 'normal' or 'uniform', got {self.init!r}")
         for name in ("init_std", "init_range", "proj_init_std"):
@@ -126,6 +148,25 @@ class ModelConfig:
             if smallest < 1:
                 raise ConfigError("div_val", f"cluster {len(self.cutoffs)} would have width "
                                              f"{self.embed_dim} // {self.div_val}**{len(self.cutoffs)} = 0")
+
+
+class ModelConfig(_ModelFields):
+    """The model configuration (``model:`` mapping of a preset); see the fields' help and docs/model.md.
+
+    Besides the fields above it has one section per registered mechanism with options of its own
+    (``model.fast_weight``, ...; see ``registry.py``), added from the registry below."""
+
+
+def _add_mechanism_sections(cls):
+    """ModelConfig with a field per mechanism section of the registry (``fast_weight: FastWeightConfig``)."""
+    extra = [(name, sec, dataclasses.field(default_factory=sec, metadata={"help": f"{name} options"}))
+             for name, sec in registry.sections().items()]
+    new = dataclasses.make_dataclass(cls.__name__, extra, bases=(cls,))
+    new.__module__, new.__qualname__, new.__doc__ = cls.__module__, cls.__qualname__, cls.__doc__
+    return new
+
+
+ModelConfig = _add_mechanism_sections(ModelConfig)
 
 
 def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> ModelConfig:

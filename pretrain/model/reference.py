@@ -1,15 +1,20 @@
 """A plain reference of the whole model, written straight from the equations, for tests.
 
 It works on the consolidated weights (``model.gather_full_state_dict()``), without dropout, in batch-first
-layout with explicit distance matrices and explicit masks; the memory grows from empty to ``mem_len``
-positions as in the original Transformer-XL / LaMemo code (no fixed buffer, no valid counts, no strided
-realignment, no tensor parallelism).  Slow and simple on purpose: ``lm.py`` and the mechanisms must agree
-with it.
+layout with explicit distance matrices, explicit masks and explicit time loops; the positional memory grows
+from empty to ``mem_len`` positions as in the original Transformer-XL / LaMemo code (no fixed buffer, no valid
+counts, no strided realignment, no chunked recurrence, no tensor parallelism).  Every layer is run by the
+reference of its own mixer (``cfg.layer_specs()``), so hybrids are covered too.  Slow and simple on purpose:
+``lm.py``, the stack and the mixers must agree with it.
+
+Memory: a list with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo ``{"attn": [B, m, H, dh],
+"lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer below; fast weights
+``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +24,27 @@ from pretrain.model.positions import sinusoid
 
 
 class ReferenceLM:
-    def __init__(self, cfg, weights: Dict[str, torch.Tensor]):
+    def __init__(self, cfg, weights: Dict[str, torch.Tensor], favor_projections: Optional[Dict[int, torch.Tensor]]
+                 = None):
+        """``favor_projections``: layer index -> the FAVOR+ projection [dh, m] the model used (random draws)."""
         self.cfg = cfg
         self.w = {k: v.double() for k, v in weights.items()}
-        self.lamemo = cfg.attn_type in (3, 31, 32, 33)
+        self.specs = cfg.layer_specs()
+        self.favor = {k: v.double() for k, v in (favor_projections or {}).items()}
 
     # -- helpers --------------------------------------------------------------------------------------------
     def p(self, name: str) -> torch.Tensor:
         return self.w[name]
 
+    def lp(self, l: int, name: str) -> torch.Tensor:
+        """Parameter ``name`` of layer l's mixer."""
+        return self.w[f"stack.layers.{l}.mixer.{name}"]
+
     def bias(self, layer: int, name: str) -> torch.Tensor:
         cfg = self.cfg
-        if cfg.attn_type == 1:
-            return self.w[f"mechanism.layers.{layer}.{name}"]
-        owner = f"mechanism.layers.{layer}." if cfg.untie_r else "mechanism."
-        return self.w[owner + "biases." + name]
+        if self.specs[layer].variant == "shaw":
+            return self.lp(layer, name)
+        return self.lp(layer, "biases." + name) if cfg.untie_r else self.w["stack.biases." + name]
 
     def ln(self, x, prefix):
         return F.layer_norm(x, x.shape[-1:], self.w[prefix + ".weight"], self.w[prefix + ".bias"], 1e-5)
@@ -41,13 +52,13 @@ class ReferenceLM:
     def heads(self, x, l):
         """[B, L, d] -> q, k, v [B, L, H, dh] (full layout: q, k, v blocks of all heads)."""
         cfg = self.cfg
-        qkv = x @ self.p(f"mechanism.layers.{l}.attn.qkv.weight").T
+        qkv = x @ self.lp(l, "attn.qkv.weight").T
         return [t.reshape(*x.shape[:2], cfg.n_head, cfg.d_head) for t in qkv.chunk(3, dim=-1)]
 
     def rel_keys(self, l, dist):
         """W_R R(dist): [..., H, dh] for a tensor of (float) distances."""
         cfg = self.cfg
-        r = sinusoid(dist.reshape(-1), cfg.d_model).double() @ self.p(f"mechanism.layers.{l}.attn.r_net.weight").T
+        r = sinusoid(dist.reshape(-1), cfg.d_model).double() @ self.lp(l, "attn.r_net.weight").T
         return r.reshape(*dist.shape, cfg.n_head, cfg.d_head)
 
     def clamp(self, dist, clamp_len):
@@ -60,16 +71,16 @@ class ReferenceLM:
         return torch.einsum("bhij,bjhd->bihd", p, v), torch.logsumexp(s, -1)
 
     def ffn(self, x, l):
-        pre = f"mechanism.layers.{l}.ffn."
+        pre = f"stack.layers.{l}.ffn."
         h = self.ln(x, pre + "norm") if self.cfg.pre_lnorm else x
         h = torch.relu(h @ self.p(pre + "fc1.weight").T + self.p(pre + "fc1.bias"))
         h = h @ self.p(pre + "fc2.weight").T + self.p(pre + "fc2.bias")
         return x + h if self.cfg.pre_lnorm else self.ln(x + h, pre + "norm")
 
-    def attn_out(self, x, a, l):
+    def attn_out(self, x, a, l, norm="attn.norm", out="attn.out.weight"):
         """Residual + output projection (+ post-LN) of per-head vectors a [B, L, H, dh]."""
-        h = x + a.reshape(*a.shape[:2], -1) @ self.p(f"mechanism.layers.{l}.attn.out.weight").T
-        return h if self.cfg.pre_lnorm else self.ln(h, f"mechanism.layers.{l}.attn.norm")
+        h = x + a.reshape(*a.shape[:2], -1) @ self.lp(l, out).T
+        return h if self.cfg.pre_lnorm else self.ln(h, f"stack.layers.{l}.mixer.{norm}")
 
     # -- embeddings and softmax -----------------------------------------------------------------------------
     def embed(self, tokens):
@@ -124,16 +135,32 @@ class ReferenceLM:
 
     def segment(self, tokens, targets, memory, mem_len, clamp_len=-1, same_length=False):
         """One segment: (nll [B, N], log-probs [B, N, V], new memory)."""
+        cfg = self.cfg
         x = self.embed(tokens)
-        if self.lamemo:
-            h, memory = self._lamemo(x, memory, mem_len, clamp_len, same_length)
-        else:
-            h, memory = self._xl(x, memory, mem_len, clamp_len, same_length)
-        if self.cfg.pre_lnorm:
-            h = self.ln(h, "final_norm")
-        lp = self.log_probs(h)
+        B, N, _ = x.shape
+        if cfg.absolute_positions():
+            x = x + sinusoid(self.clamp(torch.arange(N - 1, -1, -1.0), clamp_len), cfg.d_model).double()
+        memory = memory or [None] * cfg.n_layer
+        new: List[dict] = []
+        rows = None                 # LaMemo's refreshed memory rows, handed up between LaMemo layers
+        for l, spec in enumerate(self.specs):
+            mem = memory[l]
+            if spec.mechanism == "xl":
+                x, st = self._xl(l, x, mem, mem_len, clamp_len, same_length)
+                rows = None
+            elif spec.mechanism == "lamemo":
+                x, rows, st = self._lamemo(l, x, rows, mem, mem_len, clamp_len, same_length)
+            elif spec.mechanism == "fast_weight":
+                x, st = self._fast_weight(l, x, mem)
+                rows = None
+            else:
+                raise NotImplementedError(spec.mechanism)
+            new.append(st)
+        if cfg.pre_lnorm:
+            x = self.ln(x, "final_norm")
+        lp = self.log_probs(x)
         nll = -lp.gather(-1, targets[..., None]).squeeze(-1)
-        return nll, lp, memory
+        return nll, lp, new
 
     def _causal(self, q, k, v, l, m, clamp_len, same_length, mem_len):
         """Current queries q [B, N, H, dh] over keys [memory (m) ; segment]: XL relative attention."""
@@ -145,87 +172,131 @@ class ReferenceLM:
         allowed = dist >= 0
         if same_length:
             allowed &= dist < mem_len
-        u, vb = self.bias(l, "u"), (self.bias(l, "v") if cfg.attn_type != 1 else None)
+        shaw = self.specs[l].variant == "shaw"
+        u, vb = self.bias(l, "u"), (None if shaw else self.bias(l, "v"))
         ac = torch.einsum("bihd,bjhd->bhij", q + u, k)
-        if cfg.attn_type == 1:
+        if shaw:
             rows = cfg.tgt_len + cfg.mem_len
             if clamp_len > 0:
                 rows = min(rows, clamp_len)
             idx = (m + i - j).clamp(0, rows - 1)
-            pre = f"mechanism.layers.{l}."
-            e, rb = self.w[pre + "r_emb"][:, idx], self.w[pre + "r_bias"][:, idx]     # [H, N, K, dh], [H, N, K]
+            e, rb = self.lp(l, "r_emb")[:, idx], self.lp(l, "r_bias")[:, idx]     # [H, N, K, dh], [H, N, K]
             bd = torch.einsum("bihd,hijd->bhij", q, e) + rb[None]
         else:
             bd = torch.einsum("bihd,ijhd->bhij", q + vb, self.rel_keys(l, self.clamp(dist, clamp_len)))
         return self.softmax_attend((ac + bd) / math.sqrt(cfg.d_head), allowed, v)
 
-    def _xl(self, x, memory, mem_len, clamp_len, same_length):
+    def _xl(self, l, x, mem, mem_len, clamp_len, same_length):
         cfg = self.cfg
         B, N, _ = x.shape
-        if cfg.attn_type == 2:
-            x = x + sinusoid(self.clamp(torch.arange(N - 1, -1, -1.0), clamp_len), cfg.d_model).double()
-        memory = memory or [x.new_zeros(B, 0, cfg.d_model) for _ in range(cfg.n_layer)]
-        inputs = []
-        for l in range(cfg.n_layer):
-            inputs.append(x)
-            m = memory[l].shape[1]
-            c = torch.cat([memory[l], x], 1)
-            q, k, v = self.heads(self.ln(c, f"mechanism.layers.{l}.attn.norm") if cfg.pre_lnorm else c, l)
-            q = q[:, m:]
-            if cfg.attn_type == 2:
-                allowed = torch.ones(N, N, dtype=torch.bool).tril()
-                a, _ = self.softmax_attend(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(cfg.d_head),
-                                           allowed, v)
-            else:
-                a, _ = self._causal(q, k, v, l, m, clamp_len, same_length, mem_len)
-            x = self.ffn(self.attn_out(x, a, l), l)
-        new = [torch.cat([memory[l], inputs[l]], 1)[:, -mem_len:] if mem_len else memory[l][:, :0]
-               for l in range(cfg.n_layer)]
-        return x, new
+        absolute = self.specs[l].variant == "absolute"
+        memory = x.new_zeros(B, 0, cfg.d_model) if mem is None or absolute else mem["mem"]
+        m = memory.shape[1]
+        c = torch.cat([memory, x], 1)
+        q, k, v = self.heads(self.ln(c, f"stack.layers.{l}.mixer.attn.norm") if cfg.pre_lnorm else c, l)
+        q = q[:, m:]
+        if absolute:
+            allowed = torch.ones(N, N, dtype=torch.bool).tril()
+            a, _ = self.softmax_attend(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(cfg.d_head), allowed, v)
+        else:
+            a, _ = self._causal(q, k, v, l, m, clamp_len, same_length, mem_len)
+        out = self.ffn(self.attn_out(x, a, l), l)
+        st = {} if absolute else {"mem": torch.cat([memory, x], 1)[:, max(0, m + N - mem_len):][:, :mem_len]}
+        return out, st
 
-    def _lamemo(self, x, memory, mem_len, clamp_len, same_length):
+    def _lamemo(self, l, x, rows, mem, mem_len, clamp_len, same_length):
         cfg = self.cfg
-        at = cfg.attn_type
+        at = self.specs[l].code
         B, N, _ = x.shape
         H, dh = cfg.n_head, cfg.d_head
-        if memory is None:
-            memory = {"emb": x.new_zeros(B, 0, cfg.d_model),
-                      "attn": [x.new_zeros(B, 0, H, dh) for _ in range(cfg.n_layer)],
-                      "lse": [x.new_zeros(B, H, 0) for _ in range(cfg.n_layer)]}
-        m_h = memory["emb"]
+        first = l == 0 or self.specs[l - 1].mechanism != "lamemo"
+        feeds = l + 1 < cfg.n_layer and self.specs[l + 1].mechanism == "lamemo"
+        if mem is None:
+            mem = {"attn": x.new_zeros(B, 0, H, dh), "lse": x.new_zeros(B, H, 0), "mem": x.new_zeros(B, 0, cfg.d_model)}
+        m_h = mem["mem"] if first else rows
         m = m_h.shape[1]
-        x0 = x
-        new_a, new_z = [], []
-        for l in range(cfg.n_layer):
-            c = torch.cat([m_h, x], 1)
-            q, k, v = self.heads(self.ln(c, f"mechanism.layers.{l}.attn.norm") if cfg.pre_lnorm else c, l)
-            a_x, z_x = self._causal(q[:, m:], k, v, l, m, clamp_len, same_length, mem_len)
-            a_m = x.new_zeros(B, 0, H, dh)
-            z_m = x.new_zeros(B, H, 0)
-            if m:
-                W = min(m, N)
-                j = torch.arange(m - W + 1, m + 1)              # window: memory tail + first current token
-                i = torch.arange(m)
-                delta = (j[None, :] - i[:, None]).double()     # [m, W]
-                allowed = torch.ones(m, W, dtype=torch.bool) if at == 33 else delta > 0
-                u = self.bias(l, "u_fut" if at == 32 else "u")
-                vb = self.bias(l, "v" if at == 31 else "v_fut")
-                rdist = -delta if at == 31 else delta.abs()
-                rk = self.rel_keys(l, self.clamp(rdist, clamp_len))                     # [m, W, H, dh]
-                qm = q[:, :m]
-                s = (torch.einsum("bihd,bjhd->bhij", qm + u, k[:, j]) +
-                     torch.einsum("bihd,ijhd->bhij", qm + vb, rk)) / math.sqrt(dh)
-                a_new, z_new = self.softmax_attend(s, allowed, v[:, j])
-                z_old, a_old = memory["lse"][l], memory["attn"][l]
-                alpha = torch.sigmoid(z_old - z_new).transpose(1, 2)[..., None]       # [B, m, H, 1]
-                a_m = alpha * a_old + (1 - alpha) * a_new
-                z_m = torch.logaddexp(z_old, z_new)
-            if l < cfg.n_layer - 1:
-                h = self.ffn(self.attn_out(c, torch.cat([a_m, a_x], 1), l), l)
-                m_h, x = h[:, :m], h[:, m:]
+        c = torch.cat([m_h, x], 1)
+        q, k, v = self.heads(self.ln(c, f"stack.layers.{l}.mixer.attn.norm") if cfg.pre_lnorm else c, l)
+        a_x, z_x = self._causal(q[:, m:], k, v, l, m, clamp_len, same_length, mem_len)
+        a_m = x.new_zeros(B, 0, H, dh)
+        z_m = x.new_zeros(B, H, 0)
+        if m:
+            W = min(m, N)
+            j = torch.arange(m - W + 1, m + 1)              # window: memory tail + first current token
+            i = torch.arange(m)
+            delta = (j[None, :] - i[:, None]).double()     # [m, W]
+            allowed = torch.ones(m, W, dtype=torch.bool) if at == 33 else delta > 0
+            u = self.bias(l, "u_fut" if at == 32 else "u")
+            vb = self.bias(l, "v" if at == 31 else "v_fut")
+            rdist = -delta if at == 31 else delta.abs()
+            rk = self.rel_keys(l, self.clamp(rdist, clamp_len))                     # [m, W, H, dh]
+            qm = q[:, :m]
+            s = (torch.einsum("bihd,bjhd->bhij", qm + u, k[:, j]) +
+                 torch.einsum("bihd,ijhd->bhij", qm + vb, rk)) / math.sqrt(dh)
+            a_new, z_new = self.softmax_attend(s, allowed, v[:, j])
+            z_old, a_old = mem["lse"], mem["attn"]
+            alpha = torch.sigmoid(z_old - z_new).transpose(1, 2)[..., None]       # [B, m, H, 1]
+            a_m = alpha * a_old + (1 - alpha) * a_new
+            z_m = torch.logaddexp(z_old, z_new)
+        out_rows = None
+        if feeds:
+            h = self.ffn(self.attn_out(c, torch.cat([a_m, a_x], 1), l), l)
+            out_rows, x = h[:, :m], h[:, m:]
+        else:
+            x = self.ffn(self.attn_out(x, a_x, l), l)
+        st = {"attn": torch.cat([a_m, a_x], 1)[:, -mem_len:], "lse": torch.cat([z_m, z_x], 2)[:, :, -mem_len:]}
+        if first:
+            st["mem"] = torch.cat([mem["mem"], c[:, m:]], 1)[:, -mem_len:]
+        return x, out_rows, st
+
+    def _fast_weight(self, l, x, mem):
+        """The fast-weight layer with an explicit loop over time (the equations of the mixer's docstring)."""
+        cfg = self.cfg
+        spec = self.specs[l]
+        sec = cfg.fast_weight
+        rule, fmap = spec.settings["rule"], spec.settings["feature_map"]
+        attn_norm = spec.settings["attn_norm"] if sec.attn_norm is None else sec.attn_norm
+        B, N, _ = x.shape
+        H, dh = cfg.n_head, cfg.d_head
+        xin = self.ln(x, f"stack.layers.{l}.mixer.norm") if cfg.pre_lnorm else x
+        y = xin @ self.lp(l, "qkvb.weight").T
+        hd = H * dh
+        q, k, v = (y[..., i * hd:(i + 1) * hd].reshape(B, N, H, dh) for i in range(3))
+        beta = torch.sigmoid(y[..., 3 * hd:]) if rule == "delta" else None               # [B, N, H]
+
+        def phi(t):
+            if fmap == "elu":
+                f = F.elu(t) + 1
+            elif fmap == "favor":
+                wx = t @ self.favor[l]                                                 # [B, N, H, m]
+                sq = (t * t).sum(-1, keepdim=True) / 2
+                f = torch.cat([torch.exp(wx - sq), torch.exp(-wx - sq)], -1) / math.sqrt(2 * wx.shape[-1]) + 1e-4
             else:
-                x = self.ffn(self.attn_out(x, a_x, l), l)
-            new_a.append(torch.cat([a_m, a_x], 1)[:, -mem_len:])
-            new_z.append(torch.cat([z_m, z_x], 2)[:, :, -mem_len:])
-        new = {"emb": torch.cat([memory["emb"], x0], 1)[:, -mem_len:], "attn": new_a, "lse": new_z}
-        return x, new
+                xt = torch.cat([F.relu(t), F.relu(-t)], -1)
+                f = torch.cat([xt * xt.roll(r, -1) for r in range(1, sec.dpfp_nu + 1)], -1)
+            return f / f.sum(-1, keepdim=True) if sec.sum_norm else f
+
+        qf, kf = phi(q), phi(k)
+        D = qf.shape[-1]
+        carry = sec.carry_state and mem is not None
+        W = mem["fw"].double().clone() if carry else x.new_zeros(B, H, D, dh)
+        z = (mem["z"].double().clone() if carry else x.new_zeros(B, H, D)) if attn_norm else None
+        outs = []
+        for t in range(N):
+            kt, qt, vt = kf[:, t], qf[:, t], v[:, t]                                  # [B, H, D/dh]
+            if rule == "delta":
+                vbar = torch.einsum("bhde,bhd->bhe", W, kt)
+                W = W + torch.einsum("bhd,bhe->bhde", kt, beta[:, t, :, None] * (vt - vbar))
+            else:
+                W = W + torch.einsum("bhd,bhe->bhde", kt, vt)
+            o = torch.einsum("bhde,bhd->bhe", W, qt) / math.sqrt(dh)
+            if attn_norm:
+                z = z + kt
+                o = o / ((z * qt).sum(-1, keepdim=True) + sec.eps)
+            outs.append(o)
+        a = torch.stack(outs, 1)                                                      # [B, N, H, dh]
+        out = self.ffn(self.attn_out(x, a, l, norm="norm", out="out.weight"), l)
+        st = {"fw": W}
+        if attn_norm:
+            st["z"] = z
+        return out, st

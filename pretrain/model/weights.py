@@ -15,6 +15,7 @@ LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from typing import Dict, Optional, Tuple
 
@@ -82,11 +83,29 @@ def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
     return t.normal_(0.0, cfg.init_std, generator=gen)
 
 
+_INIT_NAMES = [  # today's names -> the names of the first layout, which seed the init (same seed, same weights)
+    (re.compile(r"^stack\.layers\.(\d+)\.ffn\."), r"mechanism.layers.\1.ffn."),
+    (re.compile(r"^stack\.layers\.(\d+)\.mixer\."), r"mechanism.layers.\1."),
+    (re.compile(r"^stack\."), r"mechanism."),
+]
+
+
+def init_name(name: str) -> str:
+    """The name whose hash seeds a parameter's init: the parameter's name in the first released layout
+    (``mechanism.layers.3.attn.qkv.weight`` for ``stack.layers.3.mixer.attn.qkv.weight``), so that a seed
+    keeps giving the same initial weights across the reshaping of the layer stack."""
+    for pattern, repl in _INIT_NAMES:
+        new, n = pattern.subn(repl, name)
+        if n:
+            return new
+    return name
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg) -> None:
     rank, world = parallel.tp_rank(), parallel.tp_world_size()
     for name, (p, meta) in described_parameters(model).items():
-        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + zlib.crc32(init_name(name).encode())) % 2 ** 63)
         full = _draw(full_shape(p, meta, world), meta, cfg, gen)
         local = meta.shard.split(full, rank, world) if meta.shard is not None else full
         p.copy_(local)
@@ -108,9 +127,32 @@ def gather_full(model: nn.Module, grads: bool = False) -> Dict[str, torch.Tensor
     return out
 
 
+_LEGACY = [  # parameter names before the per-layer stack (one mechanism owning the layer loop)
+    (re.compile(r"^mechanism\.layers\.(\d+)\.ffn\."), r"stack.layers.\1.ffn."),
+    (re.compile(r"^mechanism\.layers\.(\d+)\."), r"stack.layers.\1.mixer."),
+    (re.compile(r"^mechanism\."), r"stack."),
+]
+
+
+def upgrade_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict with parameter names of earlier versions renamed to today's (``mechanism.layers.3.attn.*``
+    -> ``stack.layers.3.mixer.attn.*``); today's names pass unchanged."""
+    out = {}
+    for name, t in state.items():
+        for pattern, repl in _LEGACY:
+            new, n = pattern.subn(repl, name)
+            if n:
+                name = new
+                break
+        out[name] = t
+    return out
+
+
 @torch.no_grad()
 def load_full(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load consolidated weights (from ``gather_full`` under any layout) into this rank's shards."""
+    """Load consolidated weights (from ``gather_full`` under any layout; earlier parameter names are upgraded)
+    into this rank's shards."""
+    state = upgrade_names(state)
     params = described_parameters(model)
     if strict:
         missing = sorted(set(params) - set(state))

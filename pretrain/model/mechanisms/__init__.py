@@ -1,1 +1,0 @@
-"""Memory mechanisms, one per file, behind the interface in base.py (names in registry.py)."""

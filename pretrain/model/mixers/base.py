@@ -1,0 +1,121 @@
+"""The interface of a token mixer (one mechanism, one file): what a layer's memory holds, how one segment runs
+through it, what it costs.
+
+A layer of the stack (``stack.py``) is a mixer followed by the feed-forward block.  A mixer
+
+* declares its state entries (``initial_state``): named tensors with their batch and head dimensions, which the
+  stack prefixes with ``layers.<i>.`` so that a hybrid's state, its checkpoint, its tensor-parallel split and its
+  per-row resets stay generic;
+* builds, once per segment and per mechanism, what all its layers share (``prepare``: position embeddings with
+  their dropout, masks), into the ``SegmentContext``;
+* runs one segment (``forward``): the attention (or recurrence) sub-block with its residual and norm, returning
+  the new hidden states, its new state entries and the *rows*: memory that travels up the stack alongside the
+  tokens (LaMemo's refreshed memory rows; a mixer that does not know a row stream passes it through);
+* counts its forward FLOPs (``flops``) and says how many rows its layer's FFN processes (``ffn_rows``).
+
+Positions and frames: see ``positions.py``; layouts and precision: see ``attention.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pretrain.model.registry import LayerSpec
+
+
+@dataclasses.dataclass
+class StateEntry:
+    """One named tensor of a layer's memory: its initial value (for ``batch`` rows) and which dimension is the
+    batch (for resets and row selection) and which, if any, the attention heads (split under tensor
+    parallelism)."""
+    init: torch.Tensor
+    batch_dim: int
+    head_dim: Optional[int] = None
+
+
+@dataclasses.dataclass
+class SegmentContext:
+    """What every layer of one segment shares, built once before the layer loop.
+
+    ``n`` tokens in this segment (may differ from the training length), ``mem_len`` the state's memory length M,
+    ``valid`` [B] int64: how many of the last memory slots of each row hold real positions (None without a
+    positional memory), ``detach``: cut the new state from the graph, ``parts``: per-mechanism prepared tensors
+    (``ctx.parts["xl"]["pos"]``...), filled by the mixers' ``prepare``."""
+    n: int
+    mem_len: int
+    clamp_len: int
+    same_length: bool
+    detach: bool
+    training: bool
+    batch_size: int
+    valid: Optional[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    parts: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MixerOutput:
+    x: torch.Tensor                       # [B, N, d] after the mixer sub-block (residual and norm included)
+    state: Dict[str, torch.Tensor]        # this layer's new state entries (unprefixed names)
+    rows: Dict[str, torch.Tensor]         # row streams handed to the next layer
+    aux_loss: Optional[torch.Tensor] = None   # a scalar auxiliary loss (e.g. Compressive's reconstruction)
+
+
+class Mixer(nn.Module):
+    """Base class of the token mixers; subclasses are registered in ``pretrain/model/registry.py``.
+
+    ``shared_biases``: names of per-head bias vectors [H, d_head] this mixer reads from the stack's shared set
+    (one set for all layers unless ``untie_r``: then each layer has its own, ``self.biases``).
+    ``ffn_stream``: the name of a row stream that goes through this layer's FFN together with the tokens
+    (LaMemo's memory rows), or None.  ``decode``: how generation advances the state, ``"token"`` (a segment of
+    one token at a time; every token may update the memory) or ``"segment"`` (the memory is written only when a
+    whole segment is complete; tokens inside a segment are decoded by re-running the partial segment from the
+    state at its start)."""
+    mechanism: ClassVar[str] = ""
+    ffn_stream: ClassVar[Optional[str]] = None
+    decode: ClassVar[str] = "token"
+
+    def __init__(self, cfg, mp, spec: LayerSpec, specs: Sequence[LayerSpec]):
+        """``mp``: megatron-core's layer config (parallel.model_parallel_config); ``spec``: this layer's
+        LayerSpec; ``specs``: every layer's (a mixer may depend on its neighbours, e.g. LaMemo's rows)."""
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        self.index = spec.index
+        self.code = spec.code
+        self.variant = spec.variant
+
+    def shared_biases(self) -> Tuple[str, ...]:
+        return ()
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int, mem_len: int, device: torch.device,
+                      dtype: torch.dtype) -> Dict[str, StateEntry]:
+        """This layer's state entries for a fresh stream (also what a per-row reset puts back)."""
+        return {}
+
+    # -- one segment ----------------------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, ctx: SegmentContext, layers: List["Mixer"], drop: nn.Module) -> None:
+        """Build ``ctx.parts[cls.mechanism]`` once per segment for all ``layers`` of this mechanism (``drop``:
+        the model's dropout, applied to position embeddings as in Transformer-XL)."""
+
+    def forward(self, x: torch.Tensor, state: Mapping[str, torch.Tensor], rows: Mapping[str, torch.Tensor],
+                ctx: SegmentContext, biases: Mapping[str, torch.Tensor]) -> MixerOutput:
+        """``x`` [B, N, d] the layer input; ``state`` this layer's entries; ``rows`` the row streams from the
+        layer below; ``biases`` the shared position biases this mixer asked for."""
+        raise NotImplementedError
+
+    # -- cost -----------------------------------------------------------------------------------------------
+    def flops(self, batch_size: int, tgt_len: int, mem_len: int) -> int:
+        """Forward FLOPs of the mixer sub-block for one segment (matrix products, as computed; 2 per
+        multiply-add); the FFN is counted by the stack with ``ffn_rows``."""
+        raise NotImplementedError
+
+    def ffn_rows(self, tgt_len: int, mem_len: int) -> int:
+        """Rows per batch row that go through this layer's FFN (the tokens, plus any shared row stream)."""
+        return tgt_len

@@ -1,0 +1,287 @@
+"""The registry of memory mechanisms: the single source of their names, ``attn_type`` codes, config sections
+and implementations.  No torch here: config validation and ``--help`` read it before anything heavy is imported.
+
+A *mechanism* is a kind of token mixer with its memory (Transformer-XL attention, LaMemo look-ahead attention,
+fast-weight layers, ...).  Every layer of the stack holds one mixer, chosen per layer (``ModelConfig.layers``) or
+for all layers at once (``ModelConfig.attn_type``).  Each registration says:
+
+* ``name``: the mechanism's name (config values, state signatures, docs);
+* ``variants``: the ``attn_type`` codes it accepts, each with a name used inside the code and the settings that
+  code implies (``{24: Variant("delta_elu", rule="delta", feature_map="elu", ...)}``); the codes stay at the
+  config surface (they are the original projects' numbering), the code reads the names;
+* ``aliases``: short names usable in a layer pattern instead of codes (``"delta"`` for 24);
+* ``section``: the config dataclass of its own options (``model.<section>``), with its own ``validate()``,
+  defined next to the registration;
+* ``implementation``: ``"module:Class"`` of the mixer (a ``pretrain.model.mixers.base.Mixer`` subclass);
+* test and benchmark metadata: the small configs the registry-driven test matrix runs
+  (``test_configs``), whether a longer segment equals recurrence over shorter ones (``recurrence_exact``).
+
+Adding a mechanism = one implementation file in ``pretrain/model/mixers/`` plus one ``register(...)`` block
+here; config validation, the reference check, the test matrix and the benchmarks read this registry.
+
+Layer patterns (``ModelConfig.layers``): a comma-separated list (or a YAML list) of ``attn_type`` codes or
+aliases, ``entry*k`` repeating an entry, the whole list repeated to fill ``n_layer`` (its length must divide
+``n_layer``).  Examples: ``"delta*3,xl"`` (three delta-rule layers to one XL layer), ``"24,24,24,0"``,
+``"lamemo"`` (every layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from pretrain.config_base import F, ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ``attn_type`` code of a mechanism: its name inside the code and the settings it implies."""
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    implementation: str
+    variants: Mapping[int, Variant]
+    aliases: Mapping[str, int] = field(default_factory=dict)
+    section: Optional[str] = None            # config section name (model.<section>)
+    section_class: Optional[type] = None
+    description: str = ""
+    # Test-matrix metadata: small model configs (overrides of a tiny base) the registry-driven tests run, and
+    # whether running a long segment equals running it in pieces with the state carried (exactly).
+    test_configs: Tuple[Mapping[str, Any], ...] = ()
+    recurrence_exact: bool = False
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The mixer of one layer: its index, the ``attn_type`` code, the mechanism and the variant.
+
+    Settings every mechanism may set: ``memory`` (the layer reads the ``mem_len`` FIFO of past positions),
+    ``sinusoid`` (it uses sinusoid position embeddings: d_model must be even), ``absolute_positions`` (it
+    needs absolute positions added to the embeddings)."""
+    index: int
+    code: int
+    mechanism: str
+    variant: str
+    settings: Mapping[str, Any]
+
+    @property
+    def uses_memory(self) -> bool:
+        return bool(self.settings.get("memory", False))
+
+
+_MECHANISMS: Dict[str, Mechanism] = {}
+_CODES: Dict[int, str] = {}
+_ALIASES: Dict[str, int] = {}
+
+
+def register(mech: Mechanism) -> Mechanism:
+    if mech.name in _MECHANISMS:
+        raise ValueError(f"mechanism {mech.name!r} registered twice")
+    for code in mech.variants:
+        if code in _CODES:
+            raise ValueError(f"attn_type {code} claimed by {_CODES[code]!r} and {mech.name!r}")
+        _CODES[code] = mech.name
+    for alias, code in mech.aliases.items():
+        if alias in _ALIASES or code not in mech.variants:
+            raise ValueError(f"alias {alias!r} of {mech.name!r}: duplicate or unknown code {code}")
+        _ALIASES[alias] = code
+    _MECHANISMS[mech.name] = mech
+    return mech
+
+
+def mechanisms() -> Dict[str, Mechanism]:
+    return dict(_MECHANISMS)
+
+
+def mechanism(name: str) -> Mechanism:
+    if name not in _MECHANISMS:
+        raise KeyError(f"unknown mechanism {name!r} (known: {', '.join(sorted(_MECHANISMS))})")
+    return _MECHANISMS[name]
+
+
+def mechanism_of_code(code: int) -> Mechanism:
+    return _MECHANISMS[_CODES[code]]
+
+
+def all_codes() -> List[int]:
+    return sorted(_CODES)
+
+
+def sections() -> Dict[str, type]:
+    """Config section name -> dataclass, for every mechanism that has one (ModelConfig grows these fields)."""
+    return {m.section: m.section_class for m in _MECHANISMS.values() if m.section}
+
+
+def mixer_class(name: str):
+    import importlib
+    module, cls = mechanism(name).implementation.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layer patterns
+
+def _parse_entry(entry: Union[int, str], where: str) -> int:
+    if isinstance(entry, bool):
+        raise ConfigError(where, f"{entry!r} is not an attn_type code or mechanism alias")
+    if isinstance(entry, int):
+        code = entry
+    else:
+        text = str(entry).strip()
+        if text.lstrip("-").isdigit():
+            code = int(text)
+        elif text in _ALIASES:
+            code = _ALIASES[text]
+        else:
+            raise ConfigError(where, f"unknown layer mixer {text!r} (attn_type codes: {all_codes()}; aliases: "
+                                     f"{', '.join(sorted(_ALIASES))})")
+    if code not in _CODES:
+        raise ConfigError(where, f"unknown attn_type {code} (known: {all_codes()})")
+    return code
+
+
+def parse_pattern(pattern: Union[str, Sequence[Union[int, str]]], n_layer: int,
+                  field_name: str = "layers") -> List[int]:
+    """The per-layer ``attn_type`` codes of a layer pattern (see the module docstring).
+
+    Raises ``ConfigError(field_name, ...)`` on an unknown entry, a bad repeat count, or a length that does not
+    divide ``n_layer``."""
+    if isinstance(pattern, str):
+        items: List[Any] = [p for p in (s.strip() for s in pattern.split(",")) if p]
+    else:
+        items = list(pattern)
+    codes: List[int] = []
+    for i, item in enumerate(items):
+        where = f"{field_name}[{i}]"
+        if isinstance(item, str) and "*" in item:
+            name, _, count = item.partition("*")
+            if not count.strip().isdigit() or int(count) < 1:
+                raise ConfigError(where, f"{item!r}: the repeat count after '*' must be a positive integer")
+            codes += [_parse_entry(name, where)] * int(count)
+        else:
+            codes.append(_parse_entry(item, where))
+    if not codes:
+        raise ConfigError(field_name, "empty layer pattern")
+    if n_layer % len(codes):
+        raise ConfigError(field_name, f"the pattern has {len(codes)} layers, which does not divide n_layer="
+                                      f"{n_layer} (give one entry per layer or a pattern that repeats evenly)")
+    return codes * (n_layer // len(codes))
+
+
+def resolve_layers(cfg) -> List[LayerSpec]:
+    """Every layer's mixer for a ModelConfig: ``cfg.layers`` if given, else ``cfg.attn_type`` for all."""
+    codes = parse_pattern(cfg.layers, cfg.n_layer) if cfg.layers else [cfg.attn_type] * cfg.n_layer
+    out = []
+    for i, code in enumerate(codes):
+        mech = mechanism_of_code(code)
+        var = mech.variants[code]
+        out.append(LayerSpec(i, code, mech.name, var.name, dict(var.settings)))
+    return out
+
+
+def signature(specs: Sequence[LayerSpec]) -> str:
+    """A short name of a layer layout, carried by memory states (``lamemo``, ``fast_weight*3,xl``): a state
+    made for one layout is refused by another."""
+    names = [s.mechanism if len({t.code for t in specs if t.mechanism == s.mechanism}) == 1
+             else f"{s.mechanism}:{s.code}" for s in specs]
+    if len(set(names)) == 1:
+        return names[0]
+    runs: List[Tuple[str, int]] = []
+    for n in names:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return ",".join(n if k == 1 else f"{n}*{k}" for n, k in runs)
+
+
+# ==========================================================================================================
+# registrations
+
+register(Mechanism(
+    name="xl",
+    implementation="pretrain.model.mixers.xl:XLMixer",
+    description="Transformer-XL segment recurrence: attention over [cached layer inputs ; segment]",
+    variants={0: Variant("rel", {"memory": True, "sinusoid": True}),      # XL relative positions (u, v, W_R R)
+              1: Variant("shaw", {"memory": True}),                       # Shaw learned relative positions
+              2: Variant("absolute", {"sinusoid": True, "absolute_positions": True})},  # absolute, no memory
+    aliases={"xl": 0, "shaw": 1, "absolute": 2},
+    test_configs=({"attn_type": 0}, {"attn_type": 1}, {"attn_type": 2, "mem_len": 0}),
+    recurrence_exact=True,
+))
+
+_LAMEMO = {"memory": True, "sinusoid": True}
+
+register(Mechanism(
+    name="lamemo",
+    implementation="pretrain.model.mixers.lamemo:LaMemoMixer",
+    description="LaMemo look-ahead memory: memory rows refreshed by attending to their right context",
+    variants={3: Variant("disentangled", _LAMEMO),      # causal look-ahead, |distance|, a future position bias
+              31: Variant("negative", _LAMEMO),         # XL's sinusoid of negative distances, XL's v
+              32: Variant("disentangled_v2", _LAMEMO),  # as 3, plus a future content bias
+              33: Variant("full", _LAMEMO)},            # full look-ahead inside the window
+    aliases={"lamemo": 3},
+    test_configs=({"attn_type": 3}, {"attn_type": 31}, {"attn_type": 32}, {"attn_type": 33}),
+    recurrence_exact=False,   # memory rows see their right context: a longer segment is a different model
+))
+
+
+@dataclass
+class FastWeightConfig:
+    """Options of the fast-weight layers (``model.fast_weight``); the rule and feature map come from each
+    layer's attn_type (4/5/6, 34/35/36: sum rule; 24/25/26: delta rule; 44/45/46: delta rule with attention
+    normalisation; x4 ELU+1, x5 FAVOR+, x6 DPFP)."""
+    performer_proj_dim: int = F(16, "FAVOR+ random features m (feature size 2m)")
+    dpfp_nu: int = F(2, "DPFP roll count nu (feature size 2 nu d_head)")
+    sum_norm: bool = F(True, "divide phi(k), phi(q) by their sum before the rule (lmtool: crucial for stability)")
+    attn_norm: Optional[bool] = F(None, "divide the output by z_t . phi(q_t), z the running key sum (default: "
+                                        "by attn_type: on for the sum rule and 44/45/46, off for 24/25/26)")
+    eps: float = F(1e-5, "attention normalisation: added to the denominator")
+    positions: str = F("none", "'none' (order comes from the recurrence; the default with carried state) or "
+                               "'absolute' (sinusoid counted from the segment end, added to the embeddings)")
+    carry_state: bool = F(True, "carry the fast weights from segment to segment (false: every segment starts "
+                                "from zero, lmtool's limited-context training)")
+    impl: str = F("auto", "rule implementation: auto (fused kernel on CUDA when built, else chunk), chunk, naive")
+    chunk_size: int = F(64, "chunk length of the chunkwise-parallel rule")
+
+    def absolute_positions(self, mechanisms) -> bool:
+        """Whether the model adds absolute positions to its embeddings for its fast-weight layers."""
+        return self.positions == "absolute" and "fast_weight" in mechanisms
+
+    def validate(self):
+        for name in ("performer_proj_dim", "dpfp_nu", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError("eps", f"must be > 0, got {self.eps}")
+        if self.positions not in ("none", "absolute"):
+            raise ConfigError("positions", f"must be 'none' or 'absolute', got {self.positions!r}")
+        if self.impl not in ("auto", "chunk", "naive"):
+            raise ConfigError("impl", f"must be auto, chunk or naive, got {self.impl!r}")
+
+
+def _fw(rule: str, fmap: str, attn_norm: bool) -> Variant:
+    return Variant(f"{rule}_{fmap}" + ("_norm" if attn_norm and rule == "delta" else ""),
+                   {"rule": rule, "feature_map": fmap, "attn_norm": attn_norm})
+
+
+register(Mechanism(
+    name="fast_weight",
+    implementation="pretrain.model.mixers.fast_weight:FastWeightMixer",
+    description="fast-weight layers (linear transformers): sum rule or delta rule, ELU+1 / FAVOR+ / DPFP",
+    variants={4: _fw("sum", "elu", True), 5: _fw("sum", "favor", True), 6: _fw("sum", "dpfp", True),
+              34: _fw("sum", "elu", True), 35: _fw("sum", "favor", True), 36: _fw("sum", "dpfp", True),
+              24: _fw("delta", "elu", False), 25: _fw("delta", "favor", False), 26: _fw("delta", "dpfp", False),
+              44: _fw("delta", "elu", True), 45: _fw("delta", "favor", True), 46: _fw("delta", "dpfp", True)},
+    aliases={"linear": 4, "performer": 5, "dpfp_sum": 6, "delta": 24, "delta_favor": 25, "delta_dpfp": 26,
+             "delta_norm": 44},
+    section="fast_weight",
+    section_class=FastWeightConfig,
+    test_configs=({"attn_type": 24, "mem_len": 0}, {"attn_type": 4, "mem_len": 0},
+                  {"attn_type": 25, "mem_len": 0}, {"attn_type": 46, "mem_len": 0}),
+    recurrence_exact=True,
+))

@@ -1,0 +1,183 @@
+"""The layer stack: a token mixer per layer (chosen by config, see ``registry.py``) plus the feed-forward
+block, one loop over the layers, and the memory state of all of them as one value.
+
+    stack = Stack(cfg, mp)
+    state = stack.initial_state(batch, mem_len, device, dtype)        # MemoryState
+    h, state, aux = stack(emb, state, seg)                            # emb [B, N, d] -> h [B, N, d]
+
+One segment:
+
+1. the per-segment context is built once: absolute positions (when a layer asks for them) added to the
+   embeddings, each present mechanism's ``prepare`` (relative position embeddings with their dropout, masks),
+   the embedding dropout;
+2. every layer runs ``mixer`` then ``ffn`` (``Layer``), reading its own named state entries and the *row
+   streams* handed up by the layer below (memory that travels up the stack rather than living in one layer:
+   LaMemo's refreshed memory rows), through ``run_layer`` (activation checkpointing when enabled);
+3. the new state is assembled from every layer's entries, plus the stack-level ``valid`` count of the
+   positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
+
+State entry names: ``layers.<i>.<name>`` for layer i's own entries (``layers.0.mem``, ``layers.3.fw`` ...) and
+``valid`` for the positional memory count.  The ``MemoryState``'s mechanism field is the layout's signature
+(``xl``, ``lamemo``, ``fast_weight*3,xl``): a state is refused by a model of another layout.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from pretrain.model import parallel
+from pretrain.model.attention import FeedForward, RelBiases
+from pretrain.model.dropout import Dropout
+from pretrain.model.mixers.base import Mixer, MixerOutput, SegmentContext, StateEntry
+from pretrain.model.positions import sinusoid
+from pretrain.model.registry import LayerSpec, mixer_class, signature
+from pretrain.model.state import MemoryState
+
+
+class Layer(nn.Module):
+    """One layer: the token mixer, then the FFN (with its residual and norm), applied to the tokens and to the
+    row stream the mixer shares its FFN with (LaMemo's memory rows), in one product."""
+
+    def __init__(self, mixer: Mixer, ffn: FeedForward):
+        super().__init__()
+        self.mixer = mixer
+        self.ffn = ffn
+
+    def forward(self, x, state, rows, ctx: SegmentContext, biases):
+        """Returns (hidden states [B, N, d], new state entries, row streams, auxiliary loss or None)."""
+        out: MixerOutput = self.mixer(x, state, rows, ctx, biases)
+        if ctx.detach:      # also when an entry is an input passed through (a recomputation needs no-grad outputs)
+            out.state = {k: v.detach() for k, v in out.state.items()}
+        name = self.mixer.ffn_stream
+        r = out.rows.get(name) if name else None
+        if r is not None and r.shape[1]:
+            R = r.shape[1]
+            h = self.ffn(torch.cat([r, out.x], 1))
+            return h[:, R:], out.state, {**out.rows, name: h[:, :R]}, out.aux_loss
+        return self.ffn(out.x), out.state, out.rows, out.aux_loss
+
+
+class Stack(nn.Module):
+    def __init__(self, cfg, mp):
+        super().__init__()
+        self.cfg = cfg
+        self.specs: List[LayerSpec] = cfg.layer_specs()
+        self.signature = signature(self.specs)
+        self.layers = nn.ModuleList(
+            Layer(mixer_class(s.mechanism)(cfg, mp, s, self.specs), FeedForward(cfg, mp)) for s in self.specs)
+        shared = []
+        if not cfg.untie_r:
+            for layer in self.layers:
+                shared += [n for n in layer.mixer.shared_biases() if n not in shared]
+        if shared:
+            self.biases = RelBiases(cfg, tuple(shared))
+        self.uses_memory = any(s.uses_memory for s in self.specs)
+        self.absolute_positions = cfg.absolute_positions()
+        self.drop = Dropout(cfg.dropout)
+        # mechanisms in order of first appearance: their prepare() runs in this order every segment
+        self._kinds: Dict[str, List[Mixer]] = {}
+        for layer in self.layers:
+            self._kinds.setdefault(layer.mixer.mechanism, []).append(layer.mixer)
+
+    @property
+    def mixers(self) -> List[Mixer]:
+        return [layer.mixer for layer in self.layers]
+
+    @property
+    def decode(self) -> str:
+        """How generation advances the state: 'segment' if any layer's memory is written only at segment
+        boundaries, else 'token'."""
+        return "segment" if any(m.decode == "segment" for m in self.mixers) else "token"
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int, mem_len: int, device, dtype) -> MemoryState:
+        if mem_len and not self.uses_memory:
+            raise ValueError(f"no layer of this model ({self.signature}) reads a memory of past positions; "
+                             f"mem_len must be 0, got {mem_len}")
+        if self.uses_memory and mem_len < 1 and any(s.mechanism == "lamemo" for s in self.specs):
+            raise ValueError("LaMemo needs a memory (mem_len >= 1); use attn_type 0 with mem_len 0 for none")
+        tensors, batch_dims, head_dims = {}, {}, {}
+        for i, layer in enumerate(self.layers):
+            for name, e in layer.mixer.initial_state(batch_size, mem_len, device, dtype).items():
+                key = f"layers.{i}.{name}"
+                tensors[key], batch_dims[key], head_dims[key] = e.init, e.batch_dim, e.head_dim
+        # the positional memory's fill count (stays 0 in a model without one; it also gives every state its
+        # batch size)
+        tensors["valid"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        batch_dims["valid"], head_dims["valid"] = 0, None
+        return MemoryState(self.signature, mem_len, tensors, batch_dims, head_dims,
+                           tp_rank=parallel.tp_rank(), tp_world=parallel.tp_world_size())
+
+    # -- one segment ----------------------------------------------------------------------------------------
+    def forward(self, emb: torch.Tensor, state: MemoryState, seg) -> Tuple[torch.Tensor, MemoryState,
+                                                                             Optional[torch.Tensor]]:
+        """``emb`` [B, N, d] scaled token embeddings (no dropout yet); ``seg`` the call's settings
+        (``lm.Segment``).  Returns the last layer's hidden states [B, N, d], the state after this segment and
+        an auxiliary loss (a scalar, or None)."""
+        B, N = emb.shape[0], seg.n
+        M = seg.mem_len
+        valid = state["valid"] if self.uses_memory else None
+        ctx = SegmentContext(n=N, mem_len=M, clamp_len=seg.clamp_len, same_length=seg.same_length,
+                             detach=seg.detach, training=self.training, batch_size=B, valid=valid,
+                             device=emb.device, dtype=emb.dtype)
+        if self.absolute_positions:             # the position counted from the segment end (lmtool, XL type 2)
+            d = torch.arange(N - 1, -1, -1.0, device=emb.device)
+            if seg.clamp_len > 0:
+                d = d.clamp(max=seg.clamp_len)
+            emb = emb + sinusoid(d, emb.shape[-1]).to(emb.dtype)
+        for kind, mixers in self._kinds.items():
+            type(mixers[0]).prepare(ctx, mixers, self.drop)
+        x = self.drop(emb)
+        shared = self.biases.as_dict() if hasattr(self, "biases") else {}
+        rows: Dict[str, torch.Tensor] = {}
+        new: Dict[str, torch.Tensor] = {}
+        aux = None
+        for i, layer in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            st = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)}
+            biases = {} if self.cfg.untie_r else {n: shared[n] for n in layer.mixer.shared_biases()}
+            x, st_new, rows, a = self._run(layer, x, st, rows, ctx, biases, seg.run_layer)
+            new.update({prefix + k: v for k, v in st_new.items()})
+            if a is not None:
+                aux = a if aux is None else aux + a
+        if self.uses_memory:
+            new["valid"] = torch.clamp(valid + N, max=M) if M else valid
+        return x, state.replace(**new), aux
+
+    @staticmethod
+    def _run(layer: Layer, x, st, rows, ctx, biases, run_layer):
+        """``layer(x, st, rows, ctx, biases)`` through ``run_layer`` (which may checkpoint it: its arguments and
+        results are flattened to tensors, the only thing every checkpoint implementation accepts)."""
+        skeys, rkeys, bkeys = list(st), list(rows), list(biases)
+        out_keys: List = [[], [], False]
+
+        def fn(x, *flat):
+            a, b = len(skeys), len(skeys) + len(rkeys)
+            y, s, r, aux = layer(x, dict(zip(skeys, flat[:a])), dict(zip(rkeys, flat[a:b])), ctx,
+                                 dict(zip(bkeys, flat[b:])))
+            out_keys[:] = [list(s), list(r), aux is not None]
+            return (y, *s.values(), *r.values()) + ((aux,) if aux is not None else ())
+
+        res = run_layer(fn, x, *st.values(), *rows.values(), *biases.values())
+        ns, nr = len(out_keys[0]), len(out_keys[1])
+        aux = res[1 + ns + nr] if out_keys[2] else None
+        return (res[0], dict(zip(out_keys[0], res[1:1 + ns])), dict(zip(out_keys[1], res[1 + ns:1 + ns + nr])),
+                aux)
+
+    # -- cost and sharding ----------------------------------------------------------------------------------
+    def flops(self, batch_size: int, tgt_len: int, mem_len: int) -> int:
+        total = 0
+        for layer in self.layers:
+            total += layer.mixer.flops(batch_size, tgt_len, mem_len)
+            total += 2 * 2 * batch_size * layer.mixer.ffn_rows(tgt_len, mem_len) * self.cfg.d_model * \
+                self.cfg.d_inner
+        return int(total)
+
+    def sharding_units(self) -> List[Tuple[nn.Module, List[nn.Parameter]]]:
+        """(module, extra parameters) per layer: each layer is called as a module and uses all of its own
+        parameters in that call, plus the position biases shared by every layer (``self.biases``)."""
+        shared = list(self.biases.parameters()) if hasattr(self, "biases") else []
+        return [(layer, shared) for layer in self.layers]
