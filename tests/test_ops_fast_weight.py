@@ -400,8 +400,10 @@ def test_favor_projection_reproducible_and_orthogonal():
 
 
 def test_favor_plus_approximates_softmax_kernel():
-    """E_W[phi(x) . phi(y)] = exp(x . y): averaged over independent draws (fixed seed), small inputs."""
-    d, m, draws = 4, 16, 400
+    """E_W[phi(x) . phi(y)] = exp(x . y): averaged over independent draws (fixed seed), small inputs.  (At this
+    tolerance, features with fixed lengths sqrt(d), or a projection with orthogonal rows instead of columns,
+    are biased enough to fail: 21% and 7% off.)"""
+    d, m, draws = 4, 16, 1000
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, d, generator=g, dtype=F64) * 0.4
     y = torch.randn(6, d, generator=g, dtype=F64) * 0.4
@@ -411,7 +413,7 @@ def test_favor_plus_approximates_softmax_kernel():
         est += fm.favor_plus(x, w, eps=0.0) @ fm.favor_plus(y, w, eps=0.0).T
     est /= draws
     exact = torch.exp(x @ y.T)
-    torch.testing.assert_close(est, exact, rtol=0.03, atol=0)
+    torch.testing.assert_close(est, exact, rtol=0.05, atol=0)
     # and the tolerance is tight enough to tell a different kernel apart
     assert (est - torch.exp(2 * x @ y.T)).abs().max() > 0.05
 
