@@ -28,5 +28,7 @@ setup(
         "wandb",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken"]},
+    # fla-core without extras brings only its plain-PyTorch files (and einops), not Triton: the fast-weight
+    # op tests load its reference functions file by file.
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken", "fla-core>=0.6,<0.7"]},
 )

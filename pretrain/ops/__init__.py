@@ -1,0 +1,12 @@
+"""Recurrence operators of the memory mechanisms, one folder per recurrence.
+
+Each folder holds a plain step-by-step reference (``naive.py``) beside its fast paths (``chunk.py``, later
+fused CUDA kernels) behind one public signature, as flash-linear-attention's ``fla/ops/<op>/`` does; tests
+hold every fast path equal to the reference, gradients included.
+
+* ``fast_weight``: the sum rule (linear attention) and the delta rule of fast-weight programmers
+  (Schlag, Irie, Schmidhuber, ICML 2021), with a carried state and in-segment document resets.
+* ``feature_maps``: the feature maps phi applied to keys and queries before those rules.
+
+Nothing here imports the model package: the model builds on the ops, not the other way round.
+"""
