@@ -296,7 +296,8 @@ def fla_reference(relpath):
     __init__ pulls Triton kernels); skip when fla-core (or its one dependency, einops) is absent."""
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core not installed (pip install --no-deps fla-core==0.6.0 einops; the test extra has it)")
+        pytest.skip("fla-core not installed (pip install fla-core==0.6.0: without extras it brings no Triton; "
+                    "the test extra has it)")
     pytest.importorskip("einops", reason="fla's reference files import einops")
     path = os.path.join(list(spec.submodule_search_locations)[0], *relpath.split("/"))
     if not os.path.exists(path):

@@ -111,7 +111,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
                chunk_size: int = 64) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunkwise delta rule (module docstring); same contract as :func:`pretrain.ops.fast_weight.delta_rule`.
 
-    ``chunk_size`` C is capped at T.  Cost O(T C (Dk + Dv) + T Dk Dv (1 + min(Dk, C) / C)); the state
+    ``chunk_size`` C is capped at T.  Cost O(T C (C + Dk + Dv) + T Dk (Dk + Dv)) multiply-adds; the state
     recurrence takes T/C sequential steps.  Returns ``(o [B, H, T, Dv] in v's dtype, final state or None)``.
     """
     out_dtype = v.dtype
