@@ -14,6 +14,7 @@ No torch here: configs are read before anything heavy is imported.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -210,6 +211,35 @@ def load_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError("config", f"{path}: top level must be a mapping, got {type(data).__name__}")
     return dict(data)
+
+
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def load_preset(path: str, resolve_name=None, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A preset YAML with its ``base:`` chain applied: ``base: <preset name or path>`` loads that preset first
+    and merges this file's mappings over it, key by key (nested mappings merged, other values replaced), as
+    GPT-NeoX merges its config files.  The base is a path relative to this file, or else a name that
+    ``resolve_name(name) -> path`` finds (a preset).  ConfigError on a missing base or a cycle, naming the files."""
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError("base", f"{path}: 'base' must be a preset name or a path, got {base!r}")
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        if resolve_name is None:
+            raise ConfigError("base", f"{path}: base {base!r}: no such file")
+        base_path = resolve_name(base)
+    real = os.path.realpath(base_path)
+    if real in _seen or real == os.path.realpath(path):
+        raise ConfigError("base", f"{path}: base chain loops through {base_path}")
+    return _merge(load_preset(base_path, resolve_name, _seen + (os.path.realpath(path),)), data)
 
 
 def validate(cfg, prefix: str = "") -> None:

@@ -63,28 +63,52 @@ def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generato
 def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, generator, mem_len: Optional[int], segment_len: int, clamp_len: Optional[int] = None,
              eod_id: Optional[int] = None, device="cpu") -> List[int]:
+    """Sample up to ``max_new_tokens`` ids after ``prompt_ids``, carrying the memory as the model asks
+    (``model.decode_policy``): ``"token"``: the prompt goes in segments of ``segment_len``, then every new token
+    is a segment of one that updates the state (Transformer-XL appends it, LaMemo also refreshes its memory with
+    it, fast weights write it); ``"segment"``: the state is written only at segment boundaries, so the current
+    partial segment is re-read from the state at its start for every new token, and the state moves on when the
+    segment holds ``segment_len`` tokens."""
     import torch
     state = model.init_state(1, mem_len=mem_len, device=device)
     ids = list(prompt_ids)
     if not ids:
         ids = [eod_id if eod_id is not None else 0]
-    logprobs = None
+
+    def run(tokens, st, **kw):
+        return model(torch.tensor([tokens], dtype=torch.long, device=device), st, clamp_len=clamp_len, **kw)
+
+    out_ids: List[int] = []
     with torch.no_grad():
-        # all prompt tokens but the last build the memory; the last one is the first generation input
-        ctx, last = ids[:-1], ids[-1]
-        for s in range(0, len(ctx), segment_len):
-            seg = torch.tensor([ctx[s:s + segment_len]], dtype=torch.long, device=device)
-            _, state = model(seg, state, clamp_len=clamp_len)
-        out_ids = []
-        cur = last
+        if getattr(model, "decode_policy", "token") == "token":
+            # all prompt tokens but the last build the memory; the last one is the first generation input
+            ctx, cur = ids[:-1], ids[-1]
+            for s in range(0, len(ctx), segment_len):
+                _, state = run(ctx[s:s + segment_len], state)
+            for _ in range(max_new_tokens):
+                out, state = run([cur], state, return_logits=True)
+                cur = int(sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)[0])
+                out_ids.append(cur)
+                if cur == eod_id:
+                    break
+            return out_ids
+        # segment policy: whole segments of the prompt move the state; the rest (1..segment_len tokens) is the
+        # current partial segment
+        pos = 0
+        while len(ids) - pos > segment_len:
+            _, state = run(ids[pos:pos + segment_len], state)
+            pos += segment_len
+        buf = ids[pos:]
         for _ in range(max_new_tokens):
-            out, state = model(torch.tensor([[cur]], dtype=torch.long, device=device), state,
-                               clamp_len=clamp_len, return_logits=True)
-            logprobs = out.logits[:, -1, :]
-            cur = int(sample_next(logprobs, temperature, top_k, top_p, generator)[0])
+            out, after = run(buf, state, return_logits=True)
+            cur = int(sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)[0])
             out_ids.append(cur)
             if cur == eod_id:
                 break
+            if len(buf) == segment_len:          # the segment is complete: its state is the next one's
+                state, buf = after, [cur]
+            else:
+                buf.append(cur)
     return out_ids
 
 

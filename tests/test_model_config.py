@@ -26,6 +26,7 @@ def _parallel():
     (dict(layers="delta,bogus", mem_len=0), "layers[1]"),
     (dict(layers="xl*3", n_layer=4), "layers"),
     (dict(layers="xl", mechanism="xl"), "mechanism"),
+    (dict(attn_type=24, mem_len=0, fast_weight=dict(positions="learned")), "fast_weight.positions"),
     (dict(attn_type=2, mem_len=8), "mem_len"),
     (dict(attn_type=3, mem_len=0), "mem_len"),
     (dict(same_length=True, mem_len=0), "same_length"),
@@ -73,16 +74,19 @@ def test_preset_sizes_match_the_published_models(monkeypatch):
     from pretrain.model import weights
     monkeypatch.setattr(weights, "init_weights", lambda model, cfg: None)
     expected = {"xl_wt103_base": 151.1e6, "xl_enwik8_base": 41.1e6, "xl_enwik8_large": 277.3e6,
-                "lamemo_wt103_base": 151.1e6, "lamemo_enwik8_base": 41.1e6}
+                "lamemo_wt103_base": 151.1e6, "lamemo_enwik8_base": 41.1e6,
+                # fast weights (lmtool-fwms small / medium: 34.3M / 68.5M of them in the adaptive embedding)
+                "fastweight_wt103_small": 44.03e6, "fastweight_wt103_medium": 89.87e6}
     for name, n in expected.items():
         with torch.device("meta"):
             model = build_model(load_model_config(name))
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
 
 
-@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny"])
+@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny"])
 def test_tiny_presets_run(name):
-    cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8))
+    mem = load_model_config(name).mem_len
+    cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8 if mem else 0))
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     state = model.init_state(2)
@@ -90,3 +94,27 @@ def test_tiny_presets_run(name):
         out, state = model(tokens[:, 8 * s:8 * s + 8], state, tokens[:, 8 * s + 1:8 * s + 9])
         assert torch.isfinite(out.nll).all()
         assert out.nll.mean().item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.5)
+
+
+def test_presets_inherit_from_a_base(tmp_path):
+    """``base:`` loads another preset first and merges this file's mappings over it, key by key."""
+    (tmp_path / "child.yaml").write_text("base: xl_tiny\nmodel:\n  n_layer: 2\n  layers: 'delta,xl'\n")
+    cfg = load_model_config(str(tmp_path / "child.yaml"))
+    parent = load_model_config("xl_tiny")
+    assert cfg.n_layer == 2 and cfg.layers == "delta,xl" and cfg.d_model == parent.d_model
+    assert [s.mechanism for s in cfg.layer_specs()] == ["fast_weight", "xl"]
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmodel: {}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel: {}\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_model_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: no_such_preset\nmodel: {}\n")
+    with pytest.raises(ConfigError, match="no_such_preset"):
+        load_model_config(str(tmp_path / "c.yaml"))
+
+
+def test_layer_patterns():
+    cfg = ModelConfig(n_layer=8, layers="delta*3,xl", mem_len=4)
+    assert [s.code for s in cfg.layer_specs()] == [24, 24, 24, 0] * 2
+    cfg = ModelConfig(n_layer=3, layers=[24, "lamemo", 0], mem_len=4)
+    assert [s.mechanism for s in cfg.layer_specs()] == ["fast_weight", "lamemo", "xl"]
+    assert ModelConfig(n_layer=2, attn_type=3).layer_specs()[1].variant == "disentangled"

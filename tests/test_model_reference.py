@@ -61,8 +61,13 @@ def compare(cfg, n, m, segs=3, clamp=-1, same=False, detach=True, batch=2, seed=
     torch.manual_seed(seed)
     model = build_model(cfg).double()
     model.train()                                   # dropout is 0: train mode exercises the training paths
+    favor = {}
+    for layer in model.stack.layers:                # FAVOR+ redraws in training: compare with its fixed draw
+        if getattr(layer.mixer, "feature_map", None) == "favor":
+            model.eval()
+            favor[layer.mixer.index] = layer.mixer._favor_projection(torch.device("cpu"), torch.float64)
     full = {k: v.clone().requires_grad_(True) for k, v in model.gather_full_state_dict().items()}
-    ref = ReferenceLM(cfg, full)
+    ref = ReferenceLM(cfg, full, favor_projections=favor)
     tok = torch.randint(0, cfg.vocab_size, (batch, sum(lengths) + 1))
     state, mem = model.init_state(batch, mem_len=m), None
     loss, ref_loss = 0.0, 0.0

@@ -17,19 +17,22 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import free_port
+from test_mixers import CASES as MATRIX
 from pretrain.model import MemoryState, ModelConfig, build_model, parallel, weights
 
 BASE = dict(n_layer=2, d_model=16, n_head=4, d_head=4, d_inner=24, vocab_size=41, dropout=0.0,
             tgt_len=5, mem_len=5)
-CASES = {
-    **{f"attn{t}": dict(attn_type=t) for t in (0, 1, 3, 31, 32, 33)},
-    "attn2": dict(attn_type=2, mem_len=0),
+# every registered mixer (the registry's test configs) and the hybrids of the test matrix, plus the options
+CASES = {case: {k: v for k, v in kw.items() if k != "mem_len"} | ({"mem_len": 0} if kw.get("mem_len") == 0 else {})
+         for case, kw in MATRIX.items()}
+CASES.update({
     "xl-preln-untied-bptt": dict(attn_type=0, pre_lnorm=True, untie_r=True, bptt=True),
     "lamemo-preln-untied": dict(attn_type=3, pre_lnorm=True, untie_r=True),
+    "delta-preln-bptt": dict(attn_type=26, mem_len=0, pre_lnorm=True, bptt=True),
     "adaptive-div2": dict(attn_type=3, adaptive=True, cutoffs=[10, 21], div_val=2),
     "adaptive-untied": dict(attn_type=0, adaptive=True, cutoffs=[11], tie_weight=False, tie_projs=False,
                             d_embed=8),
-}
+})
 SEGMENTS = 3
 
 
@@ -48,6 +51,7 @@ def _run(case, start_state=None, first_segment=0):
     cfg = _cfg(case)
     model = build_model(cfg).double()
     model.train()
+    torch.manual_seed(11)        # FAVOR+ redraws its projection from the default generator in training
     tok = _tokens()
     state = start_state or model.init_state(3)
     detach = not CASES[case].get("bptt", False)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from pretrain.config_base import (F, ConfigError, field_paths, from_dict, load_yaml, set_field, to_dict,
+from pretrain.config_base import (F, ConfigError, field_paths, from_dict, load_preset, set_field, to_dict,
                                   validate)
 from pretrain.model.model_config import ModelConfig
 
@@ -298,7 +298,7 @@ def _section_type(section: str):
 
 def resolve(args: argparse.Namespace, argv_order: Sequence[str]) -> RunConfig:
     """Preset, then command-line overrides in the order given; validated."""
-    data: Dict[str, Any] = load_yaml(preset_path(args.config)) if args.config else {}
+    data: Dict[str, Any] = load_preset(preset_path(args.config), preset_path) if args.config else {}
     cfg = from_dict(RunConfig, data)
     overrides = [(key.split("::", 1)[1], value) for key, value in vars(args).items() if "::" in key]
 

@@ -77,6 +77,14 @@ class MemoryLM(nn.Module):
         return [(self.embedding, [])] + self.stack.sharding_units() + \
             [(self.softmax, self.softmax.tied_parameters())]
 
+    @property
+    def decode_policy(self) -> str:
+        """How generation advances the memory: ``"token"`` (every decoded token is a segment of one that updates
+        the state) or ``"segment"`` (some layer writes its memory only when a whole segment is complete: tokens
+        are decoded by re-reading the current partial segment from the state at its start, and the state moves
+        on at segment boundaries, as in training)."""
+        return self.stack.decode
+
     # -- state ----------------------------------------------------------------------------------------------
     @property
     def _param(self) -> torch.Tensor:

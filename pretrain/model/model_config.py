@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from pretrain.config_base import ConfigError, F, from_dict, load_yaml, validate
+from pretrain.config_base import ConfigError, F, from_dict, load_preset, validate
 from pretrain.model import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -59,6 +59,13 @@ class _ModelFields:
                         "it from --seed)")
     # execution
     checkpoint_activations: bool = F(False, "recompute each layer in the backward pass")
+
+    def __post_init__(self):
+        # mechanism sections given as mappings (ModelConfig(fast_weight={"chunk_size": 32})) become dataclasses
+        for name, cls in registry.sections().items():
+            value = getattr(self, name, None)
+            if isinstance(value, dict):
+                setattr(self, name, from_dict(cls, value, name))
 
     @property
     def embed_dim(self) -> int:
@@ -122,6 +129,11 @@ class _ModelFields:
                                          "use attn_type 0 with mem_len 0 for none")
         if self.same_length and self.mem_len == 0:
             raise ConfigError("same_length", "needs a memory (mem_len > 0): each query sees mem_len keys")
+        for name in registry.sections():                # each mechanism section validates its own fields
+            try:
+                getattr(self, name).validate()
+            except ConfigError as e:
+                raise ConfigError(f"{name}.{e.field}", str(e).split(": ", 1)[-1]) from None
         sinusoid = [s for s in specs if s.settings.get("sinusoid")]
         if (sinusoid or self.absolute_positions()) and self.d_model % 2:
             raise ConfigError("d_model", f"sinusoid positions need an even width, got {self.d_model}")
@@ -169,16 +181,19 @@ def _add_mechanism_sections(cls):
 ModelConfig = _add_mechanism_sections(ModelConfig)
 
 
+def _preset_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if not os.path.exists(candidate):
+        raise ConfigError("config", f"{name}: no such file or preset in {CONFIG_DIR}")
+    return candidate
+
+
 def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> ModelConfig:
     """The ``model:`` mapping of a preset (a name in pretrain/configs or a path), validated."""
-    path = path_or_name
-    if not os.path.exists(path):
-        candidate = os.path.join(CONFIG_DIR, path_or_name if path_or_name.endswith(".yaml")
-                                 else path_or_name + ".yaml")
-        if not os.path.exists(candidate):
-            raise ConfigError("config", f"{path_or_name}: no such file or preset in {CONFIG_DIR}")
-        path = candidate
-    data = load_yaml(path)
+    path = _preset_path(path_or_name)
+    data = load_preset(path, _preset_path)
     if "model" not in data:
         raise ConfigError("model", f"{path}: no top-level 'model:' mapping")
     section = dict(data["model"] or {})

@@ -270,7 +270,7 @@ class ReferenceLM:
             elif fmap == "favor":
                 wx = t @ self.favor[l]                                                 # [B, N, H, m]
                 sq = (t * t).sum(-1, keepdim=True) / 2
-                f = torch.cat([torch.exp(wx - sq), torch.exp(-wx - sq)], -1) / math.sqrt(2 * wx.shape[-1]) + 1e-4
+                f = (torch.cat([torch.exp(wx - sq), torch.exp(-wx - sq)], -1) + 1e-4) / math.sqrt(2 * wx.shape[-1])
             else:
                 xt = torch.cat([F.relu(t), F.relu(-t)], -1)
                 f = torch.cat([xt * xt.roll(r, -1) for r in range(1, sec.dpfp_nu + 1)], -1)
