@@ -27,16 +27,32 @@ import time
 import torch
 
 SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come from these presets
-VARIANTS = {                                           # model overrides of each variant
-    "none": dict(attn_type=0, mem_len=0),
-    "xl": dict(attn_type=0),
-    "shaw": dict(attn_type=1),
-    "abs": dict(attn_type=2, mem_len=0),
-    "lamemo": dict(attn_type=3),
-    "lamemo31": dict(attn_type=31),
-    "lamemo32": dict(attn_type=32),
-    "lamemo33": dict(attn_type=33),
-}
+
+
+def registry_variants():
+    """Model overrides of each variant, from the mechanism registry: 'none' (XL layers without memory, the
+    baseline), every attn_type by its alias (else mechanism name + code; codes that repeat another code's
+    settings are left out), and the hybrid of hybrid_tiny (three delta-rule layers to one XL layer)."""
+    from pretrain.model import registry
+    out = {"none": dict(attn_type=0, mem_len=0)}
+    for mech in registry.mechanisms().values():
+        names = {code: alias for alias, code in mech.aliases.items()}
+        seen = []
+        for code in sorted(mech.variants, key=lambda c: (c not in names, c)):
+            var = mech.variants[code]
+            key = (var.name, dict(var.settings))
+            if key in seen:
+                continue
+            seen.append(key)
+            kw = dict(attn_type=code)
+            if not var.settings.get("memory"):
+                kw["mem_len"] = 0
+            out[names.get(code, f"{mech.name}{code}")] = kw
+    out["hybrid"] = dict(layers="delta*3,xl")
+    return out
+
+
+VARIANTS = registry_variants()                         # model overrides of each variant
 
 
 OVERRIDES = {}                                         # every variant: e.g. dropout from --dropout
@@ -157,13 +173,13 @@ def bench_size(size, variants, args):
 def table(size, cfg, results) -> str:
     lines = [f"{size}: {cfg.n_layer}L d{cfg.d_model} {cfg.n_head}x{cfg.d_head} FFN {cfg.d_inner} "
              f"N={cfg.tgt_len} M={cfg.mem_len}",
-             f"{'variant':10s} {'M':>4s} {'tok/s med':>10s} {'tok/s best':>10s} {'vs none':>8s} {'ms/step':>8s} "
+             f"{'variant':12s} {'M':>4s} {'tok/s med':>10s} {'tok/s best':>10s} {'vs none':>8s} {'ms/step':>8s} "
              f"{'GFLOP fwd':>9s} {'peak RSS MB':>11s} {'(+model)':>9s}"]
     for v, r in results.items():
         ratio = f"{r['speed_vs_none_median']:.2f}" if "speed_vs_none_median" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         inc = f"+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        lines.append(f"{v:10s} {r['mem_len']:4d} {r['tokens_per_s_median']:10,.0f} {r['tokens_per_s_best']:10,.0f} "
+        lines.append(f"{v:12s} {r['mem_len']:4d} {r['tokens_per_s_median']:10,.0f} {r['tokens_per_s_best']:10,.0f} "
                      f"{ratio:>8s} {r['median_step_s'] * 1e3:8.1f} {r['forward_gflop_per_step']:9.2f} {rss:>11s} "
                      f"{inc:>9s}")
     return "\n".join(lines)
@@ -173,9 +189,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
-    ap.add_argument("--variants", default="none,xl,shaw,abs,lamemo,lamemo31,lamemo32,lamemo33",
+    ap.add_argument("--variants", default="none,xl,shaw,absolute,lamemo,lamemo31,lamemo32,lamemo33,linear,"
+                                          "performer,dpfp_sum,delta,delta_favor,delta_dpfp,delta_norm,hybrid",
                     help=f"comma list of {list(VARIANTS)} ('none' is the baseline)")
-    ap.add_argument("--small-variants", default="none,xl,lamemo", help="variants for the small size")
+    ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid",
+                    help="variants for the small size")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)

@@ -28,9 +28,17 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {"none": ["--model.attn_type", "0", "--model.mem_len", "0"],
-            "xl": ["--model.attn_type", "0"],
-            "lamemo": ["--model.attn_type", "3"]}
+
+
+def _variants():
+    """Command-line overrides of each variant: bench_model's registry-driven variants (every attn_type by its
+    alias, 'none' the no-memory baseline, 'hybrid' three delta-rule layers to one XL layer)."""
+    from benchmarks.bench_model import registry_variants
+    return {name: [a for k, v in kw.items() for a in (f"--model.{k}", str(v))]
+            for name, kw in registry_variants().items()}
+
+
+VARIANTS = _variants()
 
 
 def make_corpus(path: str, tokens: int, seed: int = 0) -> str:

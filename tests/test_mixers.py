@@ -208,3 +208,40 @@ def test_greedy_generation_equals_teacher_forcing(case):
     seq = torch.tensor([prompt + new])
     forced = _run(model, seq, 4, cfg.mem_len).argmax(-1)[0]
     assert new == forced[len(prompt) - 1:len(seq[0]) - 1].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_documents_inside_a_segment_equal_separate_passes(case):
+    """A document starting at position p inside a segment (``reset`` flags): positions before p are as without
+    the start; from p on, and in the next segment, the row is exactly the new document run on its own from a
+    fresh state (no token of the new document sees the old one or the memory)."""
+    cfg = _cfg(case)
+    model = _model(cfg)
+    torch.manual_seed(6)
+    n, M = 6, cfg.mem_len
+    hist, seg, nxt = (torch.randint(0, BASE["vocab_size"], (3, n)) for _ in range(3))
+    starts = torch.tensor([2, 5, -1])                   # row 2 has no document start
+    reset = torch.zeros(3, n, dtype=torch.bool)
+    for b, p in enumerate(starts.tolist()):
+        if p >= 0:
+            reset[b, p] = True
+    _, state = model(hist, model.init_state(3))
+    plain, _ = model(seg, state, return_logits=True)
+    out, st = model(seg, state, return_logits=True, reset=reset)
+    after, _ = model(nxt, st, return_logits=True)
+    for b, p in enumerate(starts.tolist()):
+        if p < 0:
+            assert torch.equal(out.logits[b], plain.logits[b]), "a row without a start must not change"
+            continue
+        assert torch.equal(out.logits[b, :p], plain.logits[b, :p]), "tokens before the start keep their context"
+        alone, st_alone = model(seg[b:b + 1, p:], model.init_state(1), return_logits=True)
+        assert (out.logits[b, p:] - alone.logits[0]).abs().max() < 1e-10, "the new document sees the old one"
+        after_alone, _ = model(nxt[b:b + 1], st_alone, return_logits=True)
+        assert (after.logits[b] - after_alone.logits[0]).abs().max() < 1e-10, \
+            "the next segment sees the old document"
+    # a start at position 0 is a reset of the row before the segment
+    r0 = torch.zeros(3, n, dtype=torch.bool)
+    r0[1, 0] = True
+    out0, _ = model(seg, state, return_logits=True, reset=r0)
+    fresh, _ = model(seg[1:2], model.init_state(1), return_logits=True)
+    assert (out0.logits[1] - fresh.logits[0]).abs().max() < 1e-10

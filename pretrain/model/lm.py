@@ -35,6 +35,7 @@ class Segment:
     same_length: bool
     detach: bool                # cut the new state from the graph (truncated backprop)
     run_layer: Callable         # run_layer(fn, *tensors): fn(*tensors) or its activation checkpoint
+    reset: Optional[torch.Tensor] = None   # bool [B, N]: documents starting inside the segment (None: none)
 
 
 @dataclasses.dataclass
@@ -117,7 +118,8 @@ class MemoryLM(nn.Module):
         if not isinstance(state, MemoryState):
             raise TypeError(f"state must be a MemoryState (model.init_state), got {type(state).__name__}")
         if state.mechanism != self.stack.signature:
-            raise ValueError(f"state is for the mechanism layout {state.mechanism!r}, the model's is {self.stack.signature!r}")
+            raise ValueError(f"state is for the mechanism layout {state.mechanism!r}, the model's is "
+                             f"{self.stack.signature!r}")
         if state.batch_size != batch_size:
             raise ValueError(f"state has {state.batch_size} rows, the batch has {batch_size}")
         world = parallel.tp_world_size()
@@ -128,23 +130,34 @@ class MemoryLM(nn.Module):
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, state: MemoryState, targets: Optional[torch.Tensor] = None,
                 detach_state: bool = True, clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
-                return_logits: bool = False):
+                return_logits: bool = False, reset: Optional[torch.Tensor] = None):
         """One segment.  ``tokens``, ``targets``: [B, N] (the same on every tensor-parallel rank).
 
         Returns (LMOutput, new_state).  ``detach_state=False`` keeps the new state in the autograd graph so a
         later segment's loss backpropagates into this one.  ``clamp_len`` / ``same_length`` override the
-        config (evaluation protocols)."""
+        config (evaluation protocols).  ``reset``: None or bool [B, N], True where a new document starts: from
+        that position on, the row's tokens see neither the memory nor the earlier tokens of the segment (one
+        rule for every mechanism: attention masks by document, recurrent states restart, the state carried on
+        holds only the last document); a start at position 0 is a reset of the row's state before the
+        segment (``reset_state``)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         B, N = tokens.shape
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
         self._check_state(state, B)
+        if reset is not None:
+            reset = torch.as_tensor(reset, device=tokens.device).bool()
+            if reset.shape != tokens.shape:
+                raise ValueError(f"reset shape {tuple(reset.shape)} != tokens shape {tuple(tokens.shape)}")
+            if reset[:, 0].any():
+                state = self.reset_state(state, reset[:, 0])
+            reset = reset if reset[:, 1:].any() else None
         same = self.cfg.same_length if same_length is None else same_length
         if same and state.mem_len == 0:
             raise ValueError("same_length needs a memory (mem_len > 0)")
         seg = Segment(n=N, mem_len=state.mem_len, clamp_len=self.cfg.clamp_len if clamp_len is None else clamp_len,
-                      same_length=same, detach=detach_state, run_layer=self._run_layer)
+                      same_length=same, detach=detach_state, run_layer=self._run_layer, reset=reset)
         h, new_state, aux = self.stack(self.embedding(tokens), state, seg)
         if self.final_norm is not None:
             h = self.final_norm(h)

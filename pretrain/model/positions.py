@@ -167,3 +167,13 @@ def lookahead_mask(m: int, w: int, n: int, valid: torch.Tensor, full: bool) -> t
     first = m - torch.clamp(valid, min=1, max=n)             # window of row b: keys j > first (key m always)
     blocked = j[None, :] <= first[:, None]
     return torch.zeros(blocked.shape, device=device, dtype=torch.float32).masked_fill_(blocked, NEG_INF)[:, None, :]
+
+
+def document_mask(doc: torch.Tensor, m: int) -> torch.Tensor:
+    """[B, n, m + n] additive mask keeping query i of row b to the keys of its own document: memory slot j
+    (j < m) belongs to document 0, current key m + t to ``doc[b, t]`` (``doc``: [B, n] int64 document index,
+    non-decreasing along the segment)."""
+    B, n = doc.shape
+    keys = torch.cat([doc.new_zeros(B, m), doc], 1)                     # [B, m + n]
+    other = keys[:, None, :] != doc[:, :, None]                         # [B, n, m + n]
+    return torch.zeros(other.shape, device=doc.device, dtype=torch.float32).masked_fill_(other, NEG_INF)

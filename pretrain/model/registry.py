@@ -44,8 +44,12 @@ class Variant:
 class Mechanism:
     name: str
     implementation: str
-    variants: Mapping[int, Variant]
+    variants: Mapping[int, Variant] = field(default_factory=dict)
     aliases: Mapping[str, int] = field(default_factory=dict)
+    # "mixer": a per-layer token mixer chosen by attn_type codes; "stack": a stack-level memory (a
+    # ``StackMemory``: RMT tokens, Memformer slots), present when ``enabled(cfg)`` says so
+    kind: str = "mixer"
+    enabled: Optional[Any] = None
     section: Optional[str] = None            # config section name (model.<section>)
     section_class: Optional[type] = None
     description: str = ""
@@ -81,6 +85,9 @@ _ALIASES: Dict[str, int] = {}
 def register(mech: Mechanism) -> Mechanism:
     if mech.name in _MECHANISMS:
         raise ValueError(f"mechanism {mech.name!r} registered twice")
+    if mech.kind not in ("mixer", "stack") or (mech.kind == "stack") != (mech.enabled is not None):
+        raise ValueError(f"mechanism {mech.name!r}: kind 'mixer' (with attn_type variants) or 'stack' (with "
+                         f"an enabled(cfg) test)")
     for code in mech.variants:
         if code in _CODES:
             raise ValueError(f"attn_type {code} claimed by {_CODES[code]!r} and {mech.name!r}")
@@ -93,8 +100,14 @@ def register(mech: Mechanism) -> Mechanism:
     return mech
 
 
-def mechanisms() -> Dict[str, Mechanism]:
-    return dict(_MECHANISMS)
+def mechanisms(kind: Optional[str] = None) -> Dict[str, Mechanism]:
+    """Registered mechanisms by name (of one ``kind``, "mixer" or "stack", if given)."""
+    return {n: m for n, m in _MECHANISMS.items() if kind is None or m.kind == kind}
+
+
+def stack_memories(cfg) -> List[Mechanism]:
+    """The stack-level memories a ModelConfig turns on, in registration order."""
+    return [m for m in _MECHANISMS.values() if m.kind == "stack" and m.enabled is not None and m.enabled(cfg)]
 
 
 def mechanism(name: str) -> Mechanism:
@@ -117,6 +130,7 @@ def sections() -> Dict[str, type]:
 
 
 def mixer_class(name: str):
+    """The implementation class of mechanism ``name`` (a Mixer, or a StackMemory for kind "stack")."""
     import importlib
     module, cls = mechanism(name).implementation.split(":")
     return getattr(importlib.import_module(module), cls)

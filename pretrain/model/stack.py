@@ -7,18 +7,22 @@ block, one loop over the layers, and the memory state of all of them as one valu
 
 One segment:
 
-1. the per-segment context is built once: absolute positions (when a layer asks for them) added to the
-   embeddings, each present mechanism's ``prepare`` (relative position embeddings with their dropout, masks),
-   the embedding dropout;
-2. every layer runs ``mixer`` then ``ffn`` (``Layer``), reading its own named state entries and the *row
+1. the stack-level memories (``StackMemory``, registered with kind "stack": RMT's memory tokens, Memformer's
+   slots) begin: they may add positions to the sequence, row streams, and mask edits;
+2. the per-segment context is built once: the document mask of documents starting inside the segment,
+   absolute positions (when a layer asks for them) added to the embeddings, each present mechanism's
+   ``prepare`` (relative position embeddings with their dropout, masks), the embedding dropout;
+3. every layer runs ``mixer`` then ``ffn`` (``Layer``), reading its own named state entries and the *row
    streams* handed up by the layer below (memory that travels up the stack rather than living in one layer:
-   LaMemo's refreshed memory rows), through ``run_layer`` (activation checkpointing when enabled);
-3. the new state is assembled from every layer's entries, plus the stack-level ``valid`` count of the
-   positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
+   LaMemo's refreshed memory rows, slots), through ``run_layer`` (activation checkpointing when enabled);
+4. the stack-level memories end: they strip their positions and write their state from the top layer;
+5. the new state is assembled from every layer's and memory's entries, plus the stack-level ``valid`` count
+   of the positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
 
-State entry names: ``layers.<i>.<name>`` for layer i's own entries (``layers.0.mem``, ``layers.3.fw`` ...) and
-``valid`` for the positional memory count.  The ``MemoryState``'s mechanism field is the layout's signature
-(``xl``, ``lamemo``, ``fast_weight*3,xl``): a state is refused by a model of another layout.
+State entry names: ``layers.<i>.<name>`` for layer i's own entries (``layers.0.mem``, ``layers.3.fw`` ...),
+``<memory>.<name>`` for a stack-level memory's (``rmt.mem``), and ``valid`` for the positional memory count.
+The ``MemoryState``'s mechanism field is the layout's signature (``xl``, ``lamemo``, ``fast_weight*3,xl``,
+``xl+rmt``): a state is refused by a model of another layout.
 """
 from __future__ import annotations
 
@@ -31,9 +35,9 @@ from torch import nn
 from pretrain.model import parallel
 from pretrain.model.attention import FeedForward, RelBiases
 from pretrain.model.dropout import Dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, SegmentContext, StateEntry
-from pretrain.model.positions import sinusoid
-from pretrain.model.registry import LayerSpec, mixer_class, signature
+from pretrain.model.mixers.base import Mixer, MixerOutput, SegmentContext, StackMemory, StateEntry
+from pretrain.model.positions import document_mask, sinusoid
+from pretrain.model.registry import LayerSpec, mixer_class, signature, stack_memories
 from pretrain.model.state import MemoryState
 
 
@@ -74,6 +78,11 @@ class Stack(nn.Module):
                 shared += [n for n in layer.mixer.shared_biases() if n not in shared]
         if shared:
             self.biases = RelBiases(cfg, tuple(shared))
+        # memories that travel through the whole stack (RMT tokens, slots), from the registry
+        self.memories = nn.ModuleDict({m.name: mixer_class(m.name)(cfg, mp, self.specs)
+                                       for m in stack_memories(cfg)})
+        if self.memories:
+            self.signature = "+".join([self.signature, *self.memories])
         self.uses_memory = any(s.uses_memory for s in self.specs)
         self.absolute_positions = cfg.absolute_positions()
         self.drop = Dropout(cfg.dropout)
@@ -90,7 +99,8 @@ class Stack(nn.Module):
     def decode(self) -> str:
         """How generation advances the state: 'segment' if any layer's memory is written only at segment
         boundaries, else 'token'."""
-        return "segment" if any(m.decode == "segment" for m in self.mixers) else "token"
+        parts = self.mixers + list(self.memories.values())
+        return "segment" if any(m.decode == "segment" for m in parts) else "token"
 
     # -- state ----------------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, mem_len: int, device, dtype) -> MemoryState:
@@ -103,6 +113,10 @@ class Stack(nn.Module):
         for i, layer in enumerate(self.layers):
             for name, e in layer.mixer.initial_state(batch_size, mem_len, device, dtype).items():
                 key = f"layers.{i}.{name}"
+                tensors[key], batch_dims[key], head_dims[key] = e.init, e.batch_dim, e.head_dim
+        for name, mem in self.memories.items():
+            for entry, e in mem.initial_state(batch_size, mem_len, device, dtype).items():
+                key = f"{name}.{entry}"
                 tensors[key], batch_dims[key], head_dims[key] = e.init, e.batch_dim, e.head_dim
         # the positional memory's fill count (stays 0 in a model without one; it also gives every state its
         # batch size)
@@ -122,9 +136,17 @@ class Stack(nn.Module):
         valid = state["valid"] if self.uses_memory else None
         ctx = SegmentContext(n=N, mem_len=M, clamp_len=seg.clamp_len, same_length=seg.same_length,
                              detach=seg.detach, training=self.training, batch_size=B, valid=valid,
-                             device=emb.device, dtype=emb.dtype)
+                             device=emb.device, dtype=emb.dtype, reset=seg.reset)
+        rows: Dict[str, torch.Tensor] = {}
+        for name, mem in self.memories.items():  # stack-level memories may add positions and row streams
+            emb, r = mem.begin(emb, self._entries(state, name + "."), ctx)
+            rows.update(r)
+        if ctx.reset is not None:               # documents starting inside the segment
+            ctx.doc = torch.cumsum(ctx.reset.long(), 1)
+            ctx.doc_mask = document_mask(ctx.doc, M)
         if self.absolute_positions:             # the position counted from the segment end (lmtool, XL type 2)
-            d = torch.arange(N - 1, -1, -1.0, device=emb.device)
+            n = emb.shape[1]
+            d = torch.arange(n - 1, -1, -1.0, device=emb.device)
             if seg.clamp_len > 0:
                 d = d.clamp(max=seg.clamp_len)
             emb = emb + sinusoid(d, emb.shape[-1]).to(emb.dtype)
@@ -132,20 +154,36 @@ class Stack(nn.Module):
             type(mixers[0]).prepare(ctx, mixers, self.drop)
         x = self.drop(emb)
         shared = self.biases.as_dict() if hasattr(self, "biases") else {}
-        rows: Dict[str, torch.Tensor] = {}
         new: Dict[str, torch.Tensor] = {}
         aux = None
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
-            st = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)}
             biases = {} if self.cfg.untie_r else {n: shared[n] for n in layer.mixer.shared_biases()}
-            x, st_new, rows, a = self._run(layer, x, st, rows, ctx, biases, seg.run_layer)
+            x, st_new, rows, a = self._run(layer, x, self._entries(state, prefix), rows, ctx, biases,
+                                           seg.run_layer)
             new.update({prefix + k: v for k, v in st_new.items()})
             if a is not None:
                 aux = a if aux is None else aux + a
+        for name, mem in self.memories.items():
+            x, st_new, a = mem.end(x, rows, self._entries(state, name + "."), ctx)
+            if seg.detach:
+                st_new = {k: v.detach() for k, v in st_new.items()}
+            new.update({f"{name}.{k}": v for k, v in st_new.items()})
+            if a is not None:
+                aux = a if aux is None else aux + a
         if self.uses_memory:
-            new["valid"] = torch.clamp(valid + N, max=M) if M else valid
+            n = ctx.n                           # positions this segment added to the memory
+            filled = valid + n
+            if ctx.reset is not None:           # only the positions since the row's last document start count
+                pos = torch.arange(n, device=emb.device)
+                last = torch.where(ctx.reset, pos, -1).amax(1)
+                filled = torch.where(last >= 0, n - last, filled)
+            new["valid"] = torch.clamp(filled, max=M) if M else valid
         return x, state.replace(**new), aux
+
+    @staticmethod
+    def _entries(state: MemoryState, prefix: str) -> Dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)}
 
     @staticmethod
     def _run(layer: Layer, x, st, rows, ctx, biases, run_layer):
@@ -169,15 +207,15 @@ class Stack(nn.Module):
 
     # -- cost and sharding ----------------------------------------------------------------------------------
     def flops(self, batch_size: int, tgt_len: int, mem_len: int) -> int:
-        total = 0
+        n = tgt_len + sum(m.extra_positions() for m in self.memories.values())
+        total = sum(m.flops(batch_size, tgt_len, mem_len) for m in self.memories.values())
         for layer in self.layers:
-            total += layer.mixer.flops(batch_size, tgt_len, mem_len)
-            total += 2 * 2 * batch_size * layer.mixer.ffn_rows(tgt_len, mem_len) * self.cfg.d_model * \
-                self.cfg.d_inner
+            total += layer.mixer.flops(batch_size, n, mem_len)
+            total += 2 * 2 * batch_size * layer.mixer.ffn_rows(n, mem_len) * self.cfg.d_model * self.cfg.d_inner
         return int(total)
 
     def sharding_units(self) -> List[Tuple[nn.Module, List[nn.Parameter]]]:
         """(module, extra parameters) per layer: each layer is called as a module and uses all of its own
         parameters in that call, plus the position biases shared by every layer (``self.biases``)."""
         shared = list(self.biases.parameters()) if hasattr(self, "biases") else []
-        return [(layer, shared) for layer in self.layers]
+        return [(layer, shared) for layer in self.layers] + [(m, []) for m in self.memories.values()]

@@ -18,7 +18,7 @@ Positions and frames: see ``positions.py``; layouts and precision: see ``attenti
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,7 +43,13 @@ class SegmentContext:
     ``n`` tokens in this segment (may differ from the training length), ``mem_len`` the state's memory length M,
     ``valid`` [B] int64: how many of the last memory slots of each row hold real positions (None without a
     positional memory), ``detach``: cut the new state from the graph, ``parts``: per-mechanism prepared tensors
-    (``ctx.parts["xl"]["pos"]``...), filled by the mixers' ``prepare``."""
+    (``ctx.parts["xl"]["pos"]``...), filled by the mixers' ``prepare``.
+
+    Documents inside the segment (one rule for every mixer): ``reset`` bool [B, N] is True where a document
+    starts after position 0 (None when none does), ``doc`` int64 [B, N] the document index of each position
+    (0 for the document the memory belongs to, +1 at every start), ``doc_mask`` the additive mask [B, N, M + N]
+    that keeps every query to the keys of its own document (memory slots are document 0), or None.  Attention
+    mixers add ``doc_mask`` to their masks; recurrent mixers restart their state at ``reset``."""
     n: int
     mem_len: int
     clamp_len: int
@@ -55,6 +61,19 @@ class SegmentContext:
     device: torch.device
     dtype: torch.dtype
     parts: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    reset: Optional[torch.Tensor] = None
+    doc: Optional[torch.Tensor] = None
+    doc_mask: Optional[torch.Tensor] = None
+    mask_edits: List[Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    def attention_mask(self, causal: torch.Tensor) -> torch.Tensor:
+        """The mask every attention mixer uses for its queries over [memory (M) ; segment (n)]: its causal
+        mask [B or 1, n, M + n] plus the document mask, then the edits of the stack-level memories (RMT's
+        memory tokens see each other both ways ...)."""
+        mask = causal if self.doc_mask is None else causal + self.doc_mask
+        for edit in self.mask_edits:
+            mask = edit(mask)
+        return mask
 
 
 @dataclasses.dataclass
@@ -119,3 +138,41 @@ class Mixer(nn.Module):
     def ffn_rows(self, tgt_len: int, mem_len: int) -> int:
         """Rows per batch row that go through this layer's FFN (the tokens, plus any shared row stream)."""
         return tgt_len
+
+
+class StackMemory(nn.Module):
+    """Memory that travels through the whole stack rather than living in one layer (RMT's memory tokens, which
+    go in at the bottom and come out of the top layer; Memformer's slots, a row stream updated layer by layer
+    and gated at the top).  Registered with ``kind="stack"``; the stack calls, for one segment:
+
+    * ``begin(emb, state, ctx) -> (emb, rows)`` before the first layer, on the embeddings (before dropout): it
+      may add positions to the sequence (update ``ctx.n``, extend ``ctx.reset`` to the new length), add row
+      streams, and register mask edits (``ctx.mask_edits``) that every attention mixer applies;
+    * ``end(x, rows, state, ctx) -> (x, new_entries, aux_loss)`` after the last layer: it strips its positions
+      (returning the hidden states of the segment's N tokens) and writes its new state entries.
+
+    Its state entries are prefixed ``<name>.``; ``decode`` says whether generation may update it per token."""
+    name: ClassVar[str] = ""
+    decode: ClassVar[str] = "token"
+
+    def __init__(self, cfg, mp, specs: Sequence[LayerSpec]):
+        super().__init__()
+        self.cfg = cfg
+
+    def initial_state(self, batch_size: int, mem_len: int, device: torch.device,
+                      dtype: torch.dtype) -> Dict[str, StateEntry]:
+        return {}
+
+    def begin(self, emb: torch.Tensor, state: Mapping[str, torch.Tensor], ctx: SegmentContext):
+        return emb, {}
+
+    def end(self, x: torch.Tensor, rows: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+            ctx: SegmentContext):
+        return x, {}, None
+
+    def extra_positions(self) -> int:
+        """Positions ``begin`` adds to every segment (for the FLOP count)."""
+        return 0
+
+    def flops(self, batch_size: int, tgt_len: int, mem_len: int) -> int:
+        return 0

@@ -123,14 +123,14 @@ class FastWeightMixer(Mixer):
         if self.rule == "delta":
             beta = torch.sigmoid(y[..., 3 * hd:].to(cdt)).transpose(1, 2)       # [B, H, N]
             o, s_new = fw_ops.delta_rule(qf, kf, v.to(cdt), beta, initial_state=s0, output_final_state=True,
-                                         impl=self.sec.impl, chunk_size=self.sec.chunk_size)
+                                         reset=ctx.reset, impl=self.sec.impl, chunk_size=self.sec.chunk_size)
         else:
             o, s_new = fw_ops.sum_rule(qf, kf, v.to(cdt), initial_state=s0, output_final_state=True,
-                                       impl=self.sec.impl, chunk_size=self.sec.chunk_size)
+                                       reset=ctx.reset, impl=self.sec.impl, chunk_size=self.sec.chunk_size)
         o = o / math.sqrt(dh)
         new = {"fw": s_new}
         if self.attn_norm:
-            z, z_new = fw_ops.key_sum(kf, initial=state["z"] if carry else None)
+            z, z_new = fw_ops.key_sum(kf, initial=state["z"] if carry else None, reset=ctx.reset)
             o = o / ((z * qf).sum(-1, keepdim=True) + self.sec.eps)
             new["z"] = z_new
         o = o.to(x.dtype).transpose(1, 2).reshape(B, N, hd)

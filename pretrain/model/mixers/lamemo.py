@@ -103,7 +103,8 @@ class LaMemoMixer(Mixer):
             dist = torch.cat([causal_distances(N, M, ctx.clamp_len),
                               lookahead_distances(M, W, full, negative, ctx.clamp_len)])
             part[("pos", full, negative)] = drop(sinusoid(dist.to(dev), layers[0].cfg.d_model))
-        part["cmask"] = causal_mask(N, M, ctx.valid, ctx.same_length, dev)
+        # (memory rows only look ahead to position 0: the document mask concerns the current queries only)
+        part["cmask"] = ctx.attention_mask(causal_mask(N, M, ctx.valid, ctx.same_length, dev))
         for full in sorted({m.full for m in layers}):
             part[("lmask", full)] = lookahead_mask(M, W, N, ctx.valid, full)
 

@@ -79,7 +79,11 @@ class XLMixer(Mixer):
                 rows = min(rows, ctx.clamp_len)
             part["shaw"] = causal_distances(N, M, -1).long().clamp_(max=rows - 1).to(dev)
         if variants & {"rel", "shaw"}:
-            part["mask"] = causal_mask(N, M, ctx.valid, ctx.same_length, dev)
+            part["mask"] = ctx.attention_mask(causal_mask(N, M, ctx.valid, ctx.same_length, dev))
+        if "absolute" in variants and (ctx.doc_mask is not None or ctx.mask_edits):
+            # no memory: the segment's own keys; [1, B, N, N] as attention runs head-major ([H, B, N, dh])
+            full = ctx.attention_mask(causal_mask(N, M, None, False, dev))
+            part["abs_mask"] = full[:, :, M:].expand(ctx.batch_size, N, N)[None]
 
     def forward(self, x, state, rows, ctx, biases):
         attn = self.attn
@@ -92,9 +96,11 @@ class XLMixer(Mixer):
         c = torch.cat([attn.norm(mem) if self.pre_lnorm else mem, xq], 1) if M else xq
         q, k, val = attn.heads(c, xq if M else None)               # queries for the current rows only
         if self.variant == "absolute":
+            mask = part.get("abs_mask")                # documents inside the segment
             with parallel.parallel_region_rng(q.device) if self.training and attn.dropatt else \
                     contextlib.nullcontext():
-                a = F.scaled_dot_product_attention(q, k, val, is_causal=True, scale=1.0,
+                a = F.scaled_dot_product_attention(q, k, val, attn_mask=None if mask is None else mask.to(q.dtype),
+                                                   is_causal=mask is None, scale=1.0,
                                                    dropout_p=attn.dropatt if self.training else 0.0)
         else:
             if self.variant == "rel":
