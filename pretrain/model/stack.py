@@ -86,6 +86,8 @@ class Stack(nn.Module):
         self.uses_memory = any(s.uses_memory for s in self.specs)
         self.absolute_positions = cfg.absolute_positions()
         self.drop = Dropout(cfg.dropout)
+        # analysis hook: recorder(layer, probs [H, B, n, M + n], M) from the attention mixers (None: off)
+        self.recorder = None
         # mechanisms in order of first appearance: their prepare() runs in this order every segment
         self._kinds: Dict[str, List[Mixer]] = {}
         for layer in self.layers:
@@ -150,6 +152,7 @@ class Stack(nn.Module):
             if seg.clamp_len > 0:
                 d = d.clamp(max=seg.clamp_len)
             emb = emb + sinusoid(d, emb.shape[-1]).to(emb.dtype)
+        ctx.recorder = self.recorder
         for kind, mixers in self._kinds.items():
             type(mixers[0]).prepare(ctx, mixers, self.drop)
         x = self.drop(emb)

@@ -65,6 +65,9 @@ class SegmentContext:
     doc: Optional[torch.Tensor] = None
     doc_mask: Optional[torch.Tensor] = None
     mask_edits: List[Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
+    # analysis hook (pretrain/analyze_attention.py): attention mixers call recorder(layer, probs, mem_len) with
+    # the current queries' attention probabilities [H, B, n, M + n] over [memory ; segment]
+    recorder: Optional[Callable[[int, torch.Tensor, int], None]] = None
 
     def attention_mask(self, causal: torch.Tensor) -> torch.Tensor:
         """The mask every attention mixer uses for its queries over [memory (M) ; segment (n)]: its causal

@@ -127,6 +127,8 @@ class LaMemoMixer(Mixer):
         qx = q[:, :, M:]
         scores = masked_scores(position_scores(biased(qx, v, sc), r[:, :K + 1], K, N - 1),
                                biased(qx, u, sc), k, part["cmask"])
+        if ctx.recorder is not None:
+            ctx.recorder(self.index, torch.softmax(scores.detach(), -1), M)
         a_x, z_x = attend(scores, val, attn.dropatt, self.training, lse=True)
         if ctx.detach:
             z_x = z_x.detach()

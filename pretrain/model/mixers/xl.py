@@ -111,6 +111,8 @@ class XLMixer(Mixer):
                 u, idx = self.u, part["shaw"]
                 pos_scores = position_scores(q, self.r_emb[:, idx], K, N - 1, self.r_bias[:, idx] * sc)
             scores = masked_scores(pos_scores, biased(q, u, sc), k, part["mask"])
+            if ctx.recorder is not None:
+                ctx.recorder(self.index, torch.softmax(scores.detach(), -1), M)
             a = attend(scores, val, attn.dropatt, self.training)
         h = attn.project_add(x, a)
         new = {}
