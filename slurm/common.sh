@@ -89,6 +89,15 @@ memtrain_main() {
         *) _ms_die "LAUNCHER=$LAUNCHER: expected torchrun, srun, deepspeed or deepspeed-nossh" ;; esac
     case $TORCHRUN_RDZV in c10d|static) ;; *) _ms_die "TORCHRUN_RDZV=$TORCHRUN_RDZV: expected c10d or static" ;; esac
     [ -f "$DS_CONFIG" ] || _ms_die "DS_CONFIG=$DS_CONFIG: no such file"
+    local v
+    for v in TP MAX_REQUEUES; do
+        [[ ${!v} =~ ^[0-9]+$ ]] || _ms_die "$v=${!v}: expected a whole number"
+    done
+    [ "$TP" -ge 1 ] || _ms_die "TP=$TP: expected a number >= 1"
+    [[ ${GLOBAL_BATCH:-1} =~ ^[1-9][0-9]*$ ]] || _ms_die "GLOBAL_BATCH=$GLOBAL_BATCH: expected a number >= 1 (or empty: the preset's micro batch)"
+    for v in EXIT_MARGIN_MINS EXIT_DURATION_MINS; do
+        [[ ${!v:-0} =~ ^[0-9]+([.][0-9]*)?$ ]] || _ms_die "$v=${!v}: expected minutes (a number >= 0)"
+    done
 
     # devices and processes
     if [ -z "${GPUS_PER_NODE:-}" ]; then

@@ -86,6 +86,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _die_with_parent() -> None:
+    """In the daemon, before exec: SIGTERM when this test process dies, even if it never reaches its
+    finalizer (killed, or ended by a timeout)."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _have_slurm() -> bool:
     return all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey"))
 
@@ -158,7 +165,7 @@ class LocalSlurm:
             ["munged", "-F", f"--key-file={d}/munge/munge.key", f"--socket={d}/munge/munge.sock",
              f"--pid-file={d}/munge/munged.pid", f"--seed-file={d}/munge/munged.seed",
              f"--log-file={d}/log/munged.log"], stdout=self._log("munged"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)))
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)))
         t0 = time.time()
         while not (d / "munge" / "munge.sock").exists():
             if self.procs[0][1].poll() is not None or time.time() - t0 > 20:
@@ -171,11 +178,11 @@ class LocalSlurm:
             ctld_port=ports[0], slurmd_port=ports[1], munge=d / "munge", d=d, nodes=nodes))
         self.procs.append(("slurmctld", subprocess.Popen(
             ["slurmctld", "-D", "-c"], env=self.env, stdout=self._log("slurmctld"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)))
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)))
         for n in NODES:
             self.procs.append((f"slurmd-{n}", subprocess.Popen(
                 ["slurmd", "-D", "-N", n], env=self.env, stdout=self._log(f"slurmd-{n}"),
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)))
         t0 = time.time()
         while True:
             r = self.run("sinfo", "-h", "-o", "%T %D")
@@ -552,6 +559,14 @@ def test_two_node_run_resumes_on_one_node(scenarios, stage):
     assert meta["dp_size"] == 1 and meta["step"] == STEPS + 4
 
 
+def test_a_global_batch_that_does_not_divide_stops_the_job_at_once(slurm, data, tmp_path):
+    job = submit(slurm, data, tmp_path, "batch", GLOBAL_BATCH="5")
+    assert job.wait(timeout=120) == 2
+    log = job.log()
+    assert "GLOBAL_BATCH=5 is not a multiple of the data-parallel size 2 (2 nodes x 1 processes / TP 1)" in log
+    assert "command:" not in log
+
+
 # ------------------------------------------------------------------------------------------------ no Slurm
 def _bash(script, **env):
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -576,7 +591,28 @@ def test_outside_slurm_the_scripts_refuse_with_a_clear_message():
     ("TORCHRUN_RDZV", "etcd", "TORCHRUN_RDZV=etcd: expected c10d or static"),
     ("DS_CONFIG", "ds_configs/nope.json", "DS_CONFIG=ds_configs/nope.json: no such file"),
     ("GPUS_PER_NODE", "eight", "GPUS_PER_NODE=eight: expected a number"),
+    ("GLOBAL_BATCH", "1k", "GLOBAL_BATCH=1k: expected a number >= 1"),
+    ("EXIT_MARGIN_MINS", "5m", "EXIT_MARGIN_MINS=5m: expected minutes"),
+    ("TP", "0", "TP=0: expected a number >= 1"),
 ])
 def test_bad_settings_stop_before_anything_runs(var, value, message):
     r = _bash("bash slurm/xl_large.sh", SLURM_JOB_ID="1", **{var: value})
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_lamemo_large_preset_is_xl_large_with_lamemo_memory():
+    """The LaMemo large preset keeps Transformer-XL large's shape and optimization; only the memory mechanism,
+    the data order (roll) and the evaluation protocol (LaMemo's: the training lengths) differ."""
+    from pretrain.config_base import to_dict
+    from pretrain.engine.run_config import parse_args
+    lamemo, _ = parse_args(["--config", "lamemo_wt103_large"])
+    xl, _ = parse_args(["--config", "xl_wt103_large"])
+    a, b = to_dict(lamemo), to_dict(xl)
+    assert a["model"]["attn_type"] == 3 and b["model"]["attn_type"] == 0
+    a["model"]["attn_type"] = 0
+    assert a["model"] == b["model"]
+    assert (a["model"]["n_layer"], a["model"]["d_model"], a["model"]["n_head"], a["model"]["d_head"],
+            a["model"]["d_inner"], a["model"]["tgt_len"], a["model"]["mem_len"], a["model"]["div_val"],
+            a["model"]["dropout"], a["model"]["dropatt"]) == (18, 1024, 16, 64, 4096, 384, 384, 4, 0.2, 0.2)
+    assert a["optim"] == b["optim"] and a["train"] == b["train"] and a["checkpoint"] == b["checkpoint"]
+    assert a["data"]["roll"] and a["eval"]["protocol"] == "train"
