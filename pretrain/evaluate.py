@@ -75,6 +75,8 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # optional fused kernels absent
     from pretrain.runtime import tune_cpu_allocator
     tune_cpu_allocator()
     import torch
@@ -162,7 +164,7 @@ def _evaluate(args) -> int:
                                 accuracy=args.accuracy if args.accuracy is not None else "loss_mask" in data.meta)
             settings = {"tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same, "streams": streams}
     except (IndexedDatasetError, TokenizerError, ValueError) as e:
-        return fail(PROG, f"{prefix}: {e}")
+        return fail(PROG, str(e) if os.path.basename(prefix) in str(e) else f"{prefix}: {e}")
     finally:
         if bar is not None:
             bar.close()

@@ -124,6 +124,8 @@ def main(argv=None) -> int:
 
 
 def _generate(args) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # optional fused kernels absent
     from pretrain.runtime import tune_cpu_allocator
     tune_cpu_allocator()
     import torch

@@ -115,7 +115,7 @@ def read_export(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(model config dict, export meta) of an export directory.  ``ExportError`` naming the folder or file
     when it is missing, incomplete or unreadable (``model.safetensors`` is checked in ``load_weights_into``)."""
     if not os.path.isdir(path):
-        what = "is a file, not" if os.path.exists(path) else "no such"
+        what = "is a file, not an" if os.path.exists(path) else "no such"
         raise ExportError(f"{path}: {what} export directory ({_WHERE})")
     for name in ("model.safetensors", "model.yaml", "export.json"):
         if not os.path.isfile(os.path.join(path, name)):
