@@ -91,7 +91,7 @@ def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float
     if not plotted:
         raise ValueError(f"no '{metric}' values in {', '.join(paths)}")
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel({"loss": "loss (nats per token)", "bpc": "bits per character"}.get(metric, metric))
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -8,8 +8,9 @@
 #   4. evaluate both exported models on the validation split in bits per character (the protocol is printed)
 #   5. generate a sample from the memory model, the memory carried through the prompt and every new character
 #   6. plot both loss curves in one picture, and print a table: bpc with and without memory, tokens/s, files
-# About 9 minutes on 2 cores (docs/results.md). Everything goes under $OUT (default runs/quickstart); a second
-# run starts afresh. ITERS=N trains N steps instead of the preset's 500 (a quick look at the pipeline: ITERS=10).
+# 630 s on a 2-core VM shared with other work (docs/results.md: times, bpc, seeds). Everything goes under $OUT
+# (default runs/quickstart); a second run starts afresh. ITERS=N trains N steps instead of the preset's 500 (a
+# quick look at the pipeline: ITERS=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "run ./scripts/setup.sh first" >&2; exit 1; }
