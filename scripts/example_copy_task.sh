@@ -5,7 +5,8 @@
 #   3. train a tiny LaMemo with the deepspeed launcher: 2 processes, ZeRO-2, memory carried across steps
 #   4. evaluate the exported model on the test split; 5. generate a sample; 6. plot the loss curve
 # The 32-token examples are read in 8-token segments, so copying X needs the memory (docs/synthetic.md).
-# Everything goes under $OUT (default runs/copy_task); a second run starts afresh.
+# Everything goes under $OUT (default runs/copy_task); a second run starts afresh. ITERS=N trains N steps instead
+# of the preset's 1000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "run ./scripts/setup.sh first" >&2; exit 1; }
@@ -32,7 +33,7 @@ step "3/6 train LaMemo: deepspeed launcher, 2 CPU processes, ZeRO-2 (pretrain/co
 cleanup() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$PORT"_* 2>/dev/null || true; }
 trap cleanup EXIT
 deepspeed --num_gpus 2 --master_port "$PORT" pretrain/train.py --ds_config ds_configs/zero2_fp32.json \
-    --config copy_task --data-path "$OUT/data/copy" --save "$OUT/run"
+    --config copy_task --data-path "$OUT/data/copy" --save "$OUT/run" ${ITERS:+--train-iters "$ITERS"}
 
 step "4/6 evaluate the exported model on the test split"
 python pretrain/evaluate.py --model "$OUT/run/export" --split test --protocol train --batch-size 8 \
