@@ -582,7 +582,8 @@ class Job:
         except BaseException:
             self.outputs.abort()
             raise
-        self.summarize(results, dtype)
+        with signals_deferred():  # the outputs are complete: a Ctrl-C now must not report otherwise
+            self.summarize(results, dtype)
         return [r.prefix for r in results]
 
     def run_token_split(self, task: EncodeTask, dtype) -> List[Output]:

@@ -134,7 +134,9 @@ class WorkerPool:
         try:
             ok, value = conn.recv()
         except EOFError:
-            raise WorkerDied(f"worker process {w + 1} ended unexpectedly (exit code {proc.exitcode})") from None
+            proc.join(timeout=5)  # its pipe closed: it is ending; wait for its exit code
+            raise WorkerDied(f"worker process {w + 1} ended unexpectedly (exit code {proc.exitcode}; "
+                             f"out of memory? try fewer --workers)") from None
         if ok:
             return value
         exc, tb = value

@@ -719,7 +719,7 @@ def test_interrupt_with_workers_ends_promptly_and_leaves_nothing(tmp_path):
     import time
     big = tmp_path / "big.txt"
     with open(big, "w") as f:
-        f.write(corpus_text("tinyshakespeare/input.txt") * 12)  # 13 MB: several seconds with the words tokenizer
+        f.write(corpus_text("tinyshakespeare/input.txt") * 20)  # 22 MB: several seconds with the words tokenizer
     rng = random.Random(0)
     interrupted = 0
     for attempt in range(6):
@@ -741,10 +741,10 @@ def test_interrupt_with_workers_ends_promptly_and_leaves_nothing(tmp_path):
             pytest.fail(f"attempt {attempt}: still running 20 s after SIGINT")
         took = time.monotonic() - sent
         assert "Traceback" not in err, err
-        assert not out.exists() or os.listdir(out) == [], os.listdir(out)
         assert not _processes_mentioning(str(out)), "worker processes left"
-        if p.returncode == 0:  # finished before the signal: nothing more to check
+        if p.returncode == 0:  # finished before the signal: complete output, nothing more to check
             continue
+        assert not out.exists() or os.listdir(out) == [], os.listdir(out)
         interrupted += 1
         assert p.returncode == 130 and took < 10, (attempt, p.returncode, took, err)
         assert err.strip().splitlines()[-1] == "preprocess.py: interrupted; no output written", err
