@@ -124,8 +124,12 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
     print(f"first {len(head)} tokens: {head.tolist()}", file=out)
     text = None
     if tokenizer is not None and len(head):
-        text = tokenizer.decode(head.tolist())
-        print(f"decoded: {text!r}", file=out)
+        if int(head.max()) < tokenizer.vocab_size:
+            text = tokenizer.decode(head.tolist())
+            print(f"decoded: {text!r}", file=out)
+        else:
+            print(f"decoded: (not decodable: id {int(head.max())} is outside the tokenizer's {tokenizer.vocab_size} "
+                  f"ids)", file=out)
     return {"documents": ds.num_documents, "sequences": ds.sequence_count, "tokens": ds.num_tokens,
             "dtype": ds.dtype.name, "vocab_size": vocab_size, "eod_id": eod, "length_stats": stats,
             "scored_tokens": scored,

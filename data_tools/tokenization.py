@@ -311,12 +311,24 @@ class VocabTokenizer(Tokenizer):
 
     @classmethod
     def _symbols(cls, spec, base_dir) -> List[str]:
-        return _load_json(os.path.join(base_dir, spec["file"]), "vocabulary file")
+        """The symbol list of the spec's vocabulary file; ``TokenizerError`` naming the file unless it is a
+        JSON list of distinct strings."""
+        path = os.path.join(base_dir, spec["file"])
+        symbols = _load_json(path, "vocabulary file")
+        if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
+            raise TokenizerError(f"{path}: not a vocabulary (expected a JSON list of symbols, got "
+                                 f"{type(symbols).__name__})")
+        return symbols
 
     @classmethod
     def from_spec(cls, spec, base_dir):
-        return cls(cls._symbols(spec, base_dir), split=spec.get("split", "whitespace"), joiner=spec.get("joiner"),
-                   unk=spec.get("unk"), eod=spec.get("eod"), pad=spec.get("pad"))
+        try:
+            return cls(cls._symbols(spec, base_dir), split=spec.get("split", "whitespace"),
+                       joiner=spec.get("joiner"), unk=spec.get("unk"), eod=spec.get("eod"), pad=spec.get("pad"))
+        except TokenizerError:
+            raise
+        except ValueError as e:
+            raise TokenizerError(f"{os.path.join(base_dir, spec['file'])}: {e}") from None
 
 
 def build_char_vocab(chars: Iterable[str], eod: Optional[str] = None) -> VocabTokenizer:
@@ -377,7 +389,12 @@ class WordTokenizer(VocabTokenizer):
 
     @classmethod
     def from_spec(cls, spec, base_dir):
-        return cls(cls._symbols(spec, base_dir), pad=spec.get("pad"))
+        try:
+            return cls(cls._symbols(spec, base_dir), pad=spec.get("pad"))
+        except TokenizerError:
+            raise
+        except ValueError as e:
+            raise TokenizerError(f"{os.path.join(base_dir, spec['file'])}: {e}") from None
 
 
 def count_words(text: str, counts: Dict[str, int]) -> int:

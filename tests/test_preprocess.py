@@ -835,6 +835,10 @@ def test_merge_and_summarize_bad_inputs_fail_cleanly(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", ["hello world", "again"])
     rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--output-prefix", tmp_path / "ok")
     assert rc == 0, err
+    for name, vocab in (("dictvocab", '{"a": 0}'), ("dupvocab", '["a", "a"]')):
+        rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--output-prefix", tmp_path / name)
+        assert rc == 0, err
+        (tmp_path / (name + ".vocab.json")).write_text(vocab)
     for ext in (".bin", ".idx", ".json", ".vocab.json"):
         (tmp_path / ("cut" + ext)).write_bytes((tmp_path / ("ok" + ext)).read_bytes())
     (tmp_path / "cut.idx").write_bytes((tmp_path / "ok.idx").read_bytes()[:20])
@@ -848,6 +852,8 @@ def test_merge_and_summarize_bad_inputs_fail_cleanly(tmp_path, capsys):
         (["list"], "list.json: expected a JSON object"),
         (["badspec"], "tokenizer spec 'chars': expected a JSON object"),
         (["nojson"], "nojson.json:1: invalid JSON"),
+        (["dictvocab"], "dictvocab.vocab.json: not a vocabulary (expected a JSON list of symbols, got dict)"),
+        (["dupvocab"], "dupvocab.vocab.json: vocabulary has duplicate symbols"),
     ]
     for inputs, message in cases:
         out = tmp_path / "new" / "m"
