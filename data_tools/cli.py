@@ -124,8 +124,9 @@ def check_output_folder(path: str, flag: str) -> None:
     if not os.path.isdir(probe):
         raise CommandError(f"{flag} {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        what = "the folder" if probe == folder else "cannot create a folder in"
-        raise CommandError(f"{flag} {path}: {what} {probe} is not writable (permission denied)")
+        if probe == folder:
+            raise CommandError(f"{flag} {path}: the folder {probe} is not writable (permission denied)")
+        raise CommandError(f"{flag} {path}: cannot create its folder in {probe} (not writable: permission denied)")
 
 
 def make_folders(folder: str) -> List[str]:
