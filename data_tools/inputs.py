@@ -25,16 +25,22 @@ Formats (``--input-format``):
 ``auto``      ``jsonl`` for ``*.jsonl``, ``*.json``, ``*.ndjson``; ``text`` otherwise
 ============  ==================================================================================
 
-A ``.gz`` suffix on any input means gzip: it is decompressed while reading (the checksum is of the file
-as stored).
+A ``.gz``, ``.xz`` or ``.bz2`` suffix on any input means gzip, xz or bzip2: the file is decompressed while
+reading (the checksum is of the file as stored).
+
+A UTF-8 byte-order mark (EF BB BF) at the start of a file is an encoding mark, not text: it is dropped for
+every text format (``jsonl``, ``lines``, ``text``, ``wikitext``), so the first word of a file gets the same
+token as that word anywhere else.  ``bytes`` input is kept exactly as stored.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 from dataclasses import dataclass, replace
@@ -44,6 +50,10 @@ FORMATS = ("auto", "jsonl", "lines", "text", "wikitext", "bytes")
 BLOCK_BYTES = 1 << 20   # target block size for line- and article-based formats
 PIECE_BYTES = 16 << 20  # target block size for one-document-per-file formats (a document longer than
                         # this is stored as several sequences of one document)
+# suffix -> decompressing reader over a binary file object
+COMPRESSED = {".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), ".xz": lambda f: lzma.LZMAFile(f, mode="rb"),
+              ".bz2": lambda f: bz2.BZ2File(f, mode="rb")}
+BOM = codecs.BOM_UTF8
 
 
 class InputError(ValueError):
@@ -92,8 +102,13 @@ def resolve_inputs(args: List[str]) -> Dict[Optional[str], List[str]]:
 def detect_format(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    base = path[:-3] if path.endswith(".gz") else path
+    base = os.path.splitext(path)[0] if is_compressed(path) else path
     return "jsonl" if base.endswith((".jsonl", ".json", ".ndjson")) else "text"
+
+
+def is_compressed(path: str) -> bool:
+    """Whether ``path`` is read through a decompressor (``.gz``, ``.xz``, ``.bz2``)."""
+    return os.path.splitext(path)[1] in COMPRESSED
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -116,7 +131,7 @@ class Block:
     def by_reference(self) -> "Block":
         """This block without its bytes, which ``payload`` reads back from the file (a worker process then
         gets a few numbers instead of a megabyte through a pipe); compressed files keep their bytes."""
-        if self.path.endswith(".gz") or self.data is None:
+        if is_compressed(self.path) or self.data is None:
             return self
         return replace(self, data=None, size=len(self.data))
 
@@ -215,7 +230,8 @@ def read_blocks(path: str, fmt: str, info: List[FileInfo],
         raise InputError(f"{path}: cannot open ({e.strerror})") from None
     with raw:
         hashing = _HashingReader(raw)
-        src = gzip.GzipFile(fileobj=hashing, mode="rb") if path.endswith(".gz") else hashing
+        opener = COMPRESSED.get(os.path.splitext(path)[1])
+        src = opener(hashing) if opener else hashing
         pieces = _pieces(src, cutter, size, path)
         # One piece of look-ahead tells whether a one-document file continues after this piece.
         data = next(pieces, None)
@@ -241,7 +257,7 @@ def _pieces(src, cutter: Callable[[bytes, bool], int], size: int, path: str) -> 
     while True:
         try:
             chunk = src.read(max(size, len(buf)))
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, lzma.LZMAError) as e:
             raise InputError(f"{path}: cannot read ({e})") from None
         if not chunk:
             if buf:
@@ -275,11 +291,13 @@ class Parsed:
         return zip(self.docs, self.answers)
 
 
-def _decode(data: bytes, block: Block) -> str:
+def _decode(data: bytes, block: Block, skip: int = 0) -> str:
+    """``data`` (the block's bytes after ``skip`` leading ones) as UTF-8 text; an ``InputError`` naming the
+    file, line and byte offset if it is not."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = block.offset + e.start
+        where = block.offset + skip + e.start
         line = block.line + data.count(b"\n", 0, e.start)
         raise InputError(f"{block.path}:{line}: invalid UTF-8 at byte offset {where} ({e.reason})") from None
 
@@ -294,10 +312,12 @@ def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = Fal
     fmt, data = block.fmt, block.payload()
     if fmt == "bytes":
         return Parsed([data], block.continues)
+    skip = len(BOM) if block.first and data.startswith(BOM) else 0  # a byte-order mark is not text
+    data = data[skip:]
     if fmt == "text":
-        return Parsed([_decode(data, block)], block.continues)
+        return Parsed([_decode(data, block, skip)], block.continues)
     if fmt == "wikitext":
-        return Parsed(split_articles(_decode(data, block), block.first))
+        return Parsed(split_articles(_decode(data, block, skip), block.first))
     if answer_key is not None and fmt != "jsonl":
         raise InputError(f"{block.path}: --answer-key needs JSON lines, but this input is read as {fmt}")
     out = Parsed([], lines=[], answers=None if answer_key is None else [])
@@ -321,7 +341,7 @@ def parse_block(block: Block, json_key: str = "text", skip_bad_lines: bool = Fal
             lineno = block.line + n
             msg = f"{block.path}:{lineno}: {e}"
             if isinstance(e.__cause__, UnicodeDecodeError):
-                msg += f" at byte offset {block.offset + start + e.__cause__.start}"
+                msg += f" at byte offset {block.offset + skip + start + e.__cause__.start}"
             if not skip_bad_lines:
                 raise InputError(msg) from None
             out.skipped += 1

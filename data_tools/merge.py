@@ -9,18 +9,23 @@ message naming the first input that differs.  The output is written under tempor
 complete; its ``.json`` sums the counts, lists the inputs, and carries the shared tokenizer (saved beside
 the output).
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys  # noqa: E401
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from data_tools.cli import (CommandError, CommandParser, check_not_inputs, check_output_folder, fail, interrupted,
+                            make_folders, remove_folders, sigterm_as_interrupt, signals_deferred)
 from data_tools.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, bin_path, idx_path
 from data_tools.metadata import meta_path, read_metadata, write_metadata
 from data_tools.tokenization import TokenizerError, tokenizer_fingerprint, tokenizer_from_spec
+
+TOKENIZER_SIDECARS = (".vocab.json", ".merges.txt", ".tokenizer.json", ".model")
 
 PROG = "merge.py"
 
@@ -45,13 +50,30 @@ def resolve_prefixes(args: List[str]) -> List[str]:
     return out
 
 
+def input_files(prefixes: List[str]) -> List[Tuple[str, str]]:
+    """``("--input", path)`` for every file the merge reads: the datasets and the tokenizer files their
+    ``.json`` names."""
+    files = []
+    for p in prefixes:
+        files += [("--input", bin_path(p)), ("--input", idx_path(p)), ("--input", meta_path(p))]
+        meta = _metadata(p) if os.path.isfile(meta_path(p)) else None
+        spec = (meta or {}).get("tokenizer") or {}
+        if isinstance(spec, dict):  # a malformed spec is reported when the tokenizers are compared
+            files += [("--input", os.path.join(_dir(p), v)) for k, v in spec.items()
+                      if k in ("file", "vocab", "merges", "model") and isinstance(v, str)]
+    return files
+
+
 def merge(prefixes: List[str], output_prefix: str) -> Dict[str, Any]:
-    """Write the concatenation of ``prefixes`` to ``output_prefix``; return the output's metadata."""
+    """Write the concatenation of ``prefixes`` to ``output_prefix``; return the output's metadata.  Raises
+    ``MergeError`` (and ``IndexedDatasetError``, ``TokenizerError``, ``CommandError``) naming the input at
+    fault; nothing is written then, and folders created for the output are removed again."""
     if not prefixes:
         raise MergeError("nothing to merge")
-    out = os.path.abspath(output_prefix)
-    if any(os.path.abspath(p) == out for p in prefixes):
-        raise MergeError(f"--output-prefix {output_prefix} is also an input")
+    check_output_folder(output_prefix, "--output-prefix")
+    outputs = [bin_path(output_prefix), idx_path(output_prefix), meta_path(output_prefix)]
+    check_not_inputs(outputs + [output_prefix + s for s in TOKENIZER_SIDECARS], input_files(prefixes),
+                     "--output-prefix", output_prefix)
     datasets = [IndexedDataset(p) for p in prefixes]
     first = datasets[0]
     for p, d in zip(prefixes, datasets):
@@ -76,8 +98,10 @@ def merge(prefixes: List[str], output_prefix: str) -> Dict[str, Any]:
             tokenizer = tokenizer_from_spec(metas[0]["tokenizer"], _dir(prefixes[0]))
 
     created: List[str] = []
-    writer = IndexedDatasetWriter(output_prefix, first.dtype)
+    folders = make_folders(_dir(output_prefix))
+    writer = None
     try:
+        writer = IndexedDatasetWriter(output_prefix, first.dtype)
         for p in prefixes:
             writer.add_index(p)
         meta: Optional[Dict[str, Any]] = None
@@ -99,17 +123,25 @@ def merge(prefixes: List[str], output_prefix: str) -> Dict[str, Any]:
             created.append(meta_path(output_prefix))
             write_metadata(output_prefix, meta)
     except BaseException:
-        writer.abort()
-        for path in created:
-            if os.path.exists(path):
-                os.remove(path)
+        with signals_deferred():
+            if writer is not None:
+                writer.abort()
+            for path in created:
+                if os.path.exists(path):
+                    os.remove(path)
+            remove_folders(folders)
         raise
     return meta or {"documents": writer.document_count, "sequences": writer.sequence_count,
                     "tokens": writer.num_tokens}
 
 
 def _metadata(prefix: str) -> Optional[Dict[str, Any]]:
-    return read_metadata(prefix) if os.path.isfile(meta_path(prefix)) else None
+    if not os.path.isfile(meta_path(prefix)):
+        return None
+    meta = read_metadata(prefix)
+    if not isinstance(meta, dict):
+        raise MergeError(f"{meta_path(prefix)}: expected a JSON object (the dataset's metadata)")
+    return meta
 
 
 def _dir(prefix: str) -> str:
@@ -122,20 +154,22 @@ def _describe(meta: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    """The command: exit status 0, 2 on bad input (one line on stderr), 130 when interrupted."""
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR",
                    help="dataset prefixes, or folders of them (taken in sorted order) (required, no default)")
     p.add_argument("--output-prefix", required=True, help="write PREFIX.bin/.idx/.json (required, no default)")
     args = p.parse_args(argv)
     try:
-        prefixes = resolve_prefixes(args.input)
-        meta = merge(prefixes, args.output_prefix)
-    except (MergeError, IndexedDatasetError, TokenizerError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        with sigterm_as_interrupt():
+            prefixes = resolve_prefixes(args.input)
+            meta = merge(prefixes, args.output_prefix)
+    except (MergeError, IndexedDatasetError, TokenizerError, CommandError, ValueError) as e:
+        return fail(PROG, e)
+    except OSError as e:
+        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return interrupted(PROG)
     print(f"{PROG}: merged {len(prefixes)} datasets into {args.output_prefix}: {meta['documents']:,} documents, "
           f"{meta['tokens']:,} tokens", file=sys.stderr)
     return 0

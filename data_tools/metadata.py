@@ -39,13 +39,20 @@ def write_metadata(prefix: str, meta: Dict[str, Any]) -> None:
 
 
 def read_metadata(prefix: str) -> Dict[str, Any]:
+    """``prefix.json`` as a dict.  ``FileNotFoundError`` when it is missing; ``ValueError`` naming the file
+    (and line) when it is not a JSON object."""
     path = meta_path(prefix)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path}: no metadata beside the dataset (write it with data_tools/preprocess.py, or pass the "
             f"tokenizer explicitly)")
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected the dataset's JSON metadata") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (the dataset's metadata), got a {type(meta).__name__}")
+    return meta

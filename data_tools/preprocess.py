@@ -22,27 +22,33 @@ answer's (each encoded on its own), and a companion uint8 dataset ``P.mask`` wit
 sequences marks the answer tokens (and the EOD) with 1; ``P.json`` names it under ``loss_mask``, so
 training and evaluation score the answers only.  This module never imports torch.
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys  # noqa: E401
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from data_tools.cli import (CommandError, CommandParser, check_not_inputs, check_output_folder, fail,
+                            int_at_least, interrupted, make_folders, remove_folders, sigterm_as_interrupt,
+                            signals_deferred)
 from data_tools.indexed import (CODE_OF_DTYPE, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
                                 bin_path, idx_path, optimal_dtype)
 from data_tools.inputs import (FORMATS, Block, FileInfo, InputError, detect_format, parse_block, read_blocks,
                                resolve_inputs)
 from data_tools.metadata import meta_path, write_metadata
+from data_tools.progress import Progress
 from data_tools.tokenization import (ByteTokenizer, GPT2Tokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
                                      TokenizerError, build_char_vocab, build_word_vocab, count_words, train_byte_bpe)
+from data_tools.workers import WorkerDied, ordered_map
 
 PROG = "preprocess.py"
 TOKENIZERS = ("bytes", "chars", "words", "gpt2", "hf", "sentencepiece")
@@ -51,6 +57,8 @@ ALIASES = {"GPT2BPETokenizer": "gpt2", "HuggingFaceTokenizer": "hf", "SentencePi
            "GPTSentencePieceTokenizer": "sentencepiece"}
 SPLIT_NAMES = ("train", "valid", "test")
 CHAR_EOD = "<eod>"
+# Files a tokenizer may save beside the output prefix (data_tools.tokenization: sidecar files).
+TOKENIZER_SIDECARS = (".vocab.json", ".merges.txt", ".tokenizer.json", ".model")
 
 
 class PreprocessError(ValueError):
@@ -58,13 +66,16 @@ class PreprocessError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ options
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+def split_weights(text: str) -> List[int]:
+    """argparse type of ``--split``: 1 to 3 non-negative integer weights with a positive sum."""
+    try:
+        return parse_split(text)
+    except PreprocessError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files or globs; NAME=PATH gives each split its own files "
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip and count bad JSON lines (unparsable, no key, not a string; the answer too with "
                         "--answer-key) and undecodable lines "
                         "instead of stopping at the first (default: off)")
-    g.add_argument("--split", default=None, metavar="W1,W2[,W3]",
+    g.add_argument("--split", default=None, type=split_weights, metavar="W1,W2[,W3]",
                    help="cut the input stream into train,valid[,test] by tokens, in order, at exact token "
                         "positions (a document across a cut is cut in two), e.g. 90,5,5; weights are relative "
                         "(default: no split, or the NAME=PATH splits)")
@@ -103,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eod-token", default=None,
                    help="hf: the token used as EOD (default: the first of <|endoftext|>, <|end_of_text|>, "
                         "</s>, <eos>, <|im_end|>, [SEP] in the vocabulary)")
-    g.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB",
+    g.add_argument("--train-bpe", type=int_at_least(257, "256 bytes + <|endoftext|>"), default=None, metavar="VOCAB",
                    help="train a byte-level BPE of VOCAB ids on the train split with the tokenizers library and "
                         "use it (default: off)")
-    g.add_argument("--bpe-min-frequency", type=int, default=2,
+    g.add_argument("--bpe-min-frequency", type=int_at_least(1), default=2,
                    help="--train-bpe: minimum frequency of a merged pair (default: 2)")
-    g.add_argument("--min-count", type=int, default=1,
+    g.add_argument("--min-count", type=int_at_least(1), default=1,
                    help="words: words seen fewer times in the train split become <unk> (default: 1)")
-    g.add_argument("--max-vocab", type=int, default=None,
+    g.add_argument("--max-vocab", type=int_at_least(2, "<eos> and <unk> included"), default=None,
                    help="words: keep at most this many symbols, <eos> and <unk> included (default: no limit)")
     g.add_argument("--tokenizer-backend", choices=("auto", "gigatoken", "tokenizers"), default="auto",
                    help="gpt2, hf, sentencepiece: gigatoken (fast; used only where it gives the reference's "
@@ -126,21 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
                    help="token dtype; auto: uint16 for vocabularies under 65,500 ids, else int32, as Megatron "
                         "(default: auto)")
-    g.add_argument("--workers", type=int, default=1,
+    g.add_argument("--workers", type=int_at_least(1), default=1,
                    help="tokenizing processes; document order is kept (default: 1)")
     g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar; the final summary still prints (default: off)")
+                   help="no progress output (a bar on a terminal, else a line every 30 s with rate and ETA); "
+                        "the final summary still prints (default: off)")
     return p
 
 
 def parse_split(text: str) -> List[int]:
+    """``"90,5,5"`` -> ``[90, 5, 5]``: 1 to 3 non-negative integer weights (train, valid, test) with a
+    positive sum; ``PreprocessError`` otherwise."""
     try:
         weights = [int(w) for w in text.split(",")]
     except ValueError:
-        raise PreprocessError(f"--split {text}: expected comma-separated integers such as 90,5,5") from None
+        raise PreprocessError(f"--split {text}: expected comma-separated integers such as 90,5,5, "
+                              f"got {text!r}") from None
     if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
         raise PreprocessError(f"--split {text}: give 1 to 3 non-negative weights (train,valid,test) with a "
-                              f"positive sum")
+                              f"positive sum, got {text!r}")
     return weights
 
 
@@ -257,77 +272,6 @@ class WordsTask:
         return counts, total
 
 
-_TASK: Optional[Callable] = None
-
-
-def _init_worker(task: Callable) -> None:
-    global _TASK
-    _TASK = task
-
-
-def _run_task(block: Block):
-    return _TASK(block)
-
-
-def ordered_map(task: Callable, blocks: Iterable[Block], workers: int) -> Iterator[Tuple[Block, Any]]:
-    """``(block, task(block))`` in input order, computed by ``workers`` processes.  At most two blocks per
-    worker are in flight, so the reader never runs ahead of the workers by more than that."""
-    if workers <= 1:
-        for b in blocks:
-            yield b, task(b)
-        return
-    import multiprocessing as mp
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(task,))
-    try:
-        pending: deque = deque()
-        for b in blocks:
-            pending.append((b, pool.apply_async(_run_task, (b.by_reference(),))))
-            if len(pending) >= 2 * workers:
-                done, res = pending.popleft()
-                yield done, res.get()
-        while pending:
-            done, res = pending.popleft()
-            yield done, res.get()
-        pool.close()
-        pool.join()
-    finally:
-        pool.terminate()
-
-
-# ------------------------------------------------------------------------------------------ progress
-class Progress:
-    """tqdm bar over input bytes (MB/s) with documents and docs/s, on stderr.  A context manager: the bar is
-    kept on success and cleared on an error, so the error message stands alone on its line."""
-
-    def __init__(self, desc: str, total_bytes: int, enabled: bool, count_docs: bool):
-        self.docs, self.count_docs, self.start = 0, count_docs, time.perf_counter()
-        self.bar = None
-        if enabled:
-            import tqdm
-            tqdm.tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
-            self.bar = tqdm.tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
-                                 mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True)
-
-    def update(self, nbytes: int, docs: int = 0) -> None:
-        self.docs += docs
-        if self.bar is not None:
-            if self.count_docs:
-                elapsed = max(time.perf_counter() - self.start, 1e-9)
-                self.bar.set_postfix_str(f"{self.docs:,} docs, {self.docs / elapsed:,.0f} docs/s", refresh=False)
-            self.bar.update(nbytes)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.bar is not None:
-            self.bar.leave = exc_type is None
-            self.bar.close()
-            if exc_type is not None and not sys.stderr.isatty():
-                sys.stderr.write("\n")  # end the bar's line: the error message gets a line of its own
-
-
 # --------------------------------------------------------------------------------------- the job
 def mask_prefix(prefix: str) -> str:
     """The answer mask written beside ``prefix`` with ``--answer-key``."""
@@ -348,14 +292,18 @@ class Output:
 
 
 class Outputs:
-    """Every file the job creates: temporary ones are removed on failure, and final ones too if the
-    failure comes after some were renamed into place."""
+    """Every file and folder the job creates: on failure the temporary files are removed, the final ones
+    too if the failure comes after some were renamed into place, and then every folder created for them."""
 
     def __init__(self, prefix: str):
         self.writers: List[IndexedDatasetWriter] = []
         self.created: List[str] = []
         self.directory = os.path.dirname(os.path.abspath(prefix))
-        self.new_directory = not os.path.isdir(self.directory)
+        self.folders: List[str] = []  # folders this job created, outermost first
+
+    def make_directory(self) -> None:
+        """Create the output folder (and its missing parents), remembering which were new."""
+        self.folders = make_folders(self.directory)
 
     def writer(self, prefix: str, dtype) -> IndexedDatasetWriter:
         w = IndexedDatasetWriter(prefix, dtype)
@@ -372,13 +320,14 @@ class Outputs:
         w.finalize()
 
     def abort(self) -> None:
-        for w in self.writers:
-            w.abort()
-        for p in self.created:
-            if os.path.exists(p):
-                os.remove(p)
-        if self.new_directory and os.path.isdir(self.directory) and not os.listdir(self.directory):
-            os.rmdir(self.directory)
+        """Remove everything written so far (a second Ctrl-C does not cut this short)."""
+        with signals_deferred():
+            for w in self.writers:
+                w.abort()
+            for p in self.created:
+                if os.path.exists(p):
+                    os.remove(p)
+            remove_folders(self.folders)
 
 
 class Job:
@@ -391,12 +340,10 @@ class Job:
         self.skipped: Dict[str, int] = {}  # bad lines skipped, per output prefix
         self.inputs = resolve_inputs(args.input)
         self.named = None not in self.inputs
-        self.weights = parse_split(args.split) if args.split else None
+        self.weights = args.split
         if self.weights and self.named:
             raise PreprocessError("--split cuts one input stream; with NAME=PATH inputs each split already has "
                                   "its own files")
-        if args.workers < 1:
-            raise PreprocessError(f"--workers {args.workers}: must be at least 1")
         self.formats = {p: detect_format(p, args.input_format) for ps in self.inputs.values() for p in ps}
         if args.answer_key is not None:
             other = next((p for p, f in self.formats.items() if f != "jsonl"), None)
@@ -412,9 +359,6 @@ class Job:
             if kind not in (None, "gpt2"):
                 raise PreprocessError(f"--train-bpe trains a byte-level BPE; it cannot be combined with "
                                       f"--tokenizer {args.tokenizer}")
-            if args.train_bpe < 257:
-                raise PreprocessError(f"--train-bpe {args.train_bpe}: a byte-level BPE needs at least 257 ids "
-                                      f"(256 bytes + <|endoftext|>)")
             kind = "train-bpe"
         elif kind is None:
             raise PreprocessError("--tokenizer is required (one of " + ", ".join(TOKENIZERS) + "), or --train-bpe")
@@ -425,8 +369,8 @@ class Job:
         raw = [p for p, f in self.formats.items() if f == "bytes"]
         if raw and kind != "bytes":
             raise PreprocessError(f"--input-format bytes reads raw bytes ({raw[0]}); it needs --tokenizer bytes")
-        if args.min_count < 1:
-            raise PreprocessError(f"--min-count {args.min_count}: must be at least 1")
+        check_output_folder(args.output_prefix, "--output-prefix")
+        check_not_inputs(self.output_files(), self.input_files(), "--output-prefix", args.output_prefix)
         self.total_bytes = sum(os.path.getsize(p) for ps in self.inputs.values() for p in ps)
         self.start = time.perf_counter()
 
@@ -443,8 +387,39 @@ class Job:
     def all_paths(self) -> List[str]:
         return [p for ps in self.inputs.values() for p in ps]
 
+    def output_prefixes(self) -> List[str]:
+        a = self.args
+        if self.weights:
+            return [f"{a.output_prefix}_{name}" for name, w in zip(SPLIT_NAMES, self.weights) if w]
+        return [a.output_prefix if name is None else f"{a.output_prefix}_{name}" for name in self.inputs]
+
+    def output_files(self) -> List[str]:
+        """Every final file this job may write (data, masks, metadata, tokenizer files)."""
+        files = [self.args.output_prefix + s for s in TOKENIZER_SIDECARS]
+        for prefix in self.output_prefixes():
+            files += [bin_path(prefix), idx_path(prefix), meta_path(prefix)]
+            if self.args.answer_key is not None:
+                files += [bin_path(mask_prefix(prefix)), idx_path(mask_prefix(prefix))]
+        return files
+
+    def input_files(self) -> List[Tuple[str, str]]:
+        """``(flag, path)`` of every file the job reads."""
+        a = self.args
+        files = [("--input", p) for p in self.all_paths()]
+        return files + [(flag, path) for flag, path in (
+            ("--vocab-file", a.vocab_file), ("--merge-file", a.merge_file), ("--tokenizer-file", a.tokenizer_file),
+            ("--tokenizer-model", a.tokenizer_model)) if path]
+
     def progress(self, desc: str, paths: List[str], count_docs: bool = False) -> Progress:
-        return Progress(desc, sum(os.path.getsize(p) for p in paths), not self.args.no_progress, count_docs)
+        """Progress over the bytes of ``paths`` (with documents per second when ``count_docs``)."""
+        bar = Progress(PROG, desc, sum(os.path.getsize(p) for p in paths), "B", enabled=not self.args.no_progress)
+        if count_docs:
+            bar.postfix = lambda: f"{bar.count:,} docs, {bar.count / max(bar.elapsed(), 1e-9):,.0f} docs/s"
+        return bar
+
+    def map(self, task: Callable, blocks: Iterator[Block]) -> Iterator[Tuple[Block, Any]]:
+        """``(block, task(block))`` in order, in ``--workers`` processes (blocks are sent by reference)."""
+        return ordered_map(task, blocks, self.args.workers, ship=Block.by_reference)
 
     # ---------------------------------------------------------------- tokenizer
     def make_tokenizer(self) -> Tokenizer:
@@ -474,7 +449,7 @@ class Job:
             chars: set = set()
             task = CharsTask(a.json_key, a.skip_bad_lines, a.answer_key)
             with self.progress("reading characters", self.all_paths()) as bar:
-                for block, found in ordered_map(task, self.blocks(self.all_paths()), a.workers):
+                for block, found in self.map(task, self.blocks(self.all_paths())):
                     chars |= found
                     bar.update(block.raw_bytes)
             if not chars:
@@ -509,7 +484,7 @@ class Job:
             total = 0
             task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod, count=False, answer_key=a.answer_key)
             with self.progress("counting tokens", paths) as bar:
-                for block, (_, n) in ordered_map(task, self.blocks(paths), a.workers):
+                for block, (_, n) in self.map(task, self.blocks(paths)):
                     total += n
                     bar.update(block.raw_bytes)
             limit = split_cuts(total, self.weights)[0][2] if self.weights[0] else 0
@@ -517,7 +492,7 @@ class Job:
         task = WordsTask(a.json_key, a.skip_bad_lines, a.append_eod, answer_key=a.answer_key)
         seen = 0
         with self.progress("counting words", paths) as bar:
-            for block, (c, n) in ordered_map(task, self.blocks(paths), a.workers):
+            for block, (c, n) in self.map(task, self.blocks(paths)):
                 if limit is not None and seen + n > limit:
                     c, n = task(block, limit - seen)  # the train share ends inside this block
                     _merge_counts(counts, c)
@@ -547,7 +522,6 @@ class Job:
                     yield from record  # the prompt and the answer are encoded on their own
 
         self.outputs.created.append(a.output_prefix + ".tokenizer.json")
-        os.makedirs(self.outputs.directory, exist_ok=True)  # the trained tokenizer is written before any data
         with self.progress("training BPE", paths) as bar:
             return train_byte_bpe(texts(bar), a.train_bpe, a.output_prefix, a.bpe_min_frequency)
 
@@ -559,7 +533,7 @@ class Job:
         skipped = 0
         blocks = self.blocks(paths, out.info, self.tokenizer.cut_point)
         with self.progress(desc, paths, count_docs=True) as bar:
-            for block, r in ordered_map(task, blocks, self.args.workers):
+            for block, r in self.map(task, blocks):
                 skipped += r["skipped"]
                 if r["skipped"] and "first_skip" not in self.stats:
                     self.stats["first_skip"] = r["first_skip"]
@@ -568,7 +542,8 @@ class Job:
                     write_pieces(out.mask, r["mask"], r["lengths"], open_doc, r["continues"])
                     out.scored += int(np.count_nonzero(r["mask"]))
                 open_doc = r["continues"]
-                bar.update(block.raw_bytes, max(complete, 0))
+                bar.count += max(complete, 0)
+                bar.update(block.raw_bytes)
         self.stats["skipped"] = self.stats.get("skipped", 0) + skipped
         self.skipped[out.prefix] = skipped
 
@@ -576,6 +551,7 @@ class Job:
     def run(self) -> List[str]:
         a = self.args
         try:
+            self.outputs.make_directory()
             self.tokenizer = tok = self.make_tokenizer()
             if a.append_eod and tok.eod_id is None:
                 raise PreprocessError(f"--append-eod: the tokenizer ({tok.describe()}) has no EOD token"
@@ -606,7 +582,8 @@ class Job:
         except BaseException:
             self.outputs.abort()
             raise
-        self.summarize(results, dtype)
+        with signals_deferred():  # the outputs are complete: a Ctrl-C now must not report otherwise
+            self.summarize(results, dtype)
         return [r.prefix for r in results]
 
     def run_token_split(self, task: EncodeTask, dtype) -> List[Output]:
@@ -816,18 +793,18 @@ def copy_token_range(src: IndexedDataset, writer: IndexedDatasetWriter, start: i
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command: exit status 0, 2 on bad input (one line on stderr), 130 when interrupted (SIGINT or
+    SIGTERM); nothing is left behind unless it succeeds."""
     args = build_parser().parse_args(argv)
     try:
-        Job(args).run()
-    except (PreprocessError, InputError, TokenizerError, IndexedDatasetError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        with sigterm_as_interrupt():
+            Job(args).run()
+    except (PreprocessError, InputError, TokenizerError, IndexedDatasetError, CommandError, WorkerDied) as e:
+        return fail(PROG, e)
     except OSError as e:
-        print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
+        return interrupted(PROG)
     return 0
 
 

@@ -11,17 +11,19 @@ The tokenizer comes from ``PREFIX.json`` when there is one; otherwise from ``--v
 (GPT-2 BPE), ``--tokenizer-file`` (a tokenizer.json, or a sentencepiece .model), or none at all (token ids
 are printed undecoded).
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys  # noqa: E401
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse
 import os
 import sys
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 
+from data_tools.cli import CommandParser, fail, int_at_least, interrupted
 from data_tools.indexed import IndexedDataset, IndexedDatasetError, bin_path, idx_path
 from data_tools.metadata import meta_path, read_metadata
 from data_tools.tokenization import (GPT2Tokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, TokenizerError,
@@ -122,8 +124,12 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
     print(f"first {len(head)} tokens: {head.tolist()}", file=out)
     text = None
     if tokenizer is not None and len(head):
-        text = tokenizer.decode(head.tolist())
-        print(f"decoded: {text!r}", file=out)
+        if int(head.max()) < tokenizer.vocab_size:
+            text = tokenizer.decode(head.tolist())
+            print(f"decoded: {text!r}", file=out)
+        else:
+            print(f"decoded: (not decodable: id {int(head.max())} is outside the tokenizer's {tokenizer.vocab_size} "
+                  f"ids)", file=out)
     return {"documents": ds.num_documents, "sequences": ds.sequence_count, "tokens": ds.num_tokens,
             "dtype": ds.dtype.name, "vocab_size": vocab_size, "eod_id": eod, "length_stats": stats,
             "scored_tokens": scored,
@@ -131,22 +137,26 @@ def summarize(prefix: str, tokenizer: Optional[Tokenizer] = None, meta: Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    """The command: exit status 0, 2 on bad input (one line on stderr), 130 when interrupted."""
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json, for a prefix without .json (default: none)")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt, with --vocab-file (default: none)")
     p.add_argument("--tokenizer-file", default=None,
                    help="a tokenizer.json or sentencepiece .model, for a prefix without .json (default: none)")
-    p.add_argument("--tokens", type=int, default=40, help="how many leading tokens to show (default: 40)")
+    p.add_argument("--tokens", type=int_at_least(0), default=40, help="how many leading tokens to show (default: 40)")
     args = p.parse_args(argv)
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
     try:
         meta = read_metadata(prefix) if os.path.isfile(meta_path(prefix)) else None
         tok = tokenizer_for(prefix, meta, args.vocab_file, args.merge_file, args.tokenizer_file)
         summarize(prefix, tok, meta, args.tokens)
-    except (IndexedDatasetError, TokenizerError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except (IndexedDatasetError, TokenizerError, ValueError) as e:
+        return fail(PROG, e)
+    except OSError as e:
+        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return interrupted(PROG, "stopped")
     return 0
 
 

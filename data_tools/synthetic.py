@@ -27,9 +27,11 @@ Usage::
     python data_tools/synthetic.py copy --output-prefix data/copy24 --length 24 --segment-multiple 8
     python data_tools/synthetic.py equations --output-prefix data/sqeq --format jsonl
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
@@ -40,10 +42,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from data_tools.cli import (CommandError, CommandParser, bounded, check_output_folder, fail, int_at_least,
+                            interrupted, make_folders, remove_folders, sigterm_as_interrupt, signals_deferred)
 from data_tools.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
-from data_tools.metadata import write_metadata
+from data_tools.metadata import meta_path, write_metadata
+from data_tools.progress import Progress
 from data_tools.tokenization import VocabTokenizer
 
 PAD, SEP = "<pad>", "<s>"
@@ -295,7 +299,7 @@ def draw_splits(task: Task, sizes: Dict[str, int], seed: int, progress: bool = F
     order = [(s, sizes[s]) for s in SPLITS if sizes.get(s, 0) > 0]
     split_i, filled, drawn = 0, 0, 0
     budget = 20 * need + 100 * DRAW
-    bar = tqdm(total=need, unit="ex", desc=f"{task.name} examples", disable=not progress, mininterval=1.0)
+    bar = Progress("synthetic.py", f"{task.name} examples", need, unit="examples", enabled=progress)
     try:
         while split_i < len(order):
             if drawn > budget:
@@ -355,13 +359,15 @@ def generate(task: Task, output_prefix: str, sizes: Dict[str, int], seed: int = 
     dtype = optimal_dtype(tok.vocab_size)
     if progress is None:
         progress = sum(sizes.values()) >= 20000
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    check_output_folder(output_prefix, "--output-prefix")
     tag = f".partial{os.getpid()}"
     prefixes = {s: f"{output_prefix}_{s}" for s in SPLITS if sizes.get(s, 0) > 0}
     writers: Dict[str, tuple] = {}
     jsonl_files: Dict[str, Any] = {}
     counts = {s: 0 for s in prefixes}
     scored = {s: 0 for s in prefixes}
+    created: List[str] = []  # final files renamed into place so far
+    folders = make_folders(os.path.dirname(os.path.abspath(output_prefix)))
     try:
         for s, p in prefixes.items():
             writers[s] = (IndexedDatasetWriter(p + tag, dtype=dtype), IndexedDatasetWriter(p + tag + ".mask",
@@ -386,53 +392,61 @@ def generate(task: Task, output_prefix: str, sizes: Dict[str, int], seed: int = 
                 w.finalize()
             if jsonl:
                 jsonl_files[s].close()
-    except BaseException:
-        for pair in writers.values():
-            for w in pair:
-                w.abort()
-        for s, f in jsonl_files.items():
-            f.close()
+        summary = {}
         for s, p in prefixes.items():
-            for path in (bin_path(p + tag), idx_path(p + tag), bin_path(p + tag + ".mask"),
-                         idx_path(p + tag + ".mask"), p + ".jsonl" + tag):
+            for src, dst in ((bin_path(p + tag), bin_path(p)), (idx_path(p + tag), idx_path(p)),
+                             (bin_path(p + tag + ".mask"), bin_path(p + ".mask")),
+                             (idx_path(p + tag + ".mask"), idx_path(p + ".mask"))):
+                os.replace(src, dst)
+                created.append(dst)
+            if jsonl:
+                os.replace(p + ".jsonl" + tag, p + ".jsonl")
+                created.append(p + ".jsonl")
+            spec = tok.save(p)
+            created.append(os.path.join(os.path.dirname(os.path.abspath(p)), spec["file"]))
+            meta = {
+                "format": "MMIDIDX", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+                "eod_id": None, "pad_id": tok.pad_id, "tokenizer": spec,
+                "documents": counts[s], "sequences": counts[s], "tokens": counts[s] * padded,
+                "producer": "synthetic", "split": s, "loss_mask": os.path.basename(p) + ".mask",
+                "task": {**task.params(), "seed": seed, "sizes": {k: sizes.get(k, 0) for k in SPLITS},
+                         "segment_multiple": m, "example_len": task.example_len, "padded_len": padded,
+                         "scored_tokens": scored[s]},
+            }
+            created.append(meta_path(p))
+            write_metadata(p, meta)  # written last: its presence marks a complete split
+            summary[s] = {"prefix": p, "examples": counts[s], "tokens": counts[s] * padded, "scored": scored[s]}
+    except BaseException:
+        with signals_deferred():
+            for pair in writers.values():
+                for w in pair:
+                    w.abort()
+            for s, f in jsonl_files.items():
+                f.close()
+            for s, p in prefixes.items():
+                created += [bin_path(p + tag), idx_path(p + tag), bin_path(p + tag + ".mask"),
+                            idx_path(p + tag + ".mask"), p + ".jsonl" + tag]
+            for path in created:
                 if os.path.exists(path):
                     os.remove(path)
+            remove_folders(folders)
         raise
-    summary = {}
-    for s, p in prefixes.items():
-        for src, dst in ((bin_path(p + tag), bin_path(p)), (idx_path(p + tag), idx_path(p)),
-                         (bin_path(p + tag + ".mask"), bin_path(p + ".mask")),
-                         (idx_path(p + tag + ".mask"), idx_path(p + ".mask"))):
-            os.replace(src, dst)
-        if jsonl:
-            os.replace(p + ".jsonl" + tag, p + ".jsonl")
-        meta = {
-            "format": "MMIDIDX", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "eod_id": None, "pad_id": tok.pad_id, "tokenizer": tok.save(p),
-            "documents": counts[s], "sequences": counts[s], "tokens": counts[s] * padded,
-            "producer": "synthetic", "split": s, "loss_mask": os.path.basename(p) + ".mask",
-            "task": {**task.params(), "seed": seed, "sizes": {k: sizes.get(k, 0) for k in SPLITS},
-                     "segment_multiple": m, "example_len": task.example_len, "padded_len": padded,
-                     "scored_tokens": scored[s]},
-        }
-        write_metadata(p, meta)  # written last: its presence marks a complete split
-        summary[s] = {"prefix": p, "examples": counts[s], "tokens": counts[s] * padded, "scored": scored[s]}
     return summary
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Generate the RMT synthetic memory tasks as indexed datasets with answer masks.")
+    parser = CommandParser(prog="synthetic.py",
+                           description="Generate the RMT synthetic memory tasks as indexed datasets with answer masks.")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    common = argparse.ArgumentParser(add_help=False)
+    common = CommandParser(add_help=False)
     common.add_argument("--output-prefix", required=True,
                         help="writes PREFIX_train, PREFIX_valid, PREFIX_test (.bin/.idx/.json, .mask, .vocab.json)")
-    common.add_argument("--train-size", type=int, default=100_000, help="examples (default 100000)")
-    common.add_argument("--valid-size", type=int, default=10_000, help="examples (default 10000)")
-    common.add_argument("--test-size", type=int, default=20_000, help="examples (default 20000)")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--segment-multiple", type=int, default=1,
+    common.add_argument("--train-size", type=int_at_least(0), default=100_000, help="examples (default 100000)")
+    common.add_argument("--valid-size", type=int_at_least(0), default=10_000, help="examples (default 10000)")
+    common.add_argument("--test-size", type=int_at_least(0), default=20_000, help="examples (default 20000)")
+    common.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
+    common.add_argument("--segment-multiple", type=int_at_least(1), default=1,
                         help="pad every example to a multiple of this many tokens (the training segment length)")
     common.add_argument("--format", choices=("indexed", "jsonl"), default="indexed",
                         help="'jsonl' also writes PREFIX_split.jsonl (one example per line, as text)")
@@ -440,15 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress bar (default: on from 20000 examples)")
     for name, helptext in (("copy", "X <s> X X"), ("reverse", "X <s> reverse(X)")):
         p = sub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("--length", type=int, default=24, help="length L of X (default 24)")
-        p.add_argument("--num-symbols", type=int, default=8, help=f"alphabet size, at most {len(SYMBOLS)} (default 8)")
+        p.add_argument("--length", type=int_at_least(1), default=24, help="length L of X (default 24)")
+        p.add_argument("--num-symbols", type=bounded(int, 1, len(SYMBOLS)), default=8,
+                       help=f"alphabet size, at most {len(SYMBOLS)} (default 8)")
     p = sub.add_parser("retrieval", parents=[common], help="k1 v1 ... kK vK q <s> v")
-    p.add_argument("--num-pairs", type=int, default=4, help="key-value pairs K, at most 26 (default 4)")
+    p.add_argument("--num-pairs", type=bounded(int, 1, len(LETTERS)), default=4,
+                   help="key-value pairs K, at most 26 (default 4)")
     p = sub.add_parser("equations", parents=[common], help="quadratic equations, RMT chunk layout")
-    p.add_argument("--max-root", type=int, default=100, help="integer roots in (-R, R) (default 100)")
-    p.add_argument("--max-scale", type=int, default=10, help="equation scaled by +-[1, S] (default 10)")
-    p.add_argument("--no-root-fraction", type=float, default=0.2, help="share without real roots (default 0.2)")
-    p.add_argument("--chunk-len", type=int, default=0, help="tokens per chunk; 0 = longest possible (default)")
+    p.add_argument("--max-root", type=int_at_least(1), default=100, help="integer roots in (-R, R) (default 100)")
+    p.add_argument("--max-scale", type=int_at_least(1), default=10, help="equation scaled by +-[1, S] (default 10)")
+    p.add_argument("--no-root-fraction", type=bounded(float, 0, 1), default=0.2,
+                   help="share without real roots (default 0.2)")
+    p.add_argument("--chunk-len", type=int_at_least(0, "0 = longest possible"), default=0,
+                   help="tokens per chunk; 0 = longest possible (default)")
     p.add_argument("--score", choices=("solution", "answer"), default="solution",
                    help="mask every chunk after the equation (default) or the answer chunk only")
     return parser
@@ -464,16 +482,22 @@ def make_task(args: argparse.Namespace) -> Task:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: exit status 0, 2 on bad options (one line on stderr), 130 when interrupted; nothing is
+    left behind unless it succeeds."""
     args = build_parser().parse_args(argv)
     try:
-        task = make_task(args)
-        summary = generate(task, args.output_prefix,
-                           {"train": args.train_size, "valid": args.valid_size, "test": args.test_size},
-                           seed=args.seed, segment_multiple=args.segment_multiple, jsonl=args.format == "jsonl",
-                           progress=args.progress)
-    except (TaskError, OSError) as e:
-        print(f"synthetic.py: error: {e}", file=sys.stderr)
-        return 1
+        with sigterm_as_interrupt():
+            task = make_task(args)
+            summary = generate(task, args.output_prefix,
+                               {"train": args.train_size, "valid": args.valid_size, "test": args.test_size},
+                               seed=args.seed, segment_multiple=args.segment_multiple,
+                               jsonl=args.format == "jsonl", progress=args.progress)
+    except (TaskError, CommandError) as e:
+        return fail("synthetic.py", e)
+    except OSError as e:
+        return fail("synthetic.py", f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return interrupted("synthetic.py")
     for split, info in summary.items():
         print(f"{split}: {info['examples']} examples, {info['tokens']} tokens, {info['scored']} scored "
               f"-> {info['prefix']}.{{bin,idx,json}} + {os.path.basename(info['prefix'])}.mask")

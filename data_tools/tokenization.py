@@ -98,10 +98,17 @@ class Tokenizer:
 
 
 def tokenizer_from_spec(spec: Dict[str, Any], base_dir: str) -> Tokenizer:
+    """The tokenizer a spec (``prefix.json``'s ``tokenizer``) describes, its files relative to ``base_dir``.
+    ``ValueError`` for an unknown type; ``TokenizerError`` for a malformed spec or a missing/bad file."""
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"tokenizer spec {spec!r}: expected a JSON object with a 'type'")
     kind = spec.get("type")
     if kind not in _REGISTRY:
         raise ValueError(f"unknown tokenizer type {kind!r} in spec (known: {', '.join(registered_kinds())})")
-    return _REGISTRY[kind].from_spec(spec, base_dir)
+    try:
+        return _REGISTRY[kind].from_spec(spec, base_dir)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"tokenizer spec {spec!r}: missing or malformed field ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(prefix: str) -> Tokenizer:
@@ -114,12 +121,18 @@ def load_tokenizer(prefix: str) -> Tokenizer:
 
 def tokenizer_fingerprint(spec: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
     """The spec with each tokenizer file replaced by the sha256 of its contents: equal fingerprints mean the
-    same tokenizer, whatever the files are called (used to check that datasets can be merged)."""
+    same tokenizer, whatever the files are called (used to check that datasets can be merged).
+    ``TokenizerError`` for a spec that is not a JSON object or names a missing file."""
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"tokenizer spec {spec!r}: expected a JSON object with a 'type'")
     cls = _REGISTRY.get(spec.get("type"))
     out = dict(spec)
     for key in (cls.file_keys if cls else ()):
         if out.get(key):
-            out[key] = "sha256:" + _sha256(os.path.join(base_dir, out[key]))
+            path = os.path.join(base_dir, str(out[key]))
+            if not os.path.isfile(path):
+                raise TokenizerError(f"{path}: no such tokenizer file (named by the dataset's metadata)")
+            out[key] = "sha256:" + _sha256(path)
     return out
 
 
@@ -298,12 +311,24 @@ class VocabTokenizer(Tokenizer):
 
     @classmethod
     def _symbols(cls, spec, base_dir) -> List[str]:
-        return _load_json(os.path.join(base_dir, spec["file"]), "vocabulary file")
+        """The symbol list of the spec's vocabulary file; ``TokenizerError`` naming the file unless it is a
+        JSON list of distinct strings."""
+        path = os.path.join(base_dir, spec["file"])
+        symbols = _load_json(path, "vocabulary file")
+        if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
+            raise TokenizerError(f"{path}: not a vocabulary (expected a JSON list of symbols, got "
+                                 f"{type(symbols).__name__})")
+        return symbols
 
     @classmethod
     def from_spec(cls, spec, base_dir):
-        return cls(cls._symbols(spec, base_dir), split=spec.get("split", "whitespace"), joiner=spec.get("joiner"),
-                   unk=spec.get("unk"), eod=spec.get("eod"), pad=spec.get("pad"))
+        try:
+            return cls(cls._symbols(spec, base_dir), split=spec.get("split", "whitespace"),
+                       joiner=spec.get("joiner"), unk=spec.get("unk"), eod=spec.get("eod"), pad=spec.get("pad"))
+        except TokenizerError:
+            raise
+        except ValueError as e:
+            raise TokenizerError(f"{os.path.join(base_dir, spec['file'])}: {e}") from None
 
 
 def build_char_vocab(chars: Iterable[str], eod: Optional[str] = None) -> VocabTokenizer:
@@ -364,7 +389,12 @@ class WordTokenizer(VocabTokenizer):
 
     @classmethod
     def from_spec(cls, spec, base_dir):
-        return cls(cls._symbols(spec, base_dir), pad=spec.get("pad"))
+        try:
+            return cls(cls._symbols(spec, base_dir), pad=spec.get("pad"))
+        except TokenizerError:
+            raise
+        except ValueError as e:
+            raise TokenizerError(f"{os.path.join(base_dir, spec['file'])}: {e}") from None
 
 
 def count_words(text: str, counts: Dict[str, int]) -> int:

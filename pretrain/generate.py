@@ -9,40 +9,63 @@ appends the new position, LaMemo also refreshes every memory position with the n
 Sampling: temperature, then top-k, then nucleus (top-p).  Output is decoded with the dataset's tokenizer.
 A prompt file holds one prompt per line (or per blank-line-separated block with --blocks).
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
+from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, interrupted
+
+PROG = "generate.py"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="export directory (SAVE/export of a training run)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     src.add_argument("--prompt-file", default=None, help="file with one prompt per line")
     p.add_argument("--blocks", action="store_true", help="prompt file: prompts are blank-line-separated blocks")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus: keep the smallest set with this mass (1 = all)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed")
-    p.add_argument("--mem-len", type=int, default=None, help="memory length while generating (default: training's)")
-    p.add_argument("--segment-len", type=int, default=None, help="prompt segment length (default: training's)")
-    p.add_argument("--clamp-len", type=int, default=None, help="clamp relative distances (default: training's)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=100, help="tokens to sample per prompt")
+    p.add_argument("--temperature", type=bounded(float, 0, hint="0 = greedy"), default=1.0,
+                   help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int_at_least(0, "0 = all"), default=0,
+                   help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True, hint="1 = no nucleus filtering"),
+                   default=0.95, help="nucleus: keep the smallest set of tokens with this probability mass "
+                                      "(1 = all; a tiny value keeps only the most likely token)")
+    p.add_argument("--seed", type=int_at_least(0), default=42, help="sampling seed")
+    p.add_argument("--mem-len", type=int_at_least(0, "0 = no memory"), default=None,
+                   help="memory length while generating (default: training's)")
+    p.add_argument("--segment-len", type=int_at_least(1), default=None,
+                   help="prompt segment length (default: training's)")
+    p.add_argument("--clamp-len", type=bounded(int), default=None,
+                   help="clamp relative distances (<= 0: no clamp; default: training's)")
     p.add_argument("--stop-at-eod", action="store_true", help="stop a sample at the end-of-document token")
     p.add_argument("--output", default=None, help="also write the samples as JSON lines here")
     return p
 
 
 def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generator):
-    """One token id per row from log-probabilities [B, V]."""
+    """One token id per row (int64 [B]) from log-probabilities ``logprobs`` [B, V].
+
+    ``temperature`` 0 is greedy (argmax); otherwise the logits are divided by it, then only the ``top_k``
+    most likely tokens are kept (0 = all), then nucleus sampling (Holtzman et al. 2020, "The Curious Case
+    of Neural Text Degeneration", section 3.1) keeps the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (in (0, 1]; 1 keeps all).  ``ValueError`` for values outside these
+    ranges (the command checks them first)."""
     import torch
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0, top_k >= 0 and top_p in (0, 1]; got {temperature}, {top_k}, "
+                         f"{top_p}")
     if temperature <= 0:
         return logprobs.argmax(-1)
     logits = logprobs.float() / temperature
@@ -53,7 +76,7 @@ def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generato
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, -1)
         cum = probs.cumsum(-1)
-        drop = cum - probs > top_p  # keep the token that crosses the threshold
+        drop = cum - probs >= top_p  # the mass before a token already reaches top_p: not needed
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, -1)
@@ -113,38 +136,60 @@ def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: 
 
 
 def main(argv=None) -> int:
+    """The command: prints each prompt and its sample; exit status 0, 2 on bad input (one line on stderr
+    naming the flag or file), 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    from data_tools.cli import interrupt_as_exception
+    interrupt_as_exception()
+    try:
+        return _generate(args)
+    except KeyboardInterrupt:
+        return interrupted(PROG, "no samples written")
+
+
+def _generate(args) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # optional fused kernels absent
     from pretrain.runtime import tune_cpu_allocator
     tune_cpu_allocator()
     import torch
 
-    from pretrain.engine.export import load_exported, read_export
-    try:
-        read_export(args.model)
-    except FileNotFoundError as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        return 2
+    from data_tools.cli import CommandError, make_folders
+    from pretrain.engine.export import ExportError, check_overrides, load_exported
+    if args.blocks and not args.prompt_file:
+        return fail(PROG, "--blocks splits a --prompt-file into blank-line-separated prompts; give --prompt-file")
     if args.prompt_file:
         try:
             text = open(args.prompt_file, encoding="utf-8").read()
         except OSError as e:
-            print(f"generate.py: {args.prompt_file}: {e.strerror}", file=sys.stderr)
-            return 2
+            return fail(PROG, f"--prompt-file {args.prompt_file}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            return fail(PROG, f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start})")
         prompts = [b.strip("\n") for b in text.split("\n\n")] if args.blocks else text.splitlines()
         prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            return fail(PROG, f"--prompt-file {args.prompt_file}: no prompt in it (blank)")
     else:
         prompts = args.prompt or [""]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, tok, meta = load_exported(args.model, device=device, dropout=0.0, dropatt=0.0)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        if args.output:
+            check_output_folder(args.output, "--output")
+        model, cfg, tok, meta = load_exported(args.model, device=device, dropout=0.0, dropatt=0.0)
+        check_overrides(cfg, mem_len=args.mem_len, clamp_len=args.clamp_len)
+    except (ExportError, CommandError) as e:
+        return fail(PROG, e)
     eod = meta.get("eod_id") if args.stop_at_eod else None
+    if args.stop_at_eod and eod is None:
+        return fail(PROG, f"--stop-at-eod: the model's tokenizer ({args.model}) has no end-of-document token")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    mem_len = args.mem_len if args.mem_len is not None else cfg.mem_len
     results = []
     for prompt in prompts:
         try:
             ids = tok.encode(prompt) if prompt else []
         except ValueError as e:
-            print(f"generate.py: prompt {prompt!r}: {e}", file=sys.stderr)
-            return 2
+            return fail(PROG, f"prompt {prompt[:60]!r}: cannot be encoded with the model's tokenizer: {e}")
         new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, generator=gen, mem_len=args.mem_len,
                        segment_len=args.segment_len or cfg.tgt_len, clamp_len=args.clamp_len, eod_id=eod,
@@ -153,12 +198,15 @@ def main(argv=None) -> int:
         results.append({"prompt": prompt, "completion": text, "prompt_tokens": len(ids), "new_tokens": len(new)})
         print(f"=== prompt ({len(ids)} tokens): {prompt!r}")
         print(f"--- sample ({len(new)} tokens, temperature {args.temperature}, top-k {args.top_k}, "
-              f"top-p {args.top_p}, memory {args.mem_len or cfg.mem_len}):")
-        print(text)
+              f"top-p {args.top_p}, memory {mem_len}):")
+        print(text, flush=True)
     if args.output:
-        with open(args.output, "w") as f:
+        make_folders(os.path.dirname(os.path.abspath(args.output)))
+        tmp = f"{args.output}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+        os.replace(tmp, args.output)
     return 0
 
 

@@ -6,24 +6,31 @@ Each argument is a run directory (holding metrics.jsonl) or a metrics.jsonl file
 drawn as lines (optionally smoothed with an exponential moving average), evaluation records as markers
 on the same axes, one colour per run.
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: end at once (nothing written yet)
+    if not __package__:
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
+
+from data_tools.cli import CommandError, CommandParser, bounded, check_output_folder, fail, interrupted
+
+PROG = "plot.py"
 
 
 def read_metrics(path: str) -> Tuple[List[dict], List[dict]]:
-    """(training records, evaluation records) of a run directory or metrics.jsonl file."""
+    """(training records, evaluation records) of a run directory or metrics.jsonl file.
+    ``FileNotFoundError`` / ``ValueError`` naming the file (and line) when it is missing or malformed."""
     f = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(f):
         raise FileNotFoundError(f"{f}: no metrics file (is {path} a run directory written with --save?)")
     train, evals = [], []
-    with open(f) as fh:
+    with open(f, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -32,11 +39,15 @@ def read_metrics(path: str) -> Tuple[List[dict], List[dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                raise ValueError(f"{f}:{lineno}: not a metrics record (a JSON object with a 'step')")
             (evals if rec.get("kind") == "eval" else train).append(rec)
     return train, evals
 
 
 def ema(values: List[float], beta: float) -> List[float]:
+    """Exponential moving average with factor ``beta`` in [0, 1) (0 = the values themselves), started at the
+    first value."""
     if beta <= 0:
         return list(values)
     out, avg = [], None
@@ -47,7 +58,11 @@ def ema(values: List[float], beta: float) -> List[float]:
 
 
 def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float = 0.0,
-              labels: List[str] = None) -> str:
+              labels: Optional[List[str]] = None, title: Optional[str] = None) -> str:
+    """Draw ``metric`` of every run in ``paths`` on one set of axes (training records as lines, smoothed by
+    ``smooth``; evaluation records as markers), one colour per run, named by ``labels`` (default: the
+    folder names); write the PNG to ``output`` atomically and return its path.  ``ValueError`` when no run
+    has the metric."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,14 +74,14 @@ def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float
         train, evals = read_metrics(path)
         name = (labels[i] if labels and i < len(labels) else None) or os.path.basename(os.path.normpath(path))
         c = colors[i % len(colors)]
-        pts = [(r["step"], r[metric]) for r in train if r.get(metric) is not None]
+        pts = [(r["step"], r[metric]) for r in train if isinstance(r.get(metric), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ema(list(ys), smooth), color=c, label=f"{name} train")
             plotted += 1
         by_split: Dict[str, List[Tuple[int, float]]] = {}
         for r in evals:
-            if r.get(metric) is not None:
+            if isinstance(r.get(metric), (int, float)):
                 by_split.setdefault(r.get("split", "valid"), []).append((r["step"], r[metric]))
         markers = {"valid": "o--", "test": "s:", "train": "^-."}
         for split, pts in by_split.items():
@@ -76,31 +91,49 @@ def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float
     if not plotted:
         raise ValueError(f"no '{metric}' values in {', '.join(paths)}")
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel({"loss": "loss (nats per token)", "bpc": "bits per character"}.get(metric, metric))
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, output)
+    from data_tools.cli import make_folders, remove_folders
+    folders = make_folders(os.path.dirname(os.path.abspath(output)))
+    tmp = f"{output}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        remove_folders(folders)
+        raise
+    finally:
+        plt.close(fig)
     return output
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command: exit status 0, 2 on bad input (one line on stderr naming the flag or file)."""
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl) or metrics.jsonl files")
     p.add_argument("-o", "--output", default="loss_curves.png", help="PNG file to write")
     p.add_argument("--metric", default="loss", help="record field to plot (loss, ppl, bpc, lr, grad_norm, ...)")
-    p.add_argument("--smooth", type=float, default=0.0, help="EMA factor for training curves (0 = none)")
+    p.add_argument("--smooth", type=bounded(float, 0, 1, high_open=True, hint="0 = none"), default=0.0,
+                   help="EMA factor for training curves, in [0, 1) (0 = none)")
     p.add_argument("--labels", nargs="*", default=None, help="legend names, one per run")
+    p.add_argument("--title", default=None, help="title above the plot")
     args = p.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        return fail(PROG, f"--labels: {len(args.labels)} names for {len(args.runs)} runs; give one per run")
     try:
-        out = plot_runs(args.runs, args.output, args.metric, args.smooth, args.labels)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"plot: {e}", file=sys.stderr)
-        return 2
+        check_output_folder(args.output, "--output")
+        out = plot_runs(args.runs, args.output, args.metric, args.smooth, args.labels, args.title)
+    except (FileNotFoundError, ValueError, CommandError) as e:
+        return fail(PROG, e)
+    except KeyboardInterrupt:
+        return interrupted(PROG)
     print(f"wrote {out}")
     return 0
 

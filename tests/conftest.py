@@ -16,11 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
-def shared_path(*parts):
-    """A file under ../shared/data, or skip the test with the reason (a user's clone has no ../shared)."""
+def shared_path(*parts, why=None):
+    """A file under ../shared/data, or skip the test with the reason (a user's clone has no ../shared); ``why``
+    says what the file is and why the repository does not ship it (corpora/README.md lists what it ships)."""
     p = os.path.join(SHARED, *parts)
     if not os.path.exists(p):
-        pytest.skip(f"{p} not present (reference data lives outside the repository)")
+        pytest.skip(f"{p} not present ({why or 'reference data lives outside the repository'})")
     return p
 
 

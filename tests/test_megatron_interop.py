@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_path
+from corpora import gpt2_files, text as corpus_text
 from data_tools.indexed import IndexedDataset, IndexedDatasetWriter
 from data_tools.tokenization import GPT2Tokenizer
 
@@ -17,6 +18,7 @@ megatron_indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 torch = pytest.importorskip("torch")
 
 SAMPLE = "megatron-sample/meg-gpt2-openwebtext_text_document"
+SAMPLE_WHY = "a corpus written by Megatron-DeepSpeed's preprocess_data.py from OpenWebText pages, whose licence is not stated, so it is not shipped"
 
 
 def _files(prefix):
@@ -77,8 +79,9 @@ def test_builders_write_identical_bytes(tmp_path):
 def test_megatron_sample_read_decode_reencode_rewrite(tmp_path):
     """A real Megatron corpus: we read it, decode it with its tokenizer, re-encoding gives the stored ids,
     and rewriting its documents with our writer reproduces both files byte for byte."""
-    prefix = shared_path(SAMPLE + ".idx")[:-4]
-    vocab, merges = shared_path("megatron-sample/gpt2-tiny-vocab.json"), shared_path("megatron-sample/gpt2-tiny-merges.txt")
+    prefix = shared_path(SAMPLE + ".idx", why=SAMPLE_WHY)[:-4]
+    vocab = shared_path("megatron-sample/gpt2-tiny-vocab.json", why=SAMPLE_WHY)
+    merges = shared_path("megatron-sample/gpt2-tiny-merges.txt", why=SAMPLE_WHY)
     ds = IndexedDataset(prefix)
     assert (ds.dtype, ds.num_documents, ds.num_tokens) == (np.uint16, 1000, 1361845)
     tok = GPT2Tokenizer(vocab, merges)
@@ -97,9 +100,8 @@ def test_preprocess_cli_matches_megatron_builder(tmp_path):
     """Our CLI's output equals megatron-core's builder fed with the reference tokenizer's ids
     (HF ByteLevelBPETokenizer on GPT-2's vocab.json + merges.txt, + EOD per document)."""
     tokenizers = pytest.importorskip("tokenizers")
-    vocab, merges = shared_path("tokenizers/gpt2/vocab.json"), shared_path("tokenizers/gpt2/merges.txt")
-    text = open(shared_path("tinyshakespeare/input.txt"), encoding="utf-8").read()
-    docs = [p for p in text.split("\n\n")[:300]] + ["", "emoji 🙂 and <|endoftext|> as text"]
+    vocab, merges = gpt2_files()
+    docs = [p for p in corpus_text("tinyshakespeare/input.txt").split("\n\n")[:300]] + ["", "emoji 🙂 and <|endoftext|> as text"]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     out = tmp_path / "out" / "shakes"

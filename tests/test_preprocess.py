@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_path
+from corpora import corpus, gpt2_files, gpt2_tokenizer_json, text as corpus_text
 from data_tools import inputs
 from data_tools.indexed import IndexedDataset, IndexedDatasetWriter
 from data_tools.merge import main as merge_main
@@ -27,7 +28,10 @@ SCRIPT = os.path.join(ROOT, "data_tools", "preprocess.py")
 
 def run(capsys, *argv):
     """Run the CLI in-process; return (exit code, stderr)."""
-    rc = main([str(a) for a in argv] + ["--no-progress"])
+    try:
+        rc = main([str(a) for a in argv] + ["--no-progress"])
+    except SystemExit as e:  # a command-line error, from argparse
+        rc = e.code
     return rc, capsys.readouterr().err
 
 
@@ -43,8 +47,8 @@ def write_jsonl(path, texts, key="text"):
 
 @pytest.fixture(scope="module")
 def gpt2_args():
-    return ["--tokenizer", "gpt2", "--vocab-file", shared_path("tokenizers", "gpt2", "vocab.json"),
-            "--merge-file", shared_path("tokenizers", "gpt2", "merges.txt")]
+    vocab, merges = gpt2_files()
+    return ["--tokenizer", "gpt2", "--vocab-file", vocab, "--merge-file", merges]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def gpt2(gpt2_args):
 
 
 def shakespeare_docs(n=400):
-    return open(shared_path("tinyshakespeare", "input.txt"), encoding="utf-8").read().split("\n\n")[:n]
+    return corpus_text("tinyshakespeare/input.txt").split("\n\n")[:n]
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -77,8 +81,7 @@ def test_jsonl_gpt2_tokens_and_metadata(tmp_path, capsys, gpt2_args, gpt2):
 
 def test_workers_keep_order_and_bytes(tmp_path, gpt2_args):
     """--workers 2 writes exactly the bytes --workers 1 writes (several blocks, gzip input)."""
-    text = open(shared_path("tinyshakespeare", "input.txt"), encoding="utf-8").read()
-    texts = [p for p in text.split("\n\n")] * 3  # ~3.4 MB: several 1 MiB blocks
+    texts = corpus_text("tinyshakespeare/input.txt").split("\n\n") * 3  # ~3.4 MB: several 1 MiB blocks
     src = tmp_path / "c.jsonl.gz"
     with gzip.open(src, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
@@ -121,8 +124,8 @@ def test_text_formats_and_globs(tmp_path, capsys, workers):
 
 
 def test_wikitext_articles(tmp_path, capsys):
-    raw = open(shared_path("wikitext-2", "test.txt"), encoding="utf-8").read()
-    rc, err = run(capsys, "--input", shared_path("wikitext-2", "test.txt"), "--input-format", "wikitext",
+    raw = corpus_text("wikitext-2/test.txt")
+    rc, err = run(capsys, "--input", corpus("wikitext-2/test.txt"), "--input-format", "wikitext",
                   "--tokenizer", "bytes", "--output-prefix", tmp_path / "w")
     assert rc == 0, err
     docs = [bytes(d).decode() for d in docs_of(tmp_path / "w")]
@@ -134,7 +137,7 @@ def test_wikitext_articles(tmp_path, capsys):
 
 
 def test_words_reproduce_published_counts(tmp_path, capsys):
-    valid, test = shared_path("wikitext-2", "valid.txt"), shared_path("wikitext-2", "test.txt")
+    valid, test = corpus("wikitext-2/valid.txt"), corpus("wikitext-2/test.txt")
     rc, err = run(capsys, "--input", f"train={valid}", f"valid={valid}", f"test={test}", "--input-format", "wikitext",
                   "--tokenizer", "words", "--output-prefix", tmp_path / "wt2")
     assert rc == 0, err
@@ -151,7 +154,7 @@ def test_words_reproduce_published_counts(tmp_path, capsys):
 def test_words_vocabulary_from_the_train_share_of_a_split(tmp_path, capsys):
     """With --split, the words vocabulary counts only the tokens before the first cut (one cut inside a
     document, inside a line)."""
-    src = shared_path("wikitext-2", "valid.txt")
+    src = corpus("wikitext-2/valid.txt")
     rc, err = run(capsys, "--input", src, "--input-format", "wikitext", "--tokenizer", "words", "--split", "50,50",
                   "--workers", "2", "--output-prefix", tmp_path / "w")
     assert rc == 0, err
@@ -168,7 +171,7 @@ def test_words_vocabulary_from_the_train_share_of_a_split(tmp_path, capsys):
 
 
 def test_chars_split_like_nanogpt(tmp_path, capsys):
-    src = shared_path("tinyshakespeare", "input.txt")
+    src = corpus("tinyshakespeare/input.txt")
     rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--split", "90,10", "--output-prefix", tmp_path / "s")
     assert rc == 0, err
     text = open(src, encoding="utf-8").read()
@@ -244,7 +247,7 @@ def test_huge_document_is_streamed_in_pieces(tmp_path, capsys, monkeypatch, gpt2
     """A one-document file longer than a piece becomes several sequences of one document, cut only where
     the tokenizer allows: the tokens equal encoding the whole text."""
     monkeypatch.setattr(inputs, "PIECE_BYTES", 50_000)
-    src = shared_path("tinyshakespeare", "input.txt")
+    src = corpus("tinyshakespeare/input.txt")
     text = open(src, encoding="utf-8").read()
     for args, expect in ((gpt2_args, gpt2.encode(text) + [50256]), (["--tokenizer", "bytes"], list(text.encode()) + [256])):
         rc, err = run(capsys, "--input", src, *args, "--append-eod", "--output-prefix", tmp_path / "h")
@@ -277,7 +280,7 @@ def test_hf_and_sentencepiece(tmp_path, capsys):
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     assert docs_of(tmp_path / "o" / "sp") == [ref.encode(t) + [ref.eos_id()] for t in texts + ["</s> is text here"]]
     assert (tmp_path / "o" / "sp.model").read_bytes() == (tmp_path / "sp.model").read_bytes()
-    tj = shared_path("tokenizers", "gpt2", "tokenizer.json")
+    tj = gpt2_tokenizer_json()
     rc, err = run(capsys, "--input", src, "--tokenizer", "hf", "--tokenizer-file", tj, "--output-prefix", tmp_path / "hf")
     assert rc == 0, err
     assert read_metadata(str(tmp_path / "hf"))["eod_id"] == 50256
@@ -292,7 +295,7 @@ def test_vocabulary_size_picks_dtype(tmp_path, capsys):
     assert read_metadata(str(tmp_path / "m"))["dtype"] == "int32" and IndexedDataset(str(tmp_path / "m")).dtype == np.int32
     rc, err = run(capsys, "--input", tmp_path / "many.txt", "--tokenizer", "words", "--dtype", "uint16",
                   "--output-prefix", tmp_path / "out" / "m")
-    assert rc == 1 and "70,002 ids, more than uint16 holds" in err and not (tmp_path / "out").exists()
+    assert rc == 2 and "70,002 ids, more than uint16 holds" in err and not (tmp_path / "out").exists()
 
 
 def test_skip_bad_lines(tmp_path, capsys):
@@ -535,15 +538,15 @@ def _bad_inputs(tmp_path, gpt2_args):
         "gpt2 without files": (["--input", d / "ok.txt", "--tokenizer", "gpt2"], "needs --vocab-file and --merge-file"),
         "split and named": (["--input", f"train={d / 'ok.txt'}", "--tokenizer", "bytes", "--split", "9,1"],
                             "--split cuts one input stream"),
-        "bad split": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--split", "a,b"], "--split a,b"),
+        "bad split": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--split", "a,b"],
+                      "argument --split: expected comma-separated integers such as 90,5,5, got 'a,b'"),
         "empty split": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--split", "98,1,1"],
                         "split 'valid' would be empty"),
         "words without train": (["--input", f"valid={d / 'ok.txt'}", "--tokenizer", "words"], "train split"),
         "raw bytes need bytes": (["--input", d / "ok.txt", "--input-format", "bytes", "--tokenizer", "chars"],
                                  "needs --tokenizer bytes"),
         "not a tokenizer.json": (["--input", d / "ok.txt", "--tokenizer", "hf", "--tokenizer-file",
-                                  shared_path("megatron-sample", "gpt2-tiny-vocab.json")],
-                                 "gpt2-tiny-vocab.json: not a Hugging Face tokenizer.json"),
+                                  vocab], "vocab.json: not a Hugging Face tokenizer.json"),
         "eod without one": (["--input", d / "ok.txt", "--tokenizer", "hf", "--tokenizer-file", _word_level(d),
                              "--append-eod"], "--append-eod: the tokenizer (hf tokenizer.json (3 ids, backend "
                                               "reference)) has no EOD token (name one with --eod-token)"),
@@ -556,6 +559,8 @@ def _bad_inputs(tmp_path, gpt2_args):
                                 "qa_list.jsonl:1: 'answer' is a list, expected a string"),
         "answer key is the prompt key": (["--input", d / "qa.jsonl", "--answer-key", "text", "--tokenizer", "bytes"],
                                          "--answer-key text: the same key as --json-key"),
+        "output under a file": (["--input", d / "ok.txt", "--tokenizer", "bytes", "--output-prefix",
+                                 d / "ok.txt" / "x"], f"--output-prefix {d / 'ok.txt' / 'x'}: {d / 'ok.txt'} is a file"),
     }
 
 
@@ -565,14 +570,16 @@ def _bad_inputs(tmp_path, gpt2_args):
                                   "missing merges", "gpt2 without files", "split and named", "bad split",
                                   "empty split", "words without train", "raw bytes need bytes", "not a tokenizer.json",
                                   "eod without one", "answer key on text", "missing answer", "answer not a string",
-                                  "answer key is the prompt key"])
+                                  "answer key is the prompt key", "output under a file"])
 def test_bad_input_fails_cleanly(tmp_path, capsys, gpt2_args, case):
+    """One line naming the file / line / flag, exit status 2, and nothing left: not even the folders created
+    for the output (three levels here)."""
     argv, words = _bad_inputs(tmp_path, gpt2_args)[case]
     out = tmp_path / "out"
-    rc, err = run(capsys, *argv, "--output-prefix", out / "x")
-    assert rc == 1, err
+    rc, err = run(capsys, "--output-prefix", out / "a" / "b" / "x", *argv)
+    assert rc == 2, err
     assert err.count("\n") == 1 and err.startswith("preprocess.py: error: ") and words in err, err
-    assert not out.exists() or os.listdir(out) == []
+    assert not out.exists()
 
 
 def test_bad_line_after_many_blocks_leaves_nothing(tmp_path, monkeypatch):
@@ -584,7 +591,7 @@ def test_bad_line_after_many_blocks_leaves_nothing(tmp_path, monkeypatch):
     out.mkdir()
     r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), "--tokenizer", "bytes", "--workers", "2",
                         "--output-prefix", str(out / "x")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("preprocess.py: error: ") and f"c.jsonl:{3 * good.count(chr(10)) + 1}: invalid JSON" in last
     assert "Traceback" not in r.stderr and os.listdir(out) == []
@@ -597,6 +604,185 @@ def test_argparse_errors_are_one_line(tmp_path):
     options = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  --") and "help" not in line]
     text = " ".join(r.stdout.split())
     assert len(options) > 15 and text.count("(default:") + text.count("(required, no default)") >= len(options)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
+    (["--workers", "two"], "argument --workers: must be an integer >= 1, got 'two'"),
+    (["--min-count", "0"], "argument --min-count: must be an integer >= 1, got '0'"),
+    (["--max-vocab", "1"], "argument --max-vocab: must be an integer >= 2 (<eos> and <unk> included), got '1'"),
+    (["--train-bpe", "256"], "argument --train-bpe: must be an integer >= 257 (256 bytes + <|endoftext|>), got '256'"),
+    (["--bpe-min-frequency", "-1"], "argument --bpe-min-frequency: must be an integer >= 1, got '-1'"),
+    (["--split", "90,-5,15"], "argument --split: give 1 to 3 non-negative weights"),
+    (["--split", "0,0"], "argument --split: give 1 to 3 non-negative weights"),
+    (["--split", "8,1,1,0"], "argument --split: give 1 to 3 non-negative weights"),
+])
+def test_numeric_options_are_checked(tmp_path, capsys, argv, message):
+    """Every numeric option is checked against its meaning before any work: one line naming the flag."""
+    (tmp_path / "in.txt").write_text("a b\n")
+    rc, err = run(capsys, "--input", tmp_path / "in.txt", "--tokenizer", "words", *argv,
+                  "--output-prefix", tmp_path / "out" / "x")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("preprocess.py: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["plain", "split", "answers", "tokenizer file", "metadata"])
+def test_output_never_overwrites_an_input(tmp_path, capsys, gpt2_args, layout):
+    """An --output-prefix whose outputs would include an input file is refused before anything is written,
+    naming both; the input is untouched."""
+    d = tmp_path
+    victim = {"plain": d / "d.bin", "split": d / "d_valid.idx", "answers": d / "d.mask.bin",
+              "tokenizer file": d / "d.vocab.json", "metadata": d / "d.json"}[layout]
+    if layout == "tokenizer file":
+        victim.write_bytes(open(gpt2_args[3], "rb").read())
+        argv = ["--input", write_jsonl(d / "c.jsonl", ["hello"]), "--tokenizer", "gpt2", "--vocab-file", victim,
+                "--merge-file", gpt2_args[5]]
+        flag = "--vocab-file"
+    else:
+        victim.write_text(json.dumps({"text": "q", "answer": "a"}) + "\n")
+        argv = ["--input", victim, "--input-format", "jsonl", "--tokenizer", "bytes"]
+        argv += {"split": ["--split", "8,1,1"], "answers": ["--answer-key", "answer"]}.get(layout, [])
+        flag = "--input"
+    before = sorted(os.listdir(d)), victim.read_bytes()
+    rc, err = run(capsys, *argv, "--output-prefix", d / "d")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"--output-prefix {d / 'd'} writes {victim}, which is the input {flag} {victim}" in err, err
+    assert (sorted(os.listdir(d)), victim.read_bytes()) == before
+
+
+@pytest.mark.parametrize("fmt", ["lines", "text", "wikitext", "jsonl"])
+def test_byte_order_mark_is_not_text(tmp_path, capsys, fmt):
+    """A UTF-8 BOM starting a file is dropped for every text format: the first word gets the id it gets
+    elsewhere, bytes start with the text; byte offsets in errors are still those of the file."""
+    body = {"jsonl": '{"text": "Hello world"}\n{"text": "Hello again"}\n',
+            "wikitext": " = Hello = \n Hello world \n"}.get(fmt, "Hello world\nHello again\n")
+    src = tmp_path / "bom.txt"
+    src.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    rc, err = run(capsys, "--input", src, "--input-format", fmt, "--tokenizer", "words", "--output-prefix",
+                  tmp_path / "w")
+    assert rc == 0, err
+    symbols = load_tokenizer(str(tmp_path / "w")).symbols
+    assert "Hello" in symbols and not any("\ufeff" in w for w in symbols), symbols
+    rc, err = run(capsys, "--input", src, "--input-format", fmt, "--tokenizer", "bytes", "--output-prefix",
+                  tmp_path / "b")
+    assert rc == 0, err
+    assert bytes(docs_of(tmp_path / "b")[0][:5]) == (b" = He" if fmt == "wikitext" else b"Hello")
+    rc, err = run(capsys, "--input", src, "--input-format", "bytes", "--tokenizer", "bytes", "--output-prefix",
+                  tmp_path / "raw")
+    assert rc == 0 and docs_of(tmp_path / "raw")[0][:3] == [0xEF, 0xBB, 0xBF]  # raw bytes stay as stored
+    if fmt in ("text", "lines"):
+        (tmp_path / "bad.txt").write_bytes(b"\xef\xbb\xbfab\ncd\xff\n")
+        rc, err = run(capsys, "--input", tmp_path / "bad.txt", "--input-format", fmt, "--tokenizer", "bytes",
+                      "--output-prefix", tmp_path / "x")
+        assert rc == 2 and "bad.txt:2: invalid UTF-8" in err and "at byte offset 8" in err, err
+
+
+def test_compressed_inputs_read_as_stored(tmp_path, capsys):
+    """.xz (the shipped corpus itself), .gz and .bz2 inputs give the tokens of the plain file; the metadata
+    keeps the checksum of the file as stored."""
+    import bz2
+    shipped = os.path.join(ROOT, "corpora", "tinyshakespeare", "input.txt.xz")
+    plain = corpus("tinyshakespeare/input.txt")
+    raw = open(plain, "rb").read()
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "c.txt.bz2").write_bytes(bz2.compress(raw))
+    outs = []
+    for k, src in enumerate([plain, shipped, tmp_path / "c.txt.gz", tmp_path / "c.txt.bz2"]):
+        rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--split", "90,10", "--output-prefix",
+                      tmp_path / f"o{k}" / "s")
+        assert rc == 0, err
+        outs.append([(tmp_path / f"o{k}" / f"s_{x}").read_bytes() for x in ("train.bin", "valid.bin", "train.idx")])
+        meta = read_metadata(str(tmp_path / f"o{k}" / "s_valid"))
+        assert meta["input"]["sha256"] == [hashlib.sha256(open(src, "rb").read()).hexdigest()]
+        assert meta["split"]["token_range"] == [1003854, 1115394]  # nanoGPT's int(0.9 * n)
+    assert all(o == outs[0] for o in outs[1:])
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_interrupt_with_workers_ends_promptly_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) at several moments of a run with worker
+    processes: every time the command exits 130 within seconds, with one line and no traceback, leaving no
+    output, no temporary file, no folder it created and no worker process."""
+    import random
+    import signal
+    import time
+    big = tmp_path / "big.txt"
+    with open(big, "w") as f:
+        f.write(corpus_text("tinyshakespeare/input.txt") * 20)  # 22 MB: several seconds with the words tokenizer
+    rng = random.Random(0)
+    interrupted = 0
+    for attempt in range(6):
+        out = tmp_path / f"run{attempt}"
+        p = subprocess.Popen([sys.executable, SCRIPT, "--input", str(big), "--tokenizer", "words", "--split", "90,5,5",
+                              "--workers", "2", "--output-prefix", str(out / "new" / "d")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not (out / "new").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the job has started: its output folder exists
+        time.sleep(rng.random() * 2.0)
+        os.killpg(p.pid, signal.SIGINT)
+        sent = time.monotonic()
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"attempt {attempt}: still running 20 s after SIGINT")
+        took = time.monotonic() - sent
+        assert "Traceback" not in err, err
+        assert not _processes_mentioning(str(out)), "worker processes left"
+        if p.returncode == 0:  # finished before the signal: complete output, nothing more to check
+            continue
+        assert not out.exists() or os.listdir(out) == [], os.listdir(out)
+        interrupted += 1
+        assert p.returncode == 130 and took < 10, (attempt, p.returncode, took, err)
+        assert err.strip().splitlines()[-1] == "preprocess.py: interrupted; no output written", err
+    assert interrupted >= 4
+
+
+def test_progress_off_a_terminal_is_periodic_lines():
+    """Off a terminal the progress is a line every interval with done/total, rate and ETA, never a redrawn
+    bar; on a terminal it is tqdm's bar."""
+    import io
+    from data_tools.progress import Progress
+    buf = io.StringIO()
+    bar = Progress("prog", "encoding", 4e6, "B", interval=0.0, stream=buf, tty=False,
+                   postfix=lambda: "7 docs/s")
+    for _ in range(4):
+        bar.update(1e6)
+    bar.close()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in buf.getvalue()
+    assert lines[1].startswith("prog: encoding: 2.0 of 4.0 MB (50%), ") and " MB/s, 7 docs/s | elapsed 0:00:00" in lines[1]
+    assert "ETA" in lines[1]
+    quiet = io.StringIO()
+    with Progress("prog", "encoding", 10, "examples", interval=3600, stream=quiet, tty=False) as bar:
+        bar.update(10)
+    assert quiet.getvalue() == ""  # shorter than the interval: no line at all
+    tty = io.StringIO()
+    with Progress("prog", "encoding", 10, "examples", stream=tty, tty=True) as bar:
+        bar.update(10)
+    assert "10/10" in tty.getvalue()
+
+
+def test_progress_of_the_command_off_a_terminal_has_no_bar(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", shakespeare_docs(200))
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), "--tokenizer", "bytes", "--workers", "2",
+                        "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "%|" not in r.stderr
+    assert all(line.startswith("preprocess.py: ") for line in r.stderr.splitlines()), r.stderr
 
 
 # ------------------------------------------------------------------------------------ merge, summarize
@@ -615,12 +801,12 @@ def test_merge_and_summarize(tmp_path, capsys, gpt2_args):
 
     rc, err = run(capsys, "--input", tmp_path / "p0.jsonl", "--tokenizer", "bytes", "--output-prefix", tmp_path / "b")
     capsys.readouterr()
-    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "o" / "x")]) == 1
+    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "o" / "x")]) == 2
     assert "tokenizer differs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
     with IndexedDatasetWriter(str(tmp_path / "i32"), np.int32) as w:
         w.add_document([1, 2])
-    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "i32"), "--output-prefix", str(tmp_path / "y")]) == 1
+    assert merge_main(["--input", str(tmp_path / "all"), str(tmp_path / "i32"), "--output-prefix", str(tmp_path / "y")]) == 2
     assert "dtype int32 differs" in capsys.readouterr().err and not (tmp_path / "y.bin").exists()
 
     assert summarize_main([str(tmp_path / "all"), "--tokens", "12"]) == 0
@@ -631,11 +817,60 @@ def test_merge_and_summarize(tmp_path, capsys, gpt2_args):
 
 
 def test_summarize_megatron_sample_without_json(capsys):
-    prefix = shared_path("megatron-sample", "meg-gpt2-openwebtext_text_document.idx")[:-4]
-    assert summarize_main([prefix, "--vocab-file", shared_path("megatron-sample", "gpt2-tiny-vocab.json"),
-                           "--merge-file", shared_path("megatron-sample", "gpt2-tiny-merges.txt")]) == 0
+    why = ("a corpus written by Megatron-DeepSpeed's preprocess_data.py from OpenWebText pages, whose licence is "
+           "not stated, so it is not shipped")
+    prefix = shared_path("megatron-sample", "meg-gpt2-openwebtext_text_document.idx", why=why)[:-4]
+    assert summarize_main([prefix, "--vocab-file", shared_path("megatron-sample", "gpt2-tiny-vocab.json", why=why),
+                           "--merge-file", shared_path("megatron-sample", "gpt2-tiny-merges.txt", why=why)]) == 0
     out = capsys.readouterr().out
     assert "1,361,845" in out and "EOD id      4999" in out and 'decoded: "A magazine supplement' in out
     assert summarize_main([prefix]) == 0
     out = capsys.readouterr().out
     assert "none (ids only)" in out and "first 40 tokens: [32, 2153" in out
+
+
+def test_merge_and_summarize_bad_inputs_fail_cleanly(tmp_path, capsys):
+    """Missing, truncated or malformed datasets, metadata and tokenizer specs, and an output that would
+    replace an input: one line naming the file, exit status 2, nothing written, no folder left."""
+    src = write_jsonl(tmp_path / "c.jsonl", ["hello world", "again"])
+    rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--output-prefix", tmp_path / "ok")
+    assert rc == 0, err
+    for name, vocab in (("dictvocab", '{"a": 0}'), ("dupvocab", '["a", "a"]')):
+        rc, err = run(capsys, "--input", src, "--tokenizer", "chars", "--output-prefix", tmp_path / name)
+        assert rc == 0, err
+        (tmp_path / (name + ".vocab.json")).write_text(vocab)
+    for ext in (".bin", ".idx", ".json", ".vocab.json"):
+        (tmp_path / ("cut" + ext)).write_bytes((tmp_path / ("ok" + ext)).read_bytes())
+    (tmp_path / "cut.idx").write_bytes((tmp_path / "ok.idx").read_bytes()[:20])
+    for name, meta in (("list", "[]"), ("badspec", '{"tokenizer": "chars"}'), ("nojson", "{oops")):
+        for ext in (".bin", ".idx"):
+            (tmp_path / (name + ext)).write_bytes((tmp_path / ("ok" + ext)).read_bytes())
+        (tmp_path / (name + ".json")).write_text(meta)
+    cases = [
+        (["missing"], "missing.idx: no such file"),
+        (["cut"], "cut.idx: truncated index"),
+        (["list"], "list.json: expected a JSON object"),
+        (["badspec"], "tokenizer spec 'chars': expected a JSON object"),
+        (["nojson"], "nojson.json:1: invalid JSON"),
+        (["dictvocab"], "dictvocab.vocab.json: not a vocabulary (expected a JSON list of symbols, got dict)"),
+        (["dupvocab"], "dupvocab.vocab.json: vocabulary has duplicate symbols"),
+    ]
+    for inputs, message in cases:
+        out = tmp_path / "new" / "m"
+        assert merge_main(["--input", *(str(tmp_path / i) for i in inputs), "--output-prefix", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("merge.py: error: ") and message in err, (inputs, err)
+        assert not (tmp_path / "new").exists()
+        if inputs[0] != "missing":
+            assert summarize_main([str(tmp_path / inputs[0])]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("summarize.py: error: ") and message in err, (inputs, err)
+    before = (tmp_path / "ok.bin").read_bytes()
+    assert merge_main(["--input", str(tmp_path / "ok"), "--output-prefix", str(tmp_path / "ok")]) == 2
+    assert f"writes {tmp_path / 'ok.bin'}, which is the input --input {tmp_path / 'ok.bin'}" in capsys.readouterr().err
+    assert merge_main(["--input", str(tmp_path / "ok"), "--output-prefix", str(tmp_path / "c.jsonl" / "m")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "ok.bin").read_bytes() == before
+    with pytest.raises(SystemExit) as e:
+        summarize_main([str(tmp_path / "ok"), "--tokens", "-1"])
+    assert e.value.code == 2 and "argument --tokens: must be an integer >= 0, got '-1'" in capsys.readouterr().err

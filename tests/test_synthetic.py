@@ -168,17 +168,39 @@ def test_aligned_stream_over_padded_examples(copy_prefix):
 
 
 def test_cli_errors_leave_no_output(tmp_path, capsys):
-    out = str(tmp_path / "x")
-    assert main(["copy", "--output-prefix", out, "--length", "2", "--num-symbols", "3"]) == 1
+    out = str(tmp_path / "new" / "dirs" / "x")  # folders that do not exist yet: removed again on failure
+    assert main(["copy", "--output-prefix", out, "--length", "2", "--num-symbols", "3"]) == 2
     assert "allow only 9" in capsys.readouterr().err
-    assert main(["copy", "--output-prefix", out, "--segment-multiple", "0", "--train-size", "5"]) == 1
-    assert "--segment-multiple must be" in capsys.readouterr().err
-    assert main(["retrieval", "--output-prefix", out, "--num-pairs", "27"]) == 1
-    assert "--num-pairs must be an integer in [1, 26]" in capsys.readouterr().err
     assert main(["equations", "--output-prefix", out, "--chunk-len", "12", "--train-size", "50",
-                 "--valid-size", "5", "--test-size", "5"]) == 1
+                 "--valid-size", "5", "--test-size", "5"]) == 2
     assert "more than --chunk-len 12" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []  # nothing half-written
+    assert os.listdir(tmp_path) == []  # nothing half-written, no folder left
+    (tmp_path / "file").write_text("")
+    assert main(["copy", "--output-prefix", str(tmp_path / "file" / "x"), "--train-size", "5"]) == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["copy", "--segment-multiple", "0"], "argument --segment-multiple: must be an integer >= 1, got '0'"),
+    (["copy", "--train-size", "-1"], "argument --train-size: must be an integer >= 0, got '-1'"),
+    (["copy", "--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),
+    (["copy", "--length", "0"], "argument --length: must be an integer >= 1, got '0'"),
+    (["reverse", "--num-symbols", "63"], "argument --num-symbols: must be an integer in [1, 62], got '63'"),
+    (["retrieval", "--num-pairs", "27"], "argument --num-pairs: must be an integer in [1, 26], got '27'"),
+    (["equations", "--max-root", "0"], "argument --max-root: must be an integer >= 1, got '0'"),
+    (["equations", "--max-scale", "x"], "argument --max-scale: must be an integer >= 1, got 'x'"),
+    (["equations", "--no-root-fraction", "1.5"], "argument --no-root-fraction: must be a number in [0, 1], got '1.5'"),
+    (["equations", "--no-root-fraction", "nan"], "argument --no-root-fraction: must be a number in [0, 1], got 'nan'"),
+    (["equations", "--chunk-len", "-1"], "argument --chunk-len: must be an integer >= 0 (0 = longest possible)"),
+])
+def test_cli_numeric_options_are_checked(tmp_path, capsys, argv, message):
+    """Every numeric option is checked against its meaning before anything is written: one line naming the
+    flag, exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv[:1] + ["--output-prefix", str(tmp_path / "x")] + argv[1:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert os.listdir(tmp_path) == []
     with pytest.raises(SystemExit) as e:
         main(["copy"])
     assert e.value.code == 2 and "--output-prefix" in capsys.readouterr().err

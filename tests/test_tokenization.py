@@ -6,29 +6,23 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from corpora import GPT2_PATTERN, gpt2_files as _gpt2_files, gpt2_tiktoken_ranks, gpt2_tokenizer_json, text as _text
 from data_tools.metadata import write_metadata
 from data_tools.tokenization import (PROBE_TEXT, ByteTokenizer, GPT2Tokenizer, HFTokenizer, SentencePieceTokenizer,
                                      TokenizerError, VocabTokenizer, build_char_vocab,
                                      build_word_vocab, count_words, load_tokenizer, tokenizer_fingerprint,
                                      tokenizer_from_spec, train_byte_bpe)
 
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _text(*parts):
-    return open(shared_path(*parts), encoding="utf-8").read()
-
 
 def _corpora():
-    return {"tinyshakespeare": _text("tinyshakespeare", "input.txt"),
-            "wikitext-2 valid": _text("wikitext-2", "valid.txt"),
-            "wikitext-2 test": _text("wikitext-2", "test.txt")}
+    return {"tinyshakespeare": _text("tinyshakespeare/input.txt"),
+            "wikitext-2 valid": _text("wikitext-2/valid.txt"),
+            "wikitext-2 test": _text("wikitext-2/test.txt")}
 
 
 @pytest.fixture(scope="module")
 def gpt2_files():
-    return shared_path("tokenizers", "gpt2", "vocab.json"), shared_path("tokenizers", "gpt2", "merges.txt")
+    return _gpt2_files()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def tiktoken_gpt2():
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, special_tokens={"<|endoftext|>": 50256},
-                             mergeable_ranks=load_tiktoken_bpe(shared_path("tokenizers", "gpt2", "gpt2.tiktoken")))
+                             mergeable_ranks=load_tiktoken_bpe(gpt2_tiktoken_ranks()))
 
 
 # ------------------------------------------------------------------------------------------------- gpt2
@@ -72,16 +66,19 @@ def test_gpt2_special_token_text_is_ordinary(gpt2, tiktoken_gpt2):
     assert gpt2.decode([50256]) == "<|endoftext|>"
 
 
-def test_gpt2_from_tokenizer_json_equals_vocab_merges(gpt2):
-    tj = GPT2Tokenizer(tokenizer_file=shared_path("tokenizers", "gpt2", "tokenizer.json"))
+@pytest.mark.parametrize("legacy_merges", [False, True])
+def test_gpt2_from_tokenizer_json_equals_vocab_merges(gpt2, legacy_merges):
+    """Both layouts of a tokenizer.json's merges: ["a", "b"] pairs (tokenizers >= 0.20) and "a b" strings."""
+    pytest.importorskip("tokenizers")
+    tj = GPT2Tokenizer(tokenizer_file=gpt2_tokenizer_json(legacy_merges))
     assert (tj.vocab_size, tj.eod_id) == (gpt2.vocab_size, gpt2.eod_id)
-    text = _text("wikitext-2", "test.txt")[:200_000] + PROBE_TEXT
+    text = _text("wikitext-2/test.txt")[:200_000] + PROBE_TEXT
     assert np.array_equal(tj.encode_ids(text), gpt2.encode_ids(text))
 
 
 def test_gpt2_cut_point_is_safe(gpt2):
     """Encoding text[:c] and text[c:] separately equals encoding text, for every cut the tokenizer offers."""
-    text = _text("tinyshakespeare", "input.txt")[:60_000] + "x\n" + PROBE_TEXT + "\u3000\nfoo \n\nbar"
+    text = _text("tinyshakespeare/input.txt")[:60_000] + "x\n" + PROBE_TEXT + "\u3000\nfoo \n\nbar"
     whole = gpt2.encode_ids(text).tolist()
     rng = np.random.default_rng(0)
     tried = 0
@@ -109,7 +106,7 @@ def test_gpt2_bad_files(tmp_path, gpt2_files):
 
 # ------------------------------------------------------------------------------------ words and chars
 def test_words_reproduce_wikitext_counts():
-    valid, test = _text("wikitext-2", "valid.txt"), _text("wikitext-2", "test.txt")
+    valid, test = _text("wikitext-2/valid.txt"), _text("wikitext-2/test.txt")
     counts = {}
     assert count_words(valid, counts) == 217646
     assert counts["<unk>"] == 11718
@@ -136,7 +133,7 @@ def test_word_vocab_limits():
 
 
 def test_chars_vocab_and_fast_encode():
-    text = _text("tinyshakespeare", "input.txt")
+    text = _text("tinyshakespeare/input.txt")
     tok = build_char_vocab(text)
     assert tok.vocab_size == 65 and tok.symbols == sorted(set(text))
     ids = tok.encode_ids(text)
@@ -159,10 +156,10 @@ def test_bytes():
 # ----------------------------------------------------------------------------------- hf, sentencepiece
 def test_hf_tokenizer_json_matches_tokenizers(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    path = shared_path("tokenizers", "gpt2", "tokenizer.json")
+    path = gpt2_tokenizer_json()
     tok = HFTokenizer(path)
     ref = tokenizers.Tokenizer.from_file(path)
-    text = PROBE_TEXT + _text("wikitext-2", "valid.txt")[:100_000]
+    text = PROBE_TEXT + _text("wikitext-2/valid.txt")[:100_000]
     assert tok.backend == "gigatoken"
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
     assert 50256 in tok.encode("a<|endoftext|>b")  # HF semantics: special tokens in the text are recognised
@@ -183,7 +180,7 @@ def test_hf_tokenizer_json_matches_tokenizers(tmp_path):
 @pytest.mark.parametrize("model_type, fast", [("bpe", "gigatoken"), ("unigram", "reference")])
 def test_sentencepiece_matches_library(tmp_path, model_type, fast):
     spm = pytest.importorskip("sentencepiece")
-    text = _text("tinyshakespeare", "input.txt")[:100_000]
+    text = _text("tinyshakespeare/input.txt")[:100_000]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split("\n")), model_prefix=str(tmp_path / "sp"),
                                    vocab_size=400, model_type=model_type, byte_fallback=True, minloglevel=2)
     model = str(tmp_path / "sp.model")
@@ -199,7 +196,7 @@ def test_sentencepiece_matches_library(tmp_path, model_type, fast):
 def test_every_kind_round_trips_through_its_spec(tmp_path, gpt2):
     kinds = [ByteTokenizer(eod=True), build_char_vocab("hello world\n", eod="<eod>"),
              build_word_vocab({"hello": 2, "world": 1}), gpt2,
-             HFTokenizer(shared_path("tokenizers", "gpt2", "tokenizer.json"))]
+             HFTokenizer(gpt2_tokenizer_json())]
     text = "hello world\nhello"
     for k, tok in enumerate(kinds):
         prefix = str(tmp_path / f"d{k}")
@@ -226,7 +223,7 @@ def test_fingerprint_ignores_file_names(tmp_path, gpt2):
 
 
 def test_train_byte_bpe(tmp_path):
-    text = _text("tinyshakespeare", "input.txt")[:200_000]
+    text = _text("tinyshakespeare/input.txt")[:200_000]
     tok = train_byte_bpe(iter(text.split("\n\n")), 400, str(tmp_path / "bpe"))
     assert (tmp_path / "bpe.tokenizer.json").is_file()
     assert tok.vocab_size == 400 and tok.eod_id == 0

@@ -95,41 +95,119 @@ def write_export(out_dir: str, full: Dict[str, torch.Tensor], model_cfg: Dict[st
     return out_dir
 
 
+class ExportError(ValueError):
+    """An export directory that is missing, incomplete, corrupt or asked for something it cannot do; the
+    message (one line) names the file and the way out."""
+
+
+_WHERE = "exports are written by pretrain/train.py at the end of training, into SAVE/export"
+
+
+def _redo(path: str, meta: Dict[str, Any] | None = None) -> str:
+    """How to write an export again."""
+    source = (meta or {}).get("source")
+    run = f"--save {source}" if source else "--save RUN"
+    return (f"write it again by rerunning the training command (pretrain/train.py ... {run}): it resumes from "
+            f"the last checkpoint and exports at the end")
+
+
 def read_export(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(model config dict, export meta) of an export directory, with clear errors."""
+    """(model config dict, export meta) of an export directory.  ``ExportError`` naming the folder or file
+    when it is missing, incomplete or unreadable (``model.safetensors`` is checked in ``load_weights_into``)."""
+    if not os.path.isdir(path):
+        what = "is a file, not an" if os.path.exists(path) else "no such"
+        raise ExportError(f"{path}: {what} export directory ({_WHERE})")
     for name in ("model.safetensors", "model.yaml", "export.json"):
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path}: not an export directory ({name} missing; exports are written by "
-                                    f"pretrain/train.py into SAVE/export, or by pretrain/export.py)")
-    with open(os.path.join(path, "model.yaml")) as f:
-        model_cfg = yaml.safe_load(f)
-    with open(os.path.join(path, "export.json")) as f:
-        meta = json.load(f)
+            raise ExportError(f"{path}: not an export directory ({name} missing; {_WHERE})")
+    meta = _read_structured(path, "export.json", json.load, json.JSONDecodeError)
+    model_cfg = _read_structured(path, "model.yaml", yaml.safe_load, yaml.YAMLError, meta)
+    if not isinstance(meta.get("tokenizer"), dict):
+        raise ExportError(f"{os.path.join(path, 'export.json')}: no tokenizer spec; {_redo(path, meta)}")
     return model_cfg, meta
 
 
-def load_weights_into(model, path: str) -> None:
-    """Load an export's consolidated weights into ``model`` (any tensor-parallel layout)."""
-    from safetensors.torch import load_file
+def _read_structured(path: str, name: str, load, error, meta=None) -> Dict[str, Any]:
+    f = os.path.join(path, name)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            data = load(fh)
+    except (error, UnicodeDecodeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ExportError(f"{f}: unreadable ({detail}); {_redo(path, meta)}") from None
+    except OSError as e:
+        raise ExportError(f"{f}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{f}: expected a mapping, got {type(data).__name__}; {_redo(path, meta)}")
+    return data
 
+
+def read_weights(path: str, meta: Dict[str, Any] | None = None) -> Dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of an export; ``ExportError`` naming the file when it is truncated or
+    corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    f = os.path.join(path, "model.safetensors")
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ExportError(f"{f}: truncated or corrupt ({detail}); {_redo(path, meta)}") from None
+
+
+def load_weights_into(model, path: str) -> None:
+    """Load an export's consolidated weights into ``model`` (any tensor-parallel layout).  ``ExportError``
+    when the file is unreadable or its tensors do not fit the model."""
     from pretrain.model.weights import load_full
-    read_export(path)
-    load_full(model, load_file(os.path.join(path, "model.safetensors")))
+    _, meta = read_export(path)
+    state = read_weights(path, meta)
+    try:
+        load_full(model, state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        detail = " ".join(str(e).strip("'\"").split())[:300]
+        raise ExportError(f"{os.path.join(path, 'model.safetensors')}: does not fit the model ({detail}); "
+                          f"{_redo(path, meta)}") from None
+
+
+def check_overrides(cfg, **fields) -> None:
+    """Check evaluation/generation settings (``tgt_len``, ``mem_len``, ``clamp_len``, ``same_length``)
+    against the model's own rules (``ModelConfig.validate``); ``ExportError`` names the command-line flag,
+    e.g. ``--mem-len 0: LaMemo (attn_type 3) needs a memory (mem_len >= 1); ...``."""
+    import dataclasses
+
+    from pretrain.config_base import ConfigError
+    changed = {k: v for k, v in fields.items() if v is not None}
+    try:
+        dataclasses.replace(cfg, **changed).validate()
+    except ConfigError as e:
+        flag = "--" + e.field.replace("_", "-")
+        value = changed.get(e.field)
+        shown = "" if value is None or isinstance(value, bool) else f" {value}"
+        raise ExportError(f"{flag}{shown}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def load_exported(path: str, device=None, dtype: torch.dtype = torch.float32, **overrides):
     """(model, model config, tokenizer, export meta) of an export directory, in this single process.
-    ``overrides`` replace model config fields (e.g. ``dropout=0.0``)."""
-    from data_tools.tokenization import tokenizer_from_spec
+    ``overrides`` replace model config fields (e.g. ``dropout=0.0``).  ``ExportError`` (one line, naming the
+    file and the way out) for a missing, incomplete or corrupt export."""
+    from data_tools.tokenization import TokenizerError, tokenizer_from_spec
+    from pretrain.config_base import ConfigError
     from pretrain.model import ModelConfig, build_model, parallel
     model_cfg, meta = read_export(path)
     model_cfg.update(overrides)
-    cfg = from_dict(ModelConfig, model_cfg)
+    try:
+        cfg = from_dict(ModelConfig, model_cfg)
+        cfg.validate()
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ExportError(f"{os.path.join(path, 'model.yaml')}: {e}; {_redo(path, meta)}") from None
+    try:
+        tok = tokenizer_from_spec(meta["tokenizer"], os.path.abspath(path))
+    except (TokenizerError, ValueError) as e:
+        raise ExportError(f"{path}: the export's tokenizer: {e}; {_redo(path, meta)}") from None
     if not parallel.is_initialized():
         parallel.initialize(1)
     model = build_model(cfg)
     load_weights_into(model, path)
     model.to(device or "cpu", dtype=dtype)
     model.eval()
-    tok = tokenizer_from_spec(meta["tokenizer"], os.path.abspath(path))
     return model, cfg, tok, meta
