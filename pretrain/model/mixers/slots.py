@@ -23,11 +23,11 @@ One segment (K slots, N tokens, layers l = 0..L-1 of which the slot layers read 
    relative positions inside the segment), ``(q_i + u)^T W_k^mem m_0`` for the slots (no position term: a slot
    is not a place in the sequence); keys and values of the slots are the layer's memory projections of m_0.
    Then residual, norm (``attn.norm``) and the layer's FFN, as in an XL layer.
-3. (every writing slot layer l, attn_type 50) write stream m_l -> m_{l+1} (m at the first slot layer: m_0): slot i queries
-   ``W_q^mem m_l[i]`` over ``[its own key W_k^mem m_l[i] ; the layer's token keys]`` (values likewise; content
-   scores only), ``m' = LN(m_l + W_o^mem a)``, ``m_{l+1} = LN(m' + FFN^mem(m'))`` (pre-LN: the pre-LN forms);
-   the stream is handed up as the row stream ``slots`` and passes unchanged through other layers (reading
-   slot layers included).
+3. (every writing slot layer l, attn_type 50) write stream m_l -> m_{l+1} (m at the first slot layer: m_0):
+   slot i queries ``W_q^mem m_l[i]`` over ``[its own key W_k^mem m_l[i] ; the layer's token keys]`` (values
+   likewise; content scores only), ``m' = LN(m_l + W_o^mem a)``, ``m_{l+1} = LN(m' + FFN^mem(m'))`` (pre-LN:
+   the pre-LN forms); the stream is handed up as the row stream ``slots`` and passes unchanged through other
+   layers (reading slot layers included).
 4. (``SlotMemory.end``) update gate per slot against the layer-0 memory:
    ``a = sigmoid(w_2^T GELU(W_1 m_L + b_1) + b_2)``, ``M_{t+1} = a m_L + (1 - a) m_0`` (W_1 [d, d], w_2 [d],
    MemBART's ``UpdateGate`` with its dropout).
