@@ -32,7 +32,9 @@ SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come f
 def registry_variants():
     """Model overrides of each variant, from the mechanism registry: 'none' (XL layers without memory, the
     baseline), every attn_type by its alias (else mechanism name + code; codes that repeat another code's
-    settings are left out), and the hybrid of hybrid_tiny (three delta-rule layers to one XL layer)."""
+    settings, and codes that cannot make a model alone, are left out), the hybrid of hybrid_tiny (three
+    delta-rule layers to one XL layer) and that of slots_xl_tiny (XL layers alternating with Memformer slot
+    layers)."""
     from pretrain.model import registry
     out = {"none": dict(attn_type=0, mem_len=0)}
     for mech in registry.mechanisms().values():
@@ -41,7 +43,7 @@ def registry_variants():
         for code in sorted(mech.variants, key=lambda c: (c not in names, c)):
             var = mech.variants[code]
             key = (var.name, dict(var.settings))
-            if key in seen:
+            if key in seen or var.settings.get("standalone", True) is False:
                 continue
             seen.append(key)
             kw = dict(attn_type=code)
@@ -49,6 +51,7 @@ def registry_variants():
                 kw["mem_len"] = 0
             out[names.get(code, f"{mech.name}{code}")] = kw
     out["hybrid"] = dict(layers="delta*3,xl")
+    out["slots_xl"] = dict(layers="xl,slots")
     return out
 
 
@@ -190,9 +193,10 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
     ap.add_argument("--variants", default="none,xl,shaw,absolute,lamemo,lamemo31,lamemo32,lamemo33,linear,"
-                                          "performer,dpfp_sum,delta,delta_favor,delta_dpfp,delta_norm,hybrid",
+                                          "performer,dpfp_sum,delta,delta_favor,delta_dpfp,delta_norm,hybrid,"
+                                          "slots,slots_xl",
                     help=f"comma list of {list(VARIANTS)} ('none' is the baseline)")
-    ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid",
+    ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid,slots,slots_xl",
                     help="variants for the small size")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)

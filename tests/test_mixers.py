@@ -32,6 +32,10 @@ HYBRIDS = {
     "xl-delta-norm-favor": dict(n_layer=3, layers="0,45,44", mem_len=4),
     # fast weights that are not carried: every segment starts from zero (generation re-reads the segment)
     "delta-nocarry": dict(attn_type=24, mem_len=0, fast_weight=dict(carry_state=False)),
+    # Memformer slots beside XL layers (the write stream passes the XL layers; the last layer is a slot layer)
+    # and beside delta-rule layers (the last slot layer is in the middle of the stack)
+    "xl-slots": dict(n_layer=4, layers="xl,slots", mem_len=5, slots=dict(num_slots=3)),
+    "delta-slots-delta": dict(n_layer=3, layers="delta,slots,delta", mem_len=0, slots=dict(num_slots=2)),
 }
 
 

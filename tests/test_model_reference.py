@@ -32,13 +32,18 @@ def _detach(mem):
 
 def _state_error(cfg, st, mem):
     """Max difference between the model's state and the reference memory on the valid slots; every entry of
-    the reference must be in the state and vice versa."""
+    the reference must be in the state and vice versa (per-layer dicts, then the stack-level memories' dict
+    keyed by full state names, if any)."""
     M = st.mem_len
     err = 0.0
+    mem, stack = mem[:cfg.n_layer], (mem[cfg.n_layer] if len(mem) > cfg.n_layer else {})
     keys = {k for k in st.keys() if k != "valid"}
-    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem) for k in d}
+    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem) for k in d} | set(stack)
     assert keys == ref_keys, f"state entries {sorted(keys)} != reference {sorted(ref_keys)}"
     for b in range(st.batch_size):
+        for k, ref in stack.items():
+            e = st[k].select(st.batch_dims[k], b) - ref[b]
+            err = max(err, e.abs().max().item() if e.numel() else 0.0)
         v = int(st["valid"][b])
         for l, d in enumerate(mem):
             for k, ref in d.items():

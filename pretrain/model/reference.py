@@ -9,7 +9,8 @@ reference of its own mixer (``cfg.layer_specs()``), so hybrids are covered too. 
 
 Memory: a list with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo ``{"attn": [B, m, H, dh],
 "lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer below; fast weights
-``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation.
+``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation; slot layers ``{}``.  With
+stack-level memories the list has one more dict, keyed by the full state names: ``{"slots.mem": [B, K, d]}``.
 """
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ class ReferenceLM:
         memory = memory or [None] * cfg.n_layer
         new: List[dict] = []
         rows = None                 # LaMemo's refreshed memory rows, handed up between LaMemo layers
+        stack = memory[cfg.n_layer] if len(memory) > cfg.n_layer else None   # stack-level memories' state
+        slots = self._slots_begin(B, stack) if any(s.mechanism == "memformer" for s in self.specs) else None
         for l, spec in enumerate(self.specs):
             mem = memory[l]
             if spec.mechanism == "xl":
@@ -153,9 +156,14 @@ class ReferenceLM:
             elif spec.mechanism == "fast_weight":
                 x, st = self._fast_weight(l, x, mem)
                 rows = None
+            elif spec.mechanism == "memformer":
+                x, st = self._memformer(l, x, slots, clamp_len)
+                rows = None
             else:
                 raise NotImplementedError(spec.mechanism)
             new.append(st)
+        if slots is not None:
+            new.append({"slots.mem": self._slots_end(slots)})
         if cfg.pre_lnorm:
             x = self.ln(x, "final_norm")
         lp = self.log_probs(x)
@@ -300,3 +308,70 @@ class ReferenceLM:
         if attn_norm:
             st["z"] = z
         return out, st
+
+    # -- Memformer slots (pretrain/model/mixers/slots.py) ----------------------------------------------------
+    def _slots_begin(self, B, stack):
+        """m_0 = LN(M_t + b_mem) (M_t = 0 for a fresh stream): the write stream starts there, every slot layer's
+        tokens read it."""
+        cfg = self.cfg
+        mem = stack["slots.mem"] if stack else torch.zeros(B, cfg.slots.num_slots, cfg.d_model, dtype=torch.float64)
+        m0 = self.ln(mem + self.w["stack.memories.slots.memory_bias"], "stack.memories.slots.norm")
+        return {"m0": m0, "m": m0}
+
+    def _slots_end(self, slots):
+        """M_{t+1} = a m_L + (1 - a) m_0, a = sigmoid(w_2^T GELU(W_1 m_L + b_1) + b_2) per slot."""
+        pre = "stack.memories.slots."
+        m, m0 = slots["m"], slots["m0"]
+        h = F.gelu(m @ self.w[pre + "gate_fc1.weight"].T + self.w[pre + "gate_fc1.bias"])
+        a = torch.sigmoid(h @ self.w[pre + "gate_fc2.weight"].T + self.w[pre + "gate_fc2.bias"])    # [B, K, 1]
+        return a * m + (1 - a) * m0
+
+    def _memformer(self, l, x, slots, clamp_len):
+        """A slot layer: tokens attend over [m_0 (no positions) ; causal tokens (XL relative positions)]; in a
+        writing layer (50) the write stream m -> m' by slot attention, one slot at a time over [itself ; the
+        layer's tokens]."""
+        cfg = self.cfg
+        B, N, _ = x.shape
+        H, dh = cfg.n_head, cfg.d_head
+        K = slots["m0"].shape[1]
+        pre = f"stack.layers.{l}.mixer."
+        xin = self.ln(x, pre + "attn.norm") if cfg.pre_lnorm else x
+        q, k, v = self.heads(xin, l)                                                 # [B, N, H, dh]
+
+        writes = self.specs[l].variant == "slots"
+
+        def mem_qkv(t):
+            """[q, k, v] (writing layer) or [k, v] (reading layer) of slot rows t, [B, K, H, dh] each."""
+            t = self.ln(t, pre + ("mem_attn.norm" if writes else "mem_norm")) if cfg.pre_lnorm else t
+            y = t @ self.lp(l, "mem_attn.qkv.weight" if writes else "mem_kv.weight").T
+            return [z.reshape(B, K, H, dh) for z in y.chunk(3 if writes else 2, dim=-1)]
+
+        ks, vs = mem_qkv(slots["m0"])[-2:]
+        u, vb = self.bias(l, "u"), self.bias(l, "v")
+        i = torch.arange(N)[:, None]
+        j = torch.arange(N)[None, :]
+        dist = (i - j).double()
+        tok = (torch.einsum("bihd,bjhd->bhij", q + u, k) +
+               torch.einsum("bihd,ijhd->bhij", q + vb, self.rel_keys(l, self.clamp(dist, clamp_len))))
+        slot = torch.einsum("bihd,bjhd->bhij", q + u, ks)                           # [B, H, N, K]
+        allowed = torch.cat([torch.ones(N, K, dtype=torch.bool), dist >= 0], 1)
+        a, _ = self.softmax_attend(torch.cat([slot, tok], -1) / math.sqrt(dh), allowed, torch.cat([vs, v], 1))
+        out = self.ffn(self.attn_out(x, a, l), l)
+        if not writes:
+            return out, {}
+        # write stream: slot s attends to its own key and the N token keys, never to another slot
+        m = slots["m"]
+        qm, km, vm = mem_qkv(m)
+        aw = torch.zeros(B, K, H, dh, dtype=x.dtype)
+        for s in range(K):
+            keys = torch.cat([km[:, s:s + 1], k], 1)                                 # [B, 1 + N, H, dh]
+            vals = torch.cat([vm[:, s:s + 1], v], 1)
+            p = torch.softmax(torch.einsum("bhd,bjhd->bhj", qm[:, s], keys) / math.sqrt(dh), -1)
+            aw[:, s] = torch.einsum("bhj,bjhd->bhd", p, vals)
+        h = m + aw.reshape(B, K, -1) @ self.lp(l, "mem_attn.out.weight").T
+        h = h if cfg.pre_lnorm else self.ln(h, pre + "mem_attn.norm")
+        f = self.ln(h, pre + "mem_ffn.norm") if cfg.pre_lnorm else h
+        f = torch.relu(f @ self.lp(l, "mem_ffn.fc1.weight").T + self.lp(l, "mem_ffn.fc1.bias"))
+        f = h + f @ self.lp(l, "mem_ffn.fc2.weight").T + self.lp(l, "mem_ffn.fc2.bias")
+        slots["m"] = f if cfg.pre_lnorm else self.ln(f, pre + "mem_ffn.norm")
+        return out, {}
