@@ -188,14 +188,12 @@ def main(argv=None) -> int:
             _, meta = read_export(path)
             data_path = args.data_path or ",".join(f"{k}={v}" for k, v in meta["data"].items())
             data = load_data_info(data_path)
-        except (FileNotFoundError, ValueError) as e:
+            if not data.has(args.split):
+                raise ValueError(f"no {args.split} split in {data_path} (have: {', '.join(data.prefixes)})")
+            model, cfg, _, _ = load_exported(path, device=device, dropout=0.0, dropatt=0.0)
+        except (FileNotFoundError, ValueError) as e:       # ExportError is a ValueError
             print(f"analyze_attention.py: {e}", file=sys.stderr)
             return 2
-        if not data.has(args.split):
-            print(f"analyze_attention.py: no {args.split} split in {data_path} (have: {', '.join(data.prefixes)})",
-                  file=sys.stderr)
-            return 2
-        model, cfg, _, _ = load_exported(path, device=device, dropout=0.0, dropatt=0.0)
         tgt = args.tgt_len or cfg.tgt_len
         mem = cfg.mem_len if args.mem_len is None else args.mem_len
         label = args.label[i] if args.label else os.path.basename(os.path.dirname(os.path.abspath(path)))

@@ -100,7 +100,8 @@ def test_the_command_writes_json_and_a_plot_for_several_models(tmp_path):
     assert png.stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "pretrain/analyze_attention.py", "--model", str(tmp_path / "nothing")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not an export directory" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "nothing" in bad.stderr and "export" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     bad = subprocess.run([sys.executable, "pretrain/analyze_attention.py", "--model", xl, "--max-steps", "-1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--max-steps" in bad.stderr
