@@ -32,15 +32,15 @@ def _detach(mem):
 
 def _state_error(cfg, st, mem):
     """Max difference between the model's state and the reference memory on the valid slots; every entry of
-    the reference must be in the state and vice versa."""
+    the reference must be in the state and vice versa (flags and counts aside)."""
     M = st.mem_len
     err = 0.0
-    keys = {k for k in st.keys() if k != "valid"}
-    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem) for k in d}
+    keys = {k for k in st.keys() if st[k].is_floating_point()}
+    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem["layers"]) for k in d} | set(mem) - {"layers"}
     assert keys == ref_keys, f"state entries {sorted(keys)} != reference {sorted(ref_keys)}"
     for b in range(st.batch_size):
         v = int(st["valid"][b])
-        for l, d in enumerate(mem):
+        for l, d in enumerate(mem["layers"]):
             for k, ref in d.items():
                 t = st[f"layers.{l}.{k}"]
                 if k == "mem":                                   # [B, M, d]
@@ -52,6 +52,8 @@ def _state_error(cfg, st, mem):
                 else:                                            # fast weights: no positions
                     e = t[b] - ref[b]
                 err = max(err, e.abs().max().item() if e.numel() else 0.0)
+        for k in set(mem) - {"layers"}:                         # stack-level entries (RMT's memory tokens)
+            err = max(err, (st[k][b] - mem[k][b]).abs().max().item())
     return err
 
 
