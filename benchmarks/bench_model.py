@@ -32,10 +32,13 @@ SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come f
 def registry_variants():
     """Model overrides of each variant, from the mechanism registry: 'none' (XL layers without memory, the
     baseline), every attn_type by its alias (else mechanism name + code; codes that repeat another code's
-    settings are left out), and the hybrid of hybrid_tiny (three delta-rule layers to one XL layer)."""
+    settings are left out), the benchmark variants of the stack-level memories (``bench_configs``: RMT with 8 or
+    16 memory tokens, RMT + XL), and the hybrid of hybrid_tiny (three delta-rule layers to one XL layer)."""
     from pretrain.model import registry
     out = {"none": dict(attn_type=0, mem_len=0)}
-    for mech in registry.mechanisms().values():
+    for mech in registry.mechanisms("stack").values():
+        out.update({name: dict(kw) for name, kw in mech.bench_configs.items()})
+    for mech in registry.mechanisms("mixer").values():
         names = {code: alias for alias, code in mech.aliases.items()}
         seen = []
         for code in sorted(mech.variants, key=lambda c: (c not in names, c)):

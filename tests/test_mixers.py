@@ -33,9 +33,10 @@ HYBRIDS = {
     # fast weights that are not carried: every segment starts from zero (generation re-reads the segment)
     "delta-nocarry": dict(attn_type=24, mem_len=0, fast_weight=dict(carry_state=False)),
     # RMT memory tokens over other mixers: delta-rule layers (they just see the longer sequence), a delta/XL
-    # hybrid with the XL cache
+    # hybrid with the XL cache, LaMemo layers (their memory rows look ahead to the first read position)
     "rmt-delta": dict(attn_type=24, mem_len=0, rmt=dict(num_mem_tokens=2)),
     "rmt-delta-xl": dict(n_layer=2, layers="delta,xl", mem_len=5, rmt=dict(num_mem_tokens=2)),
+    "rmt-lamemo": dict(attn_type=3, mem_len=5, rmt=dict(num_mem_tokens=2)),
 }
 
 

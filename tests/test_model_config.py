@@ -83,7 +83,8 @@ def test_preset_sizes_match_the_published_models(monkeypatch):
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
 
 
-@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny"])
+@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny", "rmt_tiny",
+                                  "rmt_xl_tiny"])
 def test_tiny_presets_run(name):
     mem = load_model_config(name).mem_len
     cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8 if mem else 0))

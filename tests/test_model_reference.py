@@ -142,3 +142,17 @@ def test_backprop_through_state_matches_reference(attn_type):
 ], ids=["div1", "div2", "untied", "proj", "plain-proj"])
 def test_embeddings_and_softmax_match_reference(extra):
     compare(ModelConfig(attn_type=3, tgt_len=4, mem_len=4, **{**BASE, **extra}), 4, 4, segs=2)
+
+
+@pytest.mark.parametrize("rmt", [dict(num_mem_tokens=3), dict(num_mem_tokens=2, read_mem_from_cache=True),
+                                 dict(num_mem_tokens=2, mem_at_end=False, read_mem_from_cache=True)],
+                         ids=["k3", "k2-cache", "k2-read-only"])
+@pytest.mark.parametrize("attn_type", [0, 1])
+def test_rmt_matches_reference(attn_type, rmt):
+    """RMT memory tokens (with the XL cache): varying segment lengths (evaluation, generation), clamped
+    distances, pre-LN with per-layer biases, and backpropagation through the carried memory."""
+    cfg = ModelConfig(attn_type=attn_type, tgt_len=4, mem_len=6, rmt=rmt, **BASE)
+    compare(cfg, [2, 5, 3, 1, 6], 6)
+    compare(cfg, 4, 6, clamp=3, detach=False)
+    compare(ModelConfig(attn_type=attn_type, tgt_len=4, mem_len=0, rmt=rmt, pre_lnorm=True, untie_r=True,
+                        **BASE), 4, 0, detach=False)
