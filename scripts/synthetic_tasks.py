@@ -167,12 +167,19 @@ def main(argv=None) -> int:
         return fail(f"--mem-len must be >= 1 for xl, got {args.mem_len}")
     if args.bptt < 0:
         return fail(f"--bptt must be >= 0, got {args.bptt}")
-    prefix = make_data(args, os.path.join(args.out, "data"))
+    try:
+        prefix = make_data(args, os.path.join(args.out, "data"))
+    except subprocess.CalledProcessError as e:
+        return fail(f"generating the {args.task} task failed (exit {e.returncode}; the generator's message is "
+                    f"above)")
     segs = 1 if args.dry_run else example_segments(prefix, args.segment)
     results = []
     for model in models:
         for seed in seeds:
-            res = run_one(args, model, seed, prefix, segs, os.path.join(args.out, f"{model}_seed{seed}"))
+            try:
+                res = run_one(args, model, seed, prefix, segs, os.path.join(args.out, f"{model}_seed{seed}"))
+            except RuntimeError as e:
+                return fail(str(e))
             if res:
                 results.append(res)
                 print(f"{model:5s} seed {seed}: test accuracy {res['accuracy']:.4f} (loss {res['test_loss']:.4f}, "

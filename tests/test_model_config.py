@@ -76,7 +76,9 @@ def test_preset_sizes_match_the_published_models(monkeypatch):
     expected = {"xl_wt103_base": 151.1e6, "xl_enwik8_base": 41.1e6, "xl_enwik8_large": 277.3e6,
                 "lamemo_wt103_base": 151.1e6, "lamemo_enwik8_base": 41.1e6,
                 # fast weights (lmtool-fwms small / medium: 34.3M / 68.5M of them in the adaptive embedding)
-                "fastweight_wt103_small": 44.03e6, "fastweight_wt103_medium": 89.87e6}
+                "fastweight_wt103_small": 44.03e6, "fastweight_wt103_medium": 89.87e6,
+                # RMT: the XL layers plus K memory vectors
+                "rmt_wt103_base": 151.1e6, "rmt_enwik8_base": 41.1e6}
     for name, n in expected.items():
         with torch.device("meta"):
             model = build_model(load_model_config(name))

@@ -19,6 +19,10 @@ One segment:
 5. the new state is assembled from every layer's and memory's entries, plus the stack-level ``valid`` count
    of the positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
 
+Documents starting inside the segment go through the document mask of step 2, unless a stack-level memory
+cannot share its positions between documents (``split_documents``: RMT): then later documents run as passes of
+their own (``_split_documents``).
+
 State entry names: ``layers.<i>.<name>`` for layer i's own entries (``layers.0.mem``, ``layers.3.fw`` ...),
 ``<memory>.<name>`` for a stack-level memory's (``rmt.mem``), and ``valid`` for the positional memory count.
 The ``MemoryState``'s mechanism field is the layout's signature (``xl``, ``lamemo``, ``fast_weight*3,xl``,
