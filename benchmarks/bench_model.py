@@ -58,6 +58,15 @@ def registry_variants():
 VARIANTS = registry_variants()                         # model overrides of each variant
 
 
+def override_flags(kw: dict, prefix: str = "model") -> list:
+    """Command-line flags of a variant's overrides: ``--model.k v``, nested sections as dotted names
+    (``{"rmt": {"num_mem_tokens": 8}}`` -> ``--model.rmt.num_mem_tokens 8``)."""
+    out = []
+    for k, v in kw.items():
+        out += override_flags(v, f"{prefix}.{k}") if isinstance(v, dict) else [f"--{prefix}.{k}", str(v)]
+    return out
+
+
 OVERRIDES = {}                                         # every variant: e.g. dropout from --dropout
 
 

@@ -30,20 +30,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _flags(prefix: str, kw: dict) -> list:
-    """``--model.k v`` flags of an override mapping; nested sections become dotted names (--model.rmt.x v)."""
-    out = []
-    for k, v in kw.items():
-        out += _flags(f"{prefix}.{k}", v) if isinstance(v, dict) else [f"--{prefix}.{k}", str(v)]
-    return out
-
-
 def _variants():
     """Command-line overrides of each variant: bench_model's registry-driven variants (every attn_type by its
     alias, 'none' the no-memory baseline, the stack-level memories' variants such as 'rmt8', 'hybrid' three
     delta-rule layers to one XL layer)."""
-    from benchmarks.bench_model import registry_variants
-    return {name: _flags("model", kw) for name, kw in registry_variants().items()}
+    from benchmarks.bench_model import override_flags, registry_variants
+    return {name: override_flags(kw) for name, kw in registry_variants().items()}
 
 
 VARIANTS = _variants()
