@@ -172,7 +172,11 @@ def main(argv=None) -> int:
     except subprocess.CalledProcessError as e:
         return fail(f"generating the {args.task} task failed (exit {e.returncode}; the generator's message is "
                     f"above)")
-    segs = 1 if args.dry_run else example_segments(prefix, args.segment)
+    if os.path.exists(prefix + "_test.json"):
+        segs = example_segments(prefix, args.segment)
+    else:                                   # a dry run before the data exists
+        segs = 1
+        print("(dry run: the segments per example are known once the data exists; --bptt 0 shows as 1)")
     results = []
     for model in models:
         for seed in seeds:
