@@ -32,12 +32,15 @@ SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come f
 def registry_variants():
     """Model overrides of each variant, from the mechanism registry: 'none' (XL layers without memory, the
     baseline), every attn_type by its alias (else mechanism name + code; codes that repeat another code's
-    settings, and codes that cannot make a model alone, are left out), the hybrid of hybrid_tiny (three
+    settings, and codes that cannot make a model alone, are left out), the benchmark variants of the stack-level
+    memories (``bench_configs``: RMT with 8 or 16 memory tokens, RMT + XL), the hybrid of hybrid_tiny (three
     delta-rule layers to one XL layer) and that of slots_xl_tiny (XL layers alternating with Memformer slot
     layers)."""
     from pretrain.model import registry
     out = {"none": dict(attn_type=0, mem_len=0)}
-    for mech in registry.mechanisms().values():
+    for mech in registry.mechanisms("stack").values():
+        out.update({name: dict(kw) for name, kw in mech.bench_configs.items()})
+    for mech in registry.mechanisms("mixer").values():
         names = {code: alias for alias, code in mech.aliases.items()}
         seen = []
         for code in sorted(mech.variants, key=lambda c: (c not in names, c)):
@@ -56,6 +59,15 @@ def registry_variants():
 
 
 VARIANTS = registry_variants()                         # model overrides of each variant
+
+
+def override_flags(kw: dict, prefix: str = "model") -> list:
+    """Command-line flags of a variant's overrides: ``--model.k v``, nested sections as dotted names
+    (``{"rmt": {"num_mem_tokens": 8}}`` -> ``--model.rmt.num_mem_tokens 8``)."""
+    out = []
+    for k, v in kw.items():
+        out += override_flags(v, f"{prefix}.{k}") if isinstance(v, dict) else [f"--{prefix}.{k}", str(v)]
+    return out
 
 
 OVERRIDES = {}                                         # every variant: e.g. dropout from --dropout

@@ -32,10 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _variants():
     """Command-line overrides of each variant: bench_model's registry-driven variants (every attn_type by its
-    alias, 'none' the no-memory baseline, 'hybrid' three delta-rule layers to one XL layer)."""
-    from benchmarks.bench_model import registry_variants
-    return {name: [a for k, v in kw.items() for a in (f"--model.{k}", str(v))]
-            for name, kw in registry_variants().items()}
+    alias, 'none' the no-memory baseline, the stack-level memories' variants such as 'rmt8', 'hybrid' three
+    delta-rule layers to one XL layer)."""
+    from benchmarks.bench_model import override_flags, registry_variants
+    return {name: override_flags(kw) for name, kw in registry_variants().items()}
 
 
 VARIANTS = _variants()

@@ -34,9 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def registry_overrides() -> Dict[str, List[str]]:
-    from benchmarks.bench_model import registry_variants
-    return {name: [a for k, v in kw.items() for a in (f"--model.{k}", str(v))]
-            for name, kw in registry_variants().items()}
+    from benchmarks.bench_model import override_flags, registry_variants
+    return {name: override_flags(kw) for name, kw in registry_variants().items()}
 
 
 def prepare_corpus(corpus: str, work: str) -> str:

@@ -104,6 +104,16 @@ def test_resume_is_exact_for_zero_0_to_3_with_tensor_parallel(copy_data, tmp_pat
     assert results[0]["0"]["full"]["losses"] == results[1]["0"]["full"]["losses"]
 
 
+def test_resume_is_exact_with_rmt_memory_tokens_and_bptt(copy_data, tmp_path):
+    """RMT memory tokens over XL layers, gradients through 2 segments per micro-batch, dropout on, resets at
+    documents: the memory tokens (and whether a row starts from the learned ones) are checkpointed and restored;
+    under ZeRO-3 the learned memory is gathered for the forward like every other parameter."""
+    extra = ["--data-path", copy_data, "--model.attn_type", "0", "--model.rmt.num_mem_tokens", "3",
+             "--train.bptt_segments", "2", "--model.dropout", "0.1", "--data.roll", "true",
+             "--data.reset_memory", "true", "--train-iters", "6"] + TINY
+    check_resume(driver(tmp_path, 1, "resume", "0,3", extra), [0, 3])
+
+
 def test_tensor_parallel_training_equals_one_rank(copy_data, tmp_path):
     """The same run on 1 process and on 2 tensor-parallel processes gives the same losses (no dropout:
     dropout inside tensor-parallel regions draws per-rank masks by design, as in Megatron)."""

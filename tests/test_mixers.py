@@ -36,6 +36,11 @@ HYBRIDS = {
     # and beside delta-rule layers (the last slot layer is in the middle of the stack)
     "xl-slots": dict(n_layer=4, layers="xl,slots", mem_len=5, slots=dict(num_slots=3)),
     "delta-slots-delta": dict(n_layer=3, layers="delta,slots,delta", mem_len=0, slots=dict(num_slots=2)),
+    # RMT memory tokens over other mixers: delta-rule layers (they just see the longer sequence), a delta/XL
+    # hybrid with the XL cache, LaMemo layers (their memory rows look ahead to the first read position)
+    "rmt-delta": dict(attn_type=24, mem_len=0, rmt=dict(num_mem_tokens=2)),
+    "rmt-delta-xl": dict(n_layer=2, layers="delta,xl", mem_len=5, rmt=dict(num_mem_tokens=2)),
+    "rmt-lamemo": dict(attn_type=3, mem_len=5, rmt=dict(num_mem_tokens=2)),
 }
 
 
@@ -44,8 +49,9 @@ def _cases():
     for name, mech in registry.mechanisms().items():
         for tc in mech.test_configs:
             kw = dict(tc)
+            label = kw.pop("label", kw["attn_type"])
             kw.setdefault("mem_len", 5)
-            out[f"{name}-{kw['attn_type']}"] = kw
+            out[f"{name}-{label}"] = kw
     out.update({f"hybrid-{k}": v for k, v in HYBRIDS.items()})
     return out
 
@@ -62,7 +68,8 @@ def _exact(cfg) -> bool:
     absolute positions (counted per segment), nor with fast weights that are not carried."""
     if cfg.absolute_positions() or not cfg.fast_weight.carry_state:
         return False
-    return all(registry.mechanism(s.mechanism).recurrence_exact for s in cfg.layer_specs())
+    return all(registry.mechanism(s.mechanism).recurrence_exact for s in cfg.layer_specs()) and \
+        all(m.recurrence_exact for m in registry.stack_memories(cfg))
 
 
 def _model(cfg):
@@ -88,6 +95,8 @@ def test_the_matrix_covers_every_registered_code():
     covered = {c.code for case in CASES for c in _cfg(case).layer_specs()}
     tested = {kw["attn_type"] for m in registry.mechanisms().values() for kw in m.test_configs}
     assert tested <= covered
+    on = {m.name for case in CASES for m in registry.stack_memories(_cfg(case))}
+    assert on == set(registry.mechanisms("stack")), "a stack-level memory is never turned on by its test configs"
     for name, mech in registry.mechanisms().items():
         assert mech.test_configs, f"mechanism {name} registers no test configs"
 
@@ -163,7 +172,7 @@ def test_reset_save_load_and_detach(case):
     for detach in (True, False):
         model.zero_grad()
         _, st = model(first, model.init_state(2), detach_state=detach)
-        assert all(t.requires_grad != detach for t in st.tensors.values() if t.is_floating_point())
+        assert all(t.requires_grad != detach for t in st.tensors.values() if t.is_floating_point() and t.numel())
         o, _ = model(second, st, second)
         o.nll.sum().backward()
         grads[detach] = model.embedding.tables[0].weight.grad[30].abs().sum().item()
@@ -195,7 +204,8 @@ def _by_segment(cfg) -> bool:
     """Whether generation writes this model's memory only at segment boundaries (without building it)."""
     specs = cfg.layer_specs()
     return any(registry.mixer_class(s.mechanism).decode == "segment" for s in specs) or (
-        not cfg.fast_weight.carry_state and any(s.mechanism == "fast_weight" for s in specs))
+        not cfg.fast_weight.carry_state and any(s.mechanism == "fast_weight" for s in specs)) or \
+        any(registry.mixer_class(m.name).decode == "segment" for m in registry.stack_memories(cfg))
 
 
 @pytest.mark.parametrize("case", sorted(c for c in CASES if _exact(_cfg(c)) or _by_segment(_cfg(c))))

@@ -76,14 +76,17 @@ def test_preset_sizes_match_the_published_models(monkeypatch):
     expected = {"xl_wt103_base": 151.1e6, "xl_enwik8_base": 41.1e6, "xl_enwik8_large": 277.3e6,
                 "lamemo_wt103_base": 151.1e6, "lamemo_enwik8_base": 41.1e6,
                 # fast weights (lmtool-fwms small / medium: 34.3M / 68.5M of them in the adaptive embedding)
-                "fastweight_wt103_small": 44.03e6, "fastweight_wt103_medium": 89.87e6}
+                "fastweight_wt103_small": 44.03e6, "fastweight_wt103_medium": 89.87e6,
+                # RMT: the XL layers plus K memory vectors
+                "rmt_wt103_base": 151.1e6, "rmt_enwik8_base": 41.1e6}
     for name, n in expected.items():
         with torch.device("meta"):
             model = build_model(load_model_config(name))
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
 
 
-@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny"])
+@pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny", "rmt_tiny",
+                                  "rmt_xl_tiny"])
 def test_tiny_presets_run(name):
     mem = load_model_config(name).mem_len
     cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8 if mem else 0))

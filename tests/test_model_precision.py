@@ -64,8 +64,12 @@ def test_activation_checkpointing_replays_dropout(attn_type):
 
 @pytest.mark.parametrize("kw", [dict(attn_type=0), dict(attn_type=1), dict(attn_type=2, mem_len=0),
                                 dict(attn_type=0, mem_len=0), dict(attn_type=3), dict(attn_type=33),
-                                dict(attn_type=3, adaptive=True, cutoffs=[9, 20], div_val=2)],
-                         ids=["xl", "shaw", "abs", "none", "lamemo", "lamemo-full", "adaptive"])
+                                dict(attn_type=3, adaptive=True, cutoffs=[9, 20], div_val=2),
+                                dict(attn_type=0, mem_len=0, rmt=dict(num_mem_tokens=3)),
+                                dict(attn_type=0, rmt=dict(num_mem_tokens=2, mem_at_end=False)),
+                                dict(attn_type=3, rmt=dict(num_mem_tokens=2))],
+                         ids=["xl", "shaw", "abs", "none", "lamemo", "lamemo-full", "adaptive", "rmt", "rmt-xl",
+                              "rmt-lamemo"])
 def test_flops_count_what_is_computed(kw):
     cfg = ModelConfig(**{**BASE, "dropout": 0.0, **kw})
     model = build_model(cfg).eval()

@@ -32,20 +32,15 @@ def _detach(mem):
 
 def _state_error(cfg, st, mem):
     """Max difference between the model's state and the reference memory on the valid slots; every entry of
-    the reference must be in the state and vice versa (per-layer dicts, then the stack-level memories' dict
-    keyed by full state names, if any)."""
+    the reference must be in the state and vice versa (flags and counts aside)."""
     M = st.mem_len
     err = 0.0
-    mem, stack = mem[:cfg.n_layer], (mem[cfg.n_layer] if len(mem) > cfg.n_layer else {})
-    keys = {k for k in st.keys() if k != "valid"}
-    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem) for k in d} | set(stack)
+    keys = {k for k in st.keys() if st[k].is_floating_point()}
+    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem["layers"]) for k in d} | set(mem) - {"layers"}
     assert keys == ref_keys, f"state entries {sorted(keys)} != reference {sorted(ref_keys)}"
     for b in range(st.batch_size):
-        for k, ref in stack.items():
-            e = st[k].select(st.batch_dims[k], b) - ref[b]
-            err = max(err, e.abs().max().item() if e.numel() else 0.0)
         v = int(st["valid"][b])
-        for l, d in enumerate(mem):
+        for l, d in enumerate(mem["layers"]):
             for k, ref in d.items():
                 t = st[f"layers.{l}.{k}"]
                 if k == "mem":                                   # [B, M, d]
@@ -57,6 +52,9 @@ def _state_error(cfg, st, mem):
                 else:                                            # fast weights: no positions
                     e = t[b] - ref[b]
                 err = max(err, e.abs().max().item() if e.numel() else 0.0)
+        for k in set(mem) - {"layers"}:                         # stack-level entries (RMT tokens, slots)
+            e = st[k].select(st.batch_dims[k], b) - mem[k][b]
+            err = max(err, e.abs().max().item() if e.numel() else 0.0)
     return err
 
 
@@ -145,3 +143,17 @@ def test_backprop_through_state_matches_reference(attn_type):
 ], ids=["div1", "div2", "untied", "proj", "plain-proj"])
 def test_embeddings_and_softmax_match_reference(extra):
     compare(ModelConfig(attn_type=3, tgt_len=4, mem_len=4, **{**BASE, **extra}), 4, 4, segs=2)
+
+
+@pytest.mark.parametrize("rmt", [dict(num_mem_tokens=3), dict(num_mem_tokens=2, read_mem_from_cache=True),
+                                 dict(num_mem_tokens=2, mem_at_end=False, read_mem_from_cache=True)],
+                         ids=["k3", "k2-cache", "k2-read-only"])
+@pytest.mark.parametrize("attn_type", [0, 1])
+def test_rmt_matches_reference(attn_type, rmt):
+    """RMT memory tokens (with the XL cache): varying segment lengths (evaluation, generation), clamped
+    distances, pre-LN with per-layer biases, and backpropagation through the carried memory."""
+    cfg = ModelConfig(attn_type=attn_type, tgt_len=4, mem_len=6, rmt=rmt, **BASE)
+    compare(cfg, [2, 5, 3, 1, 6], 6)
+    compare(cfg, 4, 6, clamp=3, detach=False)
+    compare(ModelConfig(attn_type=attn_type, tgt_len=4, mem_len=0, rmt=rmt, pre_lnorm=True, untie_r=True,
+                        **BASE), 4, 0, detach=False)

@@ -108,9 +108,13 @@ class _ModelFields:
         if self.mem_len < 0:
             raise ConfigError("mem_len", f"must be >= 0, got {self.mem_len}")
         if self.mechanism != "auto":
-            if self.mechanism not in registry.mechanisms():
+            if self.mechanism not in registry.mechanisms("mixer"):
+                extra = ""
+                if self.mechanism in registry.mechanisms("stack"):
+                    sec = registry.mechanism(self.mechanism).section
+                    extra = f"; {self.mechanism} wraps the whole stack: turn it on in model.{sec}"
                 raise ConfigError("mechanism", f"unknown mechanism {self.mechanism!r} (known: auto, "
-                                               f"{', '.join(sorted(registry.mechanisms()))})")
+                                               f"{', '.join(sorted(registry.mechanisms('mixer')))}){extra}")
             if self.layers:
                 raise ConfigError("mechanism", "give either `layers` (per-layer mixers) or `mechanism`, not both")
             allowed = sorted(registry.mechanism(self.mechanism).variants)

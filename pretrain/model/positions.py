@@ -90,10 +90,12 @@ def skew(x: torch.Tensor, cols: int, offset: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # distance sequences (the values whose position vectors are computed); see docs/model.md
 
-def causal_distances(n: int, m: int, clamp_len: int) -> torch.Tensor:
-    """Distances for the causal scores of ``n`` queries over ``m + n`` keys: K-1, ..., 1, 0 and a pad.
-    ``skew(QR, m + n, n - 1)`` then puts distance ``m + i - j`` at (i, j)."""
-    d = torch.cat([torch.arange(m + n - 1, -1, -1, dtype=torch.float32), torch.zeros(1)])   # last = pad
+def causal_distances(n: int, m: int, clamp_len: int, lookahead: int = 0) -> torch.Tensor:
+    """Distances for the causal scores of ``n`` queries over ``m + n`` keys: K-1, ..., 1, 0, then
+    -1, ..., -lookahead, and a pad.  ``skew(QR, m + n, n - 1)`` then puts distance ``m + i - j`` at (i, j) for
+    every key up to ``lookahead`` positions after the query (RMT's memory rows, which see the memory tokens after
+    them); entries further right are read from the neighbouring row and must be masked."""
+    d = torch.cat([torch.arange(m + n - 1, -lookahead - 1, -1, dtype=torch.float32), torch.zeros(1)])  # last: pad
     return d.clamp_(max=clamp_len) if clamp_len > 0 else d
 
 

@@ -7,10 +7,15 @@ counts, no strided realignment, no chunked recurrence, no tensor parallelism).  
 reference of its own mixer (``cfg.layer_specs()``), so hybrids are covered too.  Slow and simple on purpose:
 ``lm.py``, the stack and the mixers must agree with it.
 
-Memory: a list with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo ``{"attn": [B, m, H, dh],
-"lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer below; fast weights
-``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation; slot layers ``{}``.  With
-stack-level memories the list has one more dict, keyed by the full state names: ``{"slots.mem": [B, K, d]}``.
+Memory: ``{"layers": [...], <stack-level entries>}`` with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo
+``{"attn": [B, m, H, dh], "lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer
+below; fast weights ``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation; slot layers
+``{}``; the stack-level entries by their state names: RMT ``"rmt.mem"`` [B, K, d], the memory tokens the next
+segment reads; slots ``"slots.mem"`` [B, K, d].
+
+RMT (Bulatov et al. 2022, LM-RMT): the segment is ``[memory ; tokens ; memory]`` (or ``[memory ; tokens]``),
+attention masks are built from the definition (``rmt_allowed``), the last layer's outputs at the write
+positions are the next memory and only the token positions reach the softmax.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class ReferenceLM:
         self.w = {k: v.double() for k, v in weights.items()}
         self.specs = cfg.layer_specs()
         self.favor = {k: v.double() for k, v in (favor_projections or {}).items()}
+        self.rmt = cfg.rmt if cfg.rmt.num_mem_tokens > 0 else None
 
     # -- helpers --------------------------------------------------------------------------------------------
     def p(self, name: str) -> torch.Tensor:
@@ -139,15 +145,21 @@ class ReferenceLM:
         cfg = self.cfg
         x = self.embed(tokens)
         B, N, _ = x.shape
+        memory = memory or {"layers": [None] * cfg.n_layer}
+        K = self.rmt.num_mem_tokens if self.rmt else 0
+        if self.rmt:
+            mem_tokens = memory.get("rmt.mem")
+            if mem_tokens is None:                      # the first segment: the learned memory
+                mem_tokens = self.p("stack.memories.rmt.memory")[None].expand(B, -1, -1)
+            x = torch.cat([mem_tokens, x, mem_tokens] if self.rmt.mem_at_end else [mem_tokens, x], 1)
+        L = x.shape[1]
         if cfg.absolute_positions():
-            x = x + sinusoid(self.clamp(torch.arange(N - 1, -1, -1.0), clamp_len), cfg.d_model).double()
-        memory = memory or [None] * cfg.n_layer
+            x = x + sinusoid(self.clamp(torch.arange(L - 1, -1, -1.0), clamp_len), cfg.d_model).double()
         new: List[dict] = []
         rows = None                 # LaMemo's refreshed memory rows, handed up between LaMemo layers
-        stack = memory[cfg.n_layer] if len(memory) > cfg.n_layer else None   # stack-level memories' state
-        slots = self._slots_begin(B, stack) if any(s.mechanism == "memformer" for s in self.specs) else None
+        slots = self._slots_begin(B, memory) if any(s.mechanism == "memformer" for s in self.specs) else None
         for l, spec in enumerate(self.specs):
-            mem = memory[l]
+            mem = memory["layers"][l]
             if spec.mechanism == "xl":
                 x, st = self._xl(l, x, mem, mem_len, clamp_len, same_length)
                 rows = None
@@ -162,13 +174,41 @@ class ReferenceLM:
             else:
                 raise NotImplementedError(spec.mechanism)
             new.append(st)
+        out = {"layers": new}
         if slots is not None:
-            new.append({"slots.mem": self._slots_end(slots)})
+            out["slots.mem"] = self._slots_end(slots)
+        if self.rmt:
+            out["rmt.mem"] = x[:, L - K:] if self.rmt.mem_at_end else x[:, :K]
+            x = x[:, K:K + N]
         if cfg.pre_lnorm:
             x = self.ln(x, "final_norm")
         lp = self.log_probs(x)
         nll = -lp.gather(-1, targets[..., None]).squeeze(-1)
-        return nll, lp, new
+        return nll, lp, out
+
+    def rmt_allowed(self, n: int, m: int) -> Optional[torch.Tensor]:
+        """RMT's attention pattern for the ``n`` positions of ``[read ; tokens (; write)]`` over ``[cache (m) ;
+        those positions]``, from the definition (LM-RMT's mask): bool [n, m + n], or None without RMT."""
+        if not self.rmt:
+            return None
+        K = self.rmt.num_mem_tokens
+        kind = ["read"] * K + ["token"] * (n - (2 if self.rmt.mem_at_end else 1) * K) + \
+            (["write"] * K if self.rmt.mem_at_end else [])
+        allowed = torch.zeros(n, m + n, dtype=torch.bool)
+        for i in range(n):
+            for j in range(m + n):
+                if j < m:                               # the Transformer-XL cache
+                    ok = kind[i] == "token" or self.rmt.read_mem_from_cache
+                else:
+                    t = j - m
+                    if kind[i] == "read":               # the read rows, both ways
+                        ok = kind[t] == "read"
+                    elif kind[i] == "token":            # causal; the write rows come after every token
+                        ok = t <= i
+                    else:                               # everything before, and the write rows both ways
+                        ok = t <= i or kind[t] == "write"
+                allowed[i, j] = ok
+        return allowed
 
     def _causal(self, q, k, v, l, m, clamp_len, same_length, mem_len):
         """Current queries q [B, N, H, dh] over keys [memory (m) ; segment]: XL relative attention."""
@@ -180,6 +220,11 @@ class ReferenceLM:
         allowed = dist >= 0
         if same_length:
             allowed &= dist < mem_len
+        rmt = self.rmt_allowed(N, m)
+        if rmt is not None:
+            if same_length:
+                raise NotImplementedError("reference: RMT with same_length")
+            allowed = rmt
         shaw = self.specs[l].variant == "shaw"
         u, vb = self.bias(l, "u"), (None if shaw else self.bias(l, "v"))
         ac = torch.einsum("bihd,bjhd->bhij", q + u, k)
@@ -204,7 +249,8 @@ class ReferenceLM:
         q, k, v = self.heads(self.ln(c, f"stack.layers.{l}.mixer.attn.norm") if cfg.pre_lnorm else c, l)
         q = q[:, m:]
         if absolute:
-            allowed = torch.ones(N, N, dtype=torch.bool).tril()
+            rmt = self.rmt_allowed(N, 0)
+            allowed = torch.ones(N, N, dtype=torch.bool).tril() if rmt is None else rmt
             a, _ = self.softmax_attend(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(cfg.d_head), allowed, v)
         else:
             a, _ = self._causal(q, k, v, l, m, clamp_len, same_length, mem_len)
@@ -314,7 +360,9 @@ class ReferenceLM:
         """m_0 = LN(M_t + b_mem) (M_t = 0 for a fresh stream): the write stream starts there, every slot layer's
         tokens read it."""
         cfg = self.cfg
-        mem = stack["slots.mem"] if stack else torch.zeros(B, cfg.slots.num_slots, cfg.d_model, dtype=torch.float64)
+        mem = stack.get("slots.mem")
+        if mem is None:
+            mem = torch.zeros(B, cfg.slots.num_slots, cfg.d_model, dtype=torch.float64)
         m0 = self.ln(mem + self.w["stack.memories.slots.memory_bias"], "stack.memories.slots.norm")
         return {"m0": m0, "m": m0}
 

@@ -14,7 +14,12 @@ for all layers at once (``ModelConfig.attn_type``).  Each registration says:
   defined next to the registration;
 * ``implementation``: ``"module:Class"`` of the mixer (a ``pretrain.model.mixers.base.Mixer`` subclass);
 * test and benchmark metadata: the small configs the registry-driven test matrix runs
-  (``test_configs``), whether a longer segment equals recurrence over shorter ones (``recurrence_exact``).
+  (``test_configs``; an optional ``label`` key names the case), whether a longer segment equals recurrence over
+  shorter ones (``recurrence_exact``), and for a stack-level memory its benchmark variants (``bench_configs``).
+
+A *stack-level memory* (``kind="stack"``: RMT's memory tokens) is not chosen per layer: it is present when its
+``enabled(cfg)`` test says so (``model.rmt.num_mem_tokens > 0``) and then wraps the whole stack, whatever mixers
+the layers hold.
 
 Adding a mechanism = one implementation file in ``pretrain/model/mixers/`` plus one ``register(...)`` block
 here; config validation, the reference check, the test matrix and the benchmarks read this registry.
@@ -57,6 +62,8 @@ class Mechanism:
     # whether running a long segment equals running it in pieces with the state carried (exactly).
     test_configs: Tuple[Mapping[str, Any], ...] = ()
     recurrence_exact: bool = False
+    # Benchmark variants of a stack-level memory (name -> model overrides; mixers get theirs from their codes)
+    bench_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -343,4 +350,44 @@ register(Mechanism(
     # (a writing and a reading slot layer, pre-LN, per-layer position biases)
     test_configs=({"attn_type": 51, "layers": "slots,slots_read", "mem_len": 0, "pre_lnorm": True,
                    "untie_r": True, "slots": {"num_slots": 3}},),
+))
+
+
+@dataclass
+class RMTConfig:
+    """Options of the Recurrent Memory Transformer (``model.rmt``; Bulatov, Kuratov & Burtsev 2022, "Recurrent
+    Memory Transformer", §3, and their LM-RMT code): K memory tokens added to every segment, written by the last
+    layer and read by the next segment at the bottom of the stack."""
+    num_mem_tokens: int = F(0, "memory tokens K (0: no RMT memory)")
+    mem_at_end: bool = F(True, "read memory before the segment and write memory after it (LM-RMT's mem_at_end, "
+                               "the paper's setting); false: [memory ; segment], the next memory is read back "
+                               "from the leading positions (which see only each other and, with "
+                               "read_mem_from_cache, the Transformer-XL cache)")
+    read_mem_from_cache: bool = F(False, "memory rows also attend to the Transformer-XL cache (mem_len > 0); "
+                                         "tokens always do")
+
+    def validate(self):
+        if self.num_mem_tokens < 0:
+            raise ConfigError("num_mem_tokens", f"must be >= 0 (0 turns RMT off), got {self.num_mem_tokens}")
+
+
+register(Mechanism(
+    name="rmt",
+    kind="stack",
+    enabled=lambda cfg: cfg.rmt.num_mem_tokens > 0,
+    implementation="pretrain.model.mixers.rmt:RMTMemory",
+    description="Recurrent Memory Transformer: K memory tokens read before the segment, written after it by the "
+                "last layer, fed to the next segment's first layer",
+    section="rmt",
+    section_class=RMTConfig,
+    test_configs=({"label": "k2", "attn_type": 0, "mem_len": 0, "rmt": {"num_mem_tokens": 2}},
+                  {"label": "k3-xl", "attn_type": 0, "mem_len": 5, "rmt": {"num_mem_tokens": 3}},
+                  {"label": "k2-xl-cache", "attn_type": 0, "mem_len": 5,
+                   "rmt": {"num_mem_tokens": 2, "read_mem_from_cache": True}},
+                  {"label": "k2-read-only", "attn_type": 0, "mem_len": 5,
+                   "rmt": {"num_mem_tokens": 2, "mem_at_end": False, "read_mem_from_cache": True}}),
+    recurrence_exact=False,   # the memory is a learned summary, not the past positions themselves
+    bench_configs={"rmt8": {"attn_type": 0, "mem_len": 0, "rmt": {"num_mem_tokens": 8}},
+                   "rmt16": {"attn_type": 0, "mem_len": 0, "rmt": {"num_mem_tokens": 16}},
+                   "rmt8_xl": {"attn_type": 0, "rmt": {"num_mem_tokens": 8}}},
 ))

@@ -19,6 +19,10 @@ One segment:
 5. the new state is assembled from every layer's and memory's entries, plus the stack-level ``valid`` count
    of the positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
 
+Documents starting inside the segment go through the document mask of step 2, unless a stack-level memory
+cannot share its positions between documents (``split_documents``: RMT): then later documents run as passes of
+their own (``_split_documents``).
+
 State entry names: ``layers.<i>.<name>`` for layer i's own entries (``layers.0.mem``, ``layers.3.fw`` ...),
 ``<memory>.<name>`` for a stack-level memory's (``rmt.mem``), and ``valid`` for the positional memory count.
 The ``MemoryState``'s mechanism field is the layout's signature (``xl``, ``lamemo``, ``fast_weight*3,xl``,
@@ -27,6 +31,7 @@ The ``MemoryState``'s mechanism field is the layout's signature (``xl``, ``lamem
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -83,6 +88,9 @@ class Stack(nn.Module):
                                        for m in stack_memories(cfg)})
         if self.memories:
             self.signature = "+".join([self.signature, *self.memories])
+            ahead = max(m.lookahead() for m in self.memories.values())
+            for layer in self.layers:
+                layer.mixer.lookahead = ahead
         self.uses_memory = any(s.uses_memory for s in self.specs)
         self.absolute_positions = cfg.absolute_positions()
         self.drop = Dropout(cfg.dropout)
@@ -133,6 +141,58 @@ class Stack(nn.Module):
         """``emb`` [B, N, d] scaled token embeddings (no dropout yet); ``seg`` the call's settings
         (``lm.Segment``).  Returns the last layer's hidden states [B, N, d], the state after this segment and
         an auxiliary loss (a scalar, or None)."""
+        if seg.reset is not None and any(m.split_documents for m in self.memories.values()):
+            return self._split_documents(emb, state, seg)
+        return self._segment(emb, state, seg)
+
+    def _split_documents(self, emb, state, seg):
+        """Documents starting inside the segment, for a stack-level memory whose positions two documents cannot
+        share (RMT): the segment runs once as if no document started (which gives every row's first document:
+        its tokens never see later ones), then every later document runs as a pass of its own from the initial
+        state, documents of equal length batched together.  The outputs from a row's first start on, and the
+        state after the segment, come from those passes (a row's state: its last document's).  So each document
+        reads its own memory (the first one the carried memory, later ones the initial memory) and the memory
+        carried on summarises only the last document.  Costs one pass more per distinct document length; an
+        auxiliary loss is the sum over the passes."""
+        B, N = emb.shape[0], seg.n
+        x, new_state, aux = self._segment(emb, state, dataclasses.replace(seg, reset=None))
+        starts = seg.reset.clone()
+        starts[:, 0] = False                    # a start at position 0 was applied before (reset_state)
+        pieces: Dict[int, List[Tuple[int, int]]] = {}       # length -> [(row, first position)]
+        bounds = []
+        for b in range(B):
+            pos = starts[b].nonzero().flatten().tolist()
+            bounds.append(pos)
+            for a, e in zip(pos, pos[1:] + [N]):
+                pieces.setdefault(e - a, []).append((b, a))
+        out: Dict[Tuple[int, int], torch.Tensor] = {}       # (row, first position) -> hidden states [L, d]
+        states = [new_state]
+        picks = [(0, b) for b in range(B)]                  # row b's new state: (index in states, row)
+        for length, items in sorted(pieces.items()):
+            rows = torch.tensor([b for b, _ in items], device=emb.device)
+            first = torch.tensor([a for _, a in items], device=emb.device)
+            idx = first[:, None] + torch.arange(length, device=emb.device)
+            part = emb[rows[:, None], idx]                                     # [G, L, d]
+            fresh = self.initial_state(len(items), state.mem_len, emb.device, emb.dtype)
+            xp, st, a = self._segment(part, fresh, dataclasses.replace(seg, n=length, reset=None))
+            if a is not None:
+                aux = a if aux is None else aux + a
+            states.append(st)
+            for g, (b, a0) in enumerate(items):
+                out[(b, a0)] = xp[g]
+                if a0 == bounds[b][-1]:
+                    picks[b] = (len(states) - 1, g)
+        rows_out = []
+        for b in range(B):
+            if not bounds[b]:
+                rows_out.append(x[b])
+                continue
+            parts = [x[b, :bounds[b][0]]] + [out[(b, a)] for a in bounds[b]]
+            rows_out.append(torch.cat(parts, 0))
+        return torch.stack(rows_out), _pick_rows(states, picks), aux
+
+    def _segment(self, emb: torch.Tensor, state: MemoryState, seg):
+        """One pass of the layers over a segment (``forward`` without the document split)."""
         B, N = emb.shape[0], seg.n
         M = seg.mem_len
         valid = state["valid"] if self.uses_memory else None
@@ -141,7 +201,7 @@ class Stack(nn.Module):
                              device=emb.device, dtype=emb.dtype, reset=seg.reset)
         rows: Dict[str, torch.Tensor] = {}
         for name, mem in self.memories.items():  # stack-level memories may add positions and row streams
-            emb, r = mem.begin(emb, self._entries(state, name + "."), ctx)
+            emb, r = mem("begin", emb, self._entries(state, name + "."), ctx)
             rows.update(r)
         if ctx.reset is not None:               # documents starting inside the segment
             ctx.doc = torch.cumsum(ctx.reset.long(), 1)
@@ -168,7 +228,7 @@ class Stack(nn.Module):
             if a is not None:
                 aux = a if aux is None else aux + a
         for name, mem in self.memories.items():
-            x, st_new, a = mem.end(x, rows, self._entries(state, name + "."), ctx)
+            x, st_new, a = mem("end", x, rows, self._entries(state, name + "."), ctx)
             if seg.detach:
                 st_new = {k: v.detach() for k, v in st_new.items()}
             new.update({f"{name}.{k}": v for k, v in st_new.items()})
@@ -222,3 +282,18 @@ class Stack(nn.Module):
         parameters in that call, plus the position biases shared by every layer (``self.biases``)."""
         shared = list(self.biases.parameters()) if hasattr(self, "biases") else []
         return [(layer, shared) for layer in self.layers] + [(m, []) for m in self.memories.values()]
+
+
+def _pick_rows(states: List[MemoryState], picks: List[Tuple[int, int]]) -> MemoryState:
+    """A state whose row b is row ``picks[b][1]`` of ``states[picks[b][0]]`` (states of one layout)."""
+    first = states[0]
+    offsets, total = [], 0
+    for st in states:
+        offsets.append(total)
+        total += st.batch_size
+    index = torch.tensor([offsets[i] + r for i, r in picks], device=first.device)
+    tensors = {}
+    for k in first.keys():
+        dim = first.batch_dims[k]
+        tensors[k] = torch.cat([st[k].to(first[k].dtype) for st in states], dim).index_select(dim, index)
+    return first.replace(**tensors)

@@ -10,7 +10,9 @@ Every parameter is ``describe``d by the module that creates it (an init rule and
 
 Init rules (Transformer-XL's ``weights_init``): ``weight`` = normal(0, init_std) or uniform(+-init_range)
 per ``cfg.init``; ``proj`` = normal(0, proj_init_std); ``zeros``; ``norm`` = normal(1, init_std) (XL's
-LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases).
+LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases); ``embedded`` =
+the ``weight`` draw times sqrt(d_model), distributed like a token embedding as the layers see it (embeddings are
+scaled by sqrt(d_model)): RMT's memory vectors, each row drawn independently.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 from pretrain.model import parallel
 from pretrain.model.parallel import ShardSpec
 
-INIT_RULES = ("weight", "proj", "zeros", "norm", "xavier")
+INIT_RULES = ("weight", "proj", "zeros", "norm", "xavier", "embedded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,8 @@ def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
         fan_out, fan_in = shape[0], shape[1] if len(shape) > 1 else 1
         bound = (6.0 / (fan_in + fan_out)) ** 0.5
         return t.uniform_(-bound, bound, generator=gen)
+    if meta.init == "embedded":
+        return _draw(shape, ParamMeta("weight"), cfg, gen).mul_(cfg.d_model ** 0.5)
     if cfg.init == "uniform":
         return t.uniform_(-cfg.init_range, cfg.init_range, generator=gen)
     return t.normal_(0.0, cfg.init_std, generator=gen)

@@ -100,6 +100,9 @@ class Mixer(nn.Module):
     mechanism: ClassVar[str] = ""
     ffn_stream: ClassVar[Optional[str]] = None
     decode: ClassVar[str] = "token"
+    # Keys after a query that the stack-level memories' mask edits let it see (RMT's memory rows see the memory
+    # tokens after them): relative-position mixers cover distances down to -lookahead.  Set by the stack.
+    lookahead: int = 0
 
     def __init__(self, cfg, mp, spec: LayerSpec, specs: Sequence[LayerSpec]):
         """``mp``: megatron-core's layer config (parallel.model_parallel_config); ``spec``: this layer's
@@ -154,16 +157,33 @@ class StackMemory(nn.Module):
     * ``end(x, rows, state, ctx) -> (x, new_entries, aux_loss)`` after the last layer: it strips its positions
       (returning the hidden states of the segment's N tokens) and writes its new state entries.
 
-    Its state entries are prefixed ``<name>.``; ``decode`` says whether generation may update it per token."""
+    Both go through the module call (``memory("begin", ...)``, ``memory("end", ...)``), so that module hooks see
+    them (ZeRO-3 gathers the memory's parameters there).
+
+    Its state entries are prefixed ``<name>.``; ``decode`` says whether generation may update it per token.
+    ``split_documents``: documents starting inside a segment cannot share the memory's positions (RMT: every
+    document must read its own memory tokens, placed before its first token); the stack then runs each later
+    document as a pass of its own from the initial state, which is exactly the rule "a document starting inside
+    a segment behaves as if run on its own" (see ``Stack.forward``)."""
     name: ClassVar[str] = ""
     decode: ClassVar[str] = "token"
+    split_documents: ClassVar[bool] = False
 
     def __init__(self, cfg, mp, specs: Sequence[LayerSpec]):
         super().__init__()
         self.cfg = cfg
 
+    def forward(self, stage: str, *args):
+        """``stage`` "begin" or "end": the call of that name (the stack calls the module, see above)."""
+        if stage == "begin":
+            return self.begin(*args)
+        if stage == "end":
+            return self.end(*args)
+        raise ValueError(f"StackMemory stage must be 'begin' or 'end', got {stage!r}")
+
     def initial_state(self, batch_size: int, mem_len: int, device: torch.device,
                       dtype: torch.dtype) -> Dict[str, StateEntry]:
+        """This memory's state entries for a fresh stream (also what a per-row reset puts back)."""
         return {}
 
     def begin(self, emb: torch.Tensor, state: Mapping[str, torch.Tensor], ctx: SegmentContext):
@@ -175,6 +195,11 @@ class StackMemory(nn.Module):
 
     def extra_positions(self) -> int:
         """Positions ``begin`` adds to every segment (for the FLOP count)."""
+        return 0
+
+    def lookahead(self) -> int:
+        """The most keys after a query that this memory's mask edits let the query see (relative distances down
+        to -lookahead must have position terms)."""
         return 0
 
     def flops(self, batch_size: int, tgt_len: int, mem_len: int) -> int:

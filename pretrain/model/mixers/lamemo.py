@@ -100,7 +100,7 @@ class LaMemoMixer(Mixer):
         part = ctx.parts.setdefault(cls.mechanism, {})
         # one position sequence per lookahead flavour present (a hybrid may mix 3/31/32/33)
         for full, negative in sorted({(m.full, m.variant == "negative") for m in layers}):
-            dist = torch.cat([causal_distances(N, M, ctx.clamp_len),
+            dist = torch.cat([causal_distances(N, M, ctx.clamp_len, layers[0].lookahead),
                               lookahead_distances(M, W, full, negative, ctx.clamp_len)])
             part[("pos", full, negative)] = drop(sinusoid(dist.to(dev), layers[0].cfg.d_model))
         # (memory rows only look ahead to position 0: the document mask concerns the current queries only)
@@ -122,10 +122,11 @@ class LaMemoMixer(Mixer):
         K, W = M + N, min(M, N)
         c = torch.cat([m, x], 1)
         q, k, val = attn.heads(attn.norm(c) if self.pre_lnorm else c)
-        r = attn.position_keys(pos)                                  # [H, (K+1) + look-ahead, dh]
+        r = attn.position_keys(pos)                                  # [H, (K+1+ahead) + look-ahead, dh]
+        P = K + 1 + self.lookahead                                   # the causal part's distances
         # current tokens: XL relative attention over [memory ; segment]
         qx = q[:, :, M:]
-        scores = masked_scores(position_scores(biased(qx, v, sc), r[:, :K + 1], K, N - 1),
+        scores = masked_scores(position_scores(biased(qx, v, sc), r[:, :P], K, N - 1),
                                biased(qx, u, sc), k, part["cmask"])
         if ctx.recorder is not None:
             ctx.recorder(self.index, torch.softmax(scores.detach(), -1), M)
@@ -136,7 +137,7 @@ class LaMemoMixer(Mixer):
         qm = q[:, :, :M]
         lo = M - W + 1
         offset = lookahead_skew_offset(M, W, self.full)
-        la_scores = masked_scores(position_scores(biased(qm, v_la, sc), r[:, K + 1:], W, offset),
+        la_scores = masked_scores(position_scores(biased(qm, v_la, sc), r[:, P:], W, offset),
                                   biased(qm, u_la, sc), k[:, :, lo:M + 1], part[("lmask", self.full)])
         a_new, z_new = attend(la_scores, val[:, :, lo:M + 1], attn.dropatt, self.training, lse=True)
         a_m, z_m = merge(a_mem, z_mem, a_new, z_new)
@@ -162,8 +163,9 @@ class LaMemoMixer(Mixer):
         la_pos = M + W if self.full else M + 1
         rows = K if self.feeds_rows else N
         f = 2 * B * K * d * 3 * hd                              # fused QKV over memory and segment
-        f += 2 * (K + 1 + la_pos) * d * hd                      # W_R over the distances
-        f += 2 * B * N * (K + 1) * hd + 2 * 2 * B * N * K * hd  # current tokens: positions, q k^T, p v
+        P = K + 1 + self.lookahead                              # causal distances (see xl.py)
+        f += 2 * (P + la_pos) * d * hd                          # W_R over the distances
+        f += 2 * B * N * P * hd + 2 * 2 * B * N * K * hd        # current tokens: positions, q k^T, p v
         f += 2 * B * M * la_pos * hd + 2 * 2 * B * M * W * hd   # memory look-ahead
         f += 2 * B * rows * hd * d                              # output projection
         return f

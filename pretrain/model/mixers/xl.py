@@ -70,14 +70,16 @@ class XLMixer(Mixer):
         N, M, dev = ctx.n, ctx.mem_len, ctx.device
         part = ctx.parts.setdefault(cls.mechanism, {})
         variants = {m.variant for m in layers}
+        ahead = layers[0].lookahead
         if "rel" in variants:
-            part["pos"] = drop(sinusoid(causal_distances(N, M, ctx.clamp_len).to(dev), layers[0].cfg.d_model))
-        if "shaw" in variants:
+            part["pos"] = drop(sinusoid(causal_distances(N, M, ctx.clamp_len, ahead).to(dev),
+                                        layers[0].cfg.d_model))
+        if "shaw" in variants:            # (distances after the query share the row of distance 0)
             cfg = layers[0].cfg
             rows = cfg.tgt_len + cfg.mem_len
             if ctx.clamp_len > 0:
                 rows = min(rows, ctx.clamp_len)
-            part["shaw"] = causal_distances(N, M, -1).long().clamp_(max=rows - 1).to(dev)
+            part["shaw"] = causal_distances(N, M, -1, ahead).long().clamp_(min=0, max=rows - 1).to(dev)
         if variants & {"rel", "shaw"}:
             part["mask"] = ctx.attention_mask(causal_mask(N, M, ctx.valid, ctx.same_length, dev))
         if "absolute" in variants and (ctx.doc_mask is not None or ctx.mask_edits):
@@ -129,9 +131,10 @@ class XLMixer(Mixer):
         K, hd, d = M + N, cfg.n_head * cfg.d_head, cfg.d_model
         f = 2 * B * (N + 2 * K) * d * hd               # queries for the segment, keys/values for all
         f += 2 * 2 * B * N * K * hd                     # q k^T and p v
+        P = K + 1 + self.lookahead                      # distances K-1 .. -lookahead and a pad
         if self.variant == "rel":
-            f += 2 * (K + 1) * d * hd                   # W_R over the distances (shared by rows)
+            f += 2 * P * d * hd                         # W_R over the distances (shared by rows)
         if self.variant in ("rel", "shaw"):
-            f += 2 * B * N * (K + 1) * hd               # position term
+            f += 2 * B * N * P * hd                     # position term
         f += 2 * B * N * hd * d                         # output projection
         return f
