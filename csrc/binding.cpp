@@ -6,6 +6,7 @@
 // tensors and runs the kernels in the CPU block emulator of common/emulate.h.
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -66,9 +67,17 @@ void check_f32(const Tensor& t, at::IntArrayRef shape, const Tensor& ref, const 
 
 float* f32_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
-Tensor workspace(int64_t n, const Tensor& like) {
-  return at::empty({n > 0 ? n : 1}, like.options().dtype(at::kFloat));
+// Debugging switch (set_poison): fill every output and workspace with NaN when it is allocated, so that an
+// element no kernel writes shows up as NaN (the tests turn it on).
+bool g_poison = false;
+
+Tensor alloc(at::IntArrayRef shape, const at::TensorOptions& options) {
+  Tensor t = at::empty(shape, options);
+  if (g_poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
+
+Tensor workspace(int64_t n, const Tensor& like) { return alloc({n > 0 ? n : 1}, like.options().dtype(at::kFloat)); }
 
 // ------------------------------------------------------------------------------------------------------
 // fast weights
@@ -116,8 +125,8 @@ std::vector<Tensor> fw_forward(const Tensor& q, const Tensor& k, const Tensor& v
   const FwInputs in = fw_check(op, q, k, v, beta, s0, scale, chunk);
   const mt::FwShape& s = in.shape;
   const mt::FwWorkspace ws = mt::fw_workspace_sizes(s, false);
-  Tensor o = at::empty_like(v);
-  Tensor fin = want_final ? at::empty({in.B, in.H, s.Dk, s.Dv}, q.options().dtype(at::kFloat)) : Tensor();
+  Tensor o = alloc(v.sizes(), v.options());
+  Tensor fin = want_final ? alloc({in.B, in.H, s.Dk, s.Dv}, q.options().dtype(at::kFloat)) : Tensor();
   Tensor ws_w = workspace(ws.w, q), ws_u = workspace(ws.u, q), ws_p = workspace(ws.p, q);
   mt::FwForwardArgs a{};
   a.q = q.data_ptr();
@@ -149,10 +158,10 @@ std::vector<Tensor> fw_backward(const Tensor& q, const Tensor& k, const Tensor& 
   if (d_final.has_value()) check_f32(*d_final, {in.B, in.H, s.Dk, s.Dv}, q, op, "grad_final_state");
   const mt::FwWorkspace ws = mt::fw_workspace_sizes(s, true);
   const auto f32 = q.options().dtype(at::kFloat);
-  Tensor dq = at::empty(q.sizes(), f32), dk = at::empty(k.sizes(), f32);
-  Tensor dv = s.delta ? at::empty(v.sizes(), f32) : Tensor();
-  Tensor dbeta = s.delta ? at::empty({in.B, in.H, s.T}, f32) : Tensor();
-  Tensor ds0 = want_ds0 ? at::empty({in.B, in.H, s.Dk, s.Dv}, f32) : Tensor();
+  Tensor dq = alloc(q.sizes(), f32), dk = alloc(k.sizes(), f32);
+  Tensor dv = s.delta ? alloc(v.sizes(), f32) : Tensor();
+  Tensor dbeta = s.delta ? alloc({in.B, in.H, s.T}, f32) : Tensor();
+  Tensor ds0 = want_ds0 ? alloc({in.B, in.H, s.Dk, s.Dv}, f32) : Tensor();
   Tensor ws_w = workspace(ws.w, q), ws_u = workspace(ws.u, q), ws_p = workspace(ws.p, q), ws_t = workspace(ws.t, q);
   Tensor ws_states = workspace(ws.states, q), ws_vnew = workspace(ws.vnew, q);
   Tensor ws_dstates = workspace(ws.dstates, q), ws_du = workspace(ws.du, q);
@@ -245,8 +254,8 @@ std::vector<Tensor> ra_forward(const Tensor& qu, const Tensor& qv, const Tensor&
   const char* op = "rel_attention_forward";
   MT_DEVICE_GUARD(qu);
   const RaInputs in = ra_check(op, qu, qv, k, v, r, key_start, q_doc, k_doc, r_offset, q_start, order, window);
-  Tensor o = at::empty_like(qu);
-  Tensor lse = at::empty({qu.size(0), qu.size(1), qu.size(2)}, qu.options().dtype(at::kFloat));
+  Tensor o = alloc(qu.sizes(), qu.options());
+  Tensor lse = alloc({qu.size(0), qu.size(1), qu.size(2)}, qu.options().dtype(at::kFloat));
   mt::RelAttnForwardArgs a{};
   a.qu = qu.data_ptr();
   a.qv = qv.data_ptr();
@@ -276,8 +285,8 @@ std::vector<Tensor> ra_backward(const Tensor& qu, const Tensor& qv, const Tensor
   check_f32(lse, rows, qu, op, "lse");
   check_f32(dl, rows, qu, op, "dl");
   const auto f32 = qu.options().dtype(at::kFloat);
-  Tensor dqu = at::empty(qu.sizes(), f32), dqv = at::empty(qu.sizes(), f32);
-  Tensor dk = at::empty(k.sizes(), f32), dv = at::empty(v.sizes(), f32), dr = at::zeros(r.sizes(), f32);
+  Tensor dqu = alloc(qu.sizes(), f32), dqv = alloc(qu.sizes(), f32);
+  Tensor dk = alloc(k.sizes(), f32), dv = alloc(v.sizes(), f32), dr = at::zeros(r.sizes(), f32);
   mt::RelAttnBackwardArgs a{};
   a.qu = qu.data_ptr();
   a.qv = qv.data_ptr();
@@ -296,6 +305,12 @@ std::vector<Tensor> ra_backward(const Tensor& qu, const Tensor& qv, const Tensor
   const std::string err = mt::rel_attn_backward(in.shape, a, stream_of(qu));
   TORCH_CHECK(err.empty(), op, ": ", err);
   return {dqu, dqv, dk, dv, dr};
+}
+
+bool set_poison(bool flag) {
+  const bool prev = g_poison;
+  g_poison = flag;
+  return prev;
 }
 
 py::dict info() {
@@ -325,4 +340,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_start"), py::arg("q_doc"), py::arg("k_doc"), py::arg("r_offset"), py::arg("q_start"),
         py::arg("order"), py::arg("window"));
   m.def("info", &info, "how the module was built");
+  m.def("set_poison", &set_poison, "fill outputs and workspaces with NaN when allocated (debugging); returns the "
+        "previous setting", py::arg("flag"));
 }
