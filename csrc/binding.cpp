@@ -106,6 +106,7 @@ FwInputs fw_check(const char* op, const Tensor& q, const Tensor& k, const Tensor
   TORCH_CHECK(T >= 1 && Dk >= 1 && Dk <= 256 && Dv >= 1 && Dv <= 256, op,
               ": T >= 1 and head sizes 1..256 are supported, got T=", T, ", Dk=", Dk, ", Dv=", Dv);
   TORCH_CHECK(chunk == 32 || chunk == 64, op, ": chunk_size must be 32 or 64, got ", chunk);
+  TORCH_CHECK(B * H <= 65535, op, ": at most 65535 (batch x heads) rows, got ", B * H);
   if (beta.has_value()) check_f32(*beta, {B, H, T}, q, op, "beta");
   if (s0.has_value()) check_f32(*s0, {B, H, Dk, Dv}, q, op, "initial_state");
   FwInputs in;
