@@ -94,8 +94,9 @@ def fused_on_cpu(ext, monkeypatch):
     from pretrain.ops.fast_weight import fused as fw_fused
     from pretrain.ops.rel_attention import fused as ra_fused
 
-    def attention_path(mixer, q, ctx):
-        return "reference" if (ctx.mask_edits or (mixer.training and mixer.attn.dropatt > 0)) else "fused"
+    def attention_path(mixer, q, ctx):     # xl.attention_path without its device test
+        fused = kernels.enabled() and not ctx.mask_edits and not (mixer.training and mixer.attn.dropatt > 0)
+        return "fused" if fused else "reference"
 
     class Counting:
         """The emulated module, counting the kernel calls (the test asserts the fused path ran)."""
@@ -194,3 +195,30 @@ def test_ops_log_the_path(caplog, monkeypatch):
         fw_ops.delta_rule(q, q, q, torch.rand(1, 1, 5), impl="fused")
     with pytest.raises(RuntimeError, match="runs on CUDA"):
         ra_ops.rel_attention(q, q, q, r, z, z, r_offset=4, q_start=0, impl="fused")
+
+
+def test_benchmark_runs_its_fused_rows(fused_on_cpu, monkeypatch, tmp_path):
+    """benchmarks/kernels.py --quick with the fused kernels emulated on CPU: every fused row runs without an
+    error, and the end-to-end LaMemo rows run the fused attention exactly when the kernels are enabled (the
+    benchmark's calls are checked before a GPU machine runs them; no timing is asserted).  (The delta-rule
+    model's impl='auto' takes the fused kernel on CUDA tensors only, so on CPU its rows run the chunk path.)"""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import kernels as bench
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device=None: None)
+    out = tmp_path / "k.json"
+    bench.main(["--quick", "--device", "cpu", "--out", str(out), "--e2e-presets", "lamemo_tiny", "delta_tiny"])
+    rows = json.loads(out.read_text())["rows"]
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors
+    fused = [r for r in rows if r.get("impl") == "fused"]
+    assert {r["part"] for r in fused} == {"delta_rule", "rel_attention"} and all(r["ms"] > 0 for r in fused)
+    e2e = {(r["preset"], r["fused"]): r for r in rows if r["part"] == "e2e"}
+    assert set(e2e) == {(p, f) for p in ("lamemo_tiny", "delta_tiny") for f in (True, False)}
+    assert "rel_attention: fused implementation on cpu" in e2e[("lamemo_tiny", True)]["paths"], e2e
+    assert not any("rel_attention" in p for p in e2e[("lamemo_tiny", False)]["paths"]), e2e
