@@ -46,11 +46,11 @@ if ! step build 200 $PY -c "
 import logging; logging.basicConfig(level=logging.INFO)
 from pretrain.ops import kernels
 print(kernels.load(verbose=True).info())" > >(tee "$OUT/build.log") 2>&1; then
-  cp "$TORCH_EXTENSIONS_DIR/memtrain_kernels/build.log" "$OUT/build_summary.log" 2>/dev/null
+  cp "$TORCH_EXTENSIONS_DIR"/*/memtrain_kernels/build.log "$OUT/build_summary.log" 2>/dev/null
   echo "the build failed: see $OUT/build.log; not running the tests and the benchmark"
   exit 1
 fi
-cp "$TORCH_EXTENSIONS_DIR/memtrain_kernels/build.log" "$OUT/build_summary.log" 2>/dev/null
+cp "$TORCH_EXTENSIONS_DIR"/*/memtrain_kernels/build.log "$OUT/build_summary.log" 2>/dev/null
 step tests 150 $PY -m pytest tests/test_kernels_cuda.py -q -p no:cacheprovider --junitxml "$OUT/tests.xml" \
   > >(tee "$OUT/tests.log") 2>&1
 step bench 240 $PY benchmarks/kernels.py --out "$OUT/kernels.json" --budget-s 180 > >(tee "$OUT/bench.log") 2>&1

@@ -6,7 +6,8 @@
 // thread of the block has reached it.  A block in which some threads return while others wait at a barrier
 // (a __syncthreads() in divergent code) is reported as an error.  Dynamic shared memory is one buffer per
 // block, filled with NaN before the block starts, so that a read of shared memory nothing wrote shows up as
-// NaN in the results.
+// NaN in the results; it is followed by a NaN-filled guard region, and a block that writes into it is
+// reported as an error (a read from it gives NaN).
 //
 // What this checks: indexing, bounds, the algebra and the barrier structure of a kernel.  What it cannot
 // check: races between threads that the GPU's scheduling would expose (fibers are switched only at
@@ -15,6 +16,7 @@
 
 #include <ucontext.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +77,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   const unsigned nthreads = block.x * block.y * block.z;
   if (block.y != 1 || block.z != 1) throw std::runtime_error("mt_emu: only 1-D thread blocks are emulated");
   constexpr size_t kStack = 256 * 1024;
+  constexpr size_t kCanary = 1024;  // floats past the end, NaN: a write there is reported, a read gives NaN
   s.fibers.resize(nthreads);
   for (auto& f : s.fibers)
     if (f.stack.size() != kStack) f.stack.assign(kStack, 0);
@@ -85,7 +88,8 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = dim3(bx, by, bz);
-        s.smem.assign(smem_bytes / sizeof(float) + 1, std::numeric_limits<float>::quiet_NaN());
+        const size_t nsmem = (smem_bytes + sizeof(float) - 1) / sizeof(float);
+        s.smem.assign(nsmem + kCanary, std::numeric_limits<float>::quiet_NaN());
         for (auto& f : s.fibers) {
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -111,7 +115,16 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
             else
               ++waiting;
           }
-          if (finished == nthreads) break;
+          if (finished == nthreads) {
+            for (size_t i = nsmem; i < nsmem + kCanary; ++i)
+              if (!std::isnan(s.smem[i])) {
+                char msg[160];
+                std::snprintf(msg, sizeof msg, "mt_emu: block (%u,%u,%u) wrote past its %zu bytes of shared memory",
+                              bx, by, bz, smem_bytes);
+                throw std::runtime_error(msg);
+              }
+            break;
+          }
           if (finished != 0 && waiting != 0) {
             char msg[160];
             std::snprintf(msg, sizeof msg,

@@ -4,8 +4,8 @@ Two ways to get the module, as DeepSpeed does with its ops:
 
 * **just in time** (the default): the first call of :func:`load` on a machine with a CUDA build of torch and
   the CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on the PATH) compiles ``csrc/`` with ninja through
-  ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR/memtrain_kernels`` (torch's default cache
-  directory when unset); later processes load the cached build.  The compiler's output is kept in
+  ``torch.utils.cpp_extension.load`` into :func:`build_dir` (``$TORCH_EXTENSIONS_DIR/py312_cu130/memtrain_kernels``
+  for example; torch's default cache directory when unset); later processes load the cached build.  The compiler's output is kept in
   ``build.log`` in that directory; set ``MEMTRAIN_KERNELS_VERBOSE=1`` to also see it while it builds.
   Architectures: ``TORCH_CUDA_ARCH_LIST`` (torch's default: the visible GPUs').
 * **ahead of time**: ``MEMTRAIN_BUILD_OPS=1 pip install --no-build-isolation -e .`` builds the same sources
@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -32,7 +33,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ["KernelsUnavailable", "load", "load_emulator", "available", "unavailable_reason", "enabled",
-           "set_enabled", "disabled", "csrc_dir", "cuda_sources", "NAME"]
+           "set_enabled", "disabled", "csrc_dir", "cuda_sources", "build_dir", "NAME"]
 
 NAME = "memtrain_kernels"
 EMULATOR_NAME = "memtrain_kernels_emu"
@@ -59,18 +60,20 @@ def cuda_sources() -> List[str]:
     return [str(root / "binding.cpp")] + sorted(str(p) for p in root.glob("*/*.cu"))
 
 
-def _build_dir(name: str) -> Path:
+def build_dir(name: str = NAME) -> Path:
+    """Where the JIT build of ``name`` lives (with its ``build.log``): torch's layout,
+    ``$TORCH_EXTENSIONS_DIR/py<version>_<cu<version>|cpu>/<name>`` (torch's default root when unset)."""
     from torch.utils.cpp_extension import get_default_build_root
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    d = Path(base) / name
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    cu = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return Path(base) / f"{py}_{cu}" / name
 
 
-def _write_log(build_dir: Path, text: str) -> Path:
+def _write_log(bdir: Path, text: str) -> Path:
     """Write ``build.log`` atomically (a temporary name, then a rename)."""
-    path = build_dir / "build.log"
-    tmp = build_dir / f".build.log.{os.getpid()}"
+    path = bdir / "build.log"
+    tmp = bdir / f".build.log.{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
@@ -78,8 +81,9 @@ def _write_log(build_dir: Path, text: str) -> Path:
 
 def _jit(name: str, sources: List[str], cuda: bool, verbose: bool):
     from torch.utils import cpp_extension
-    build_dir = _build_dir(name)
-    kw = dict(name=name, sources=sources, extra_include_paths=[str(csrc_dir())], build_directory=str(build_dir),
+    bdir = build_dir(name)
+    bdir.mkdir(parents=True, exist_ok=True)
+    kw = dict(name=name, sources=sources, extra_include_paths=[str(csrc_dir())], build_directory=str(bdir),
               verbose=verbose)
     if cuda:
         kw.update(extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"])
@@ -89,14 +93,14 @@ def _jit(name: str, sources: List[str], cuda: bool, verbose: bool):
     try:
         mod = cpp_extension.load(**kw)
     except Exception as e:  # the compiler's output is in the message
-        log = _write_log(build_dir, f"build of {name} failed\nsources: {sources}\n\n{e}\n")
+        log = _write_log(bdir, f"build of {name} failed\nsources: {sources}\n\n{e}\n")
         raise KernelsUnavailable(f"building {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                  f" (full compiler output: {log})") from e
     secs = time.perf_counter() - t0
-    log = _write_log(build_dir, f"{name} loaded in {secs:.1f} s (a build, or the cached one) from {build_dir}\n"
+    log = _write_log(bdir, f"{name} loaded in {secs:.1f} s (a build, or the cached one) from {bdir}\n"
                                 f"sources: {sources}\narchitectures: "
                                 f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default') if cuda else 'CPU'}\n")
-    logger.info("%s ready in %.1f s (build directory %s, log %s)", name, secs, build_dir, log)
+    logger.info("%s ready in %.1f s (build directory %s, log %s)", name, secs, bdir, log)
     return mod
 
 
