@@ -8,7 +8,7 @@
 #   tests.log        pytest tests/test_kernels_cuda.py (tests.xml: the same as JUnit XML)
 #   bench.log        benchmarks/kernels.py's tables, kernels.json its full results
 #
-#   bash scripts/gpu_check.sh                       # about 6 minutes on an H200, at most about 9
+#   bash scripts/gpu_check.sh                       # about 6 minutes expected on an H200, 9 at most
 #
 # Optional wheels in .whl/ (fla-core for the comparison rows; megatron-core and what it lacks there for the
 # end-to-end rows and the model tests) are installed into /tmp/site first; see docs/kernels.md.
@@ -31,28 +31,29 @@ fi
   nvcc --version; } > "$OUT/env.txt" 2>&1
 
 status=0
-step() {  # step NAME SECONDS command...: run with a time limit, report the status and the time taken
-  local name=$1 limit=$2 t0=$SECONDS rc
-  shift 2
-  echo "== $name (limit $limit s)"
-  timeout "$limit" "$@"
-  rc=$?
-  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+step() {  # step NAME LOG SECONDS command...: run with a time limit into LOG (and the terminal), report its status
+  local name=$1 log=$2 limit=$3 t0=$SECONDS rc
+  shift 3
+  echo "== $name (limit $limit s)" | tee "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
 }
 
-if ! step build 200 $PY -c "
+summary() { cp "$TORCH_EXTENSIONS_DIR"/*/memtrain_kernels/build.log "$OUT/build_summary.log" 2>/dev/null; }
+
+if ! step build "$OUT/build.log" 180 $PY -c "
 import logging; logging.basicConfig(level=logging.INFO)
 from pretrain.ops import kernels
-print(kernels.load(verbose=True).info())" > >(tee "$OUT/build.log") 2>&1; then
-  cp "$TORCH_EXTENSIONS_DIR"/*/memtrain_kernels/build.log "$OUT/build_summary.log" 2>/dev/null
+print(kernels.load(verbose=True).info())"; then
+  summary
   echo "the build failed: see $OUT/build.log; not running the tests and the benchmark"
   exit 1
 fi
-cp "$TORCH_EXTENSIONS_DIR"/*/memtrain_kernels/build.log "$OUT/build_summary.log" 2>/dev/null
-step tests 150 $PY -m pytest tests/test_kernels_cuda.py -q -p no:cacheprovider --junitxml "$OUT/tests.xml" \
-  > >(tee "$OUT/tests.log") 2>&1
-step bench 240 $PY benchmarks/kernels.py --out "$OUT/kernels.json" --budget-s 180 > >(tee "$OUT/bench.log") 2>&1
-wait
+summary
+step tests "$OUT/tests.log" 150 $PY -m pytest tests/test_kernels_cuda.py -q -p no:cacheprovider \
+  --junitxml "$OUT/tests.xml"
+step bench "$OUT/bench.log" 210 $PY benchmarks/kernels.py --out "$OUT/kernels.json" --budget-s 150
 exit $status
