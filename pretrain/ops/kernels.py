@@ -4,8 +4,9 @@ Two ways to get the module, as DeepSpeed does with its ops:
 
 * **just in time** (the default): the first call of :func:`load` on a machine with a CUDA build of torch and
   the CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on the PATH) compiles ``csrc/`` with ninja through
-  ``torch.utils.cpp_extension.load`` into :func:`build_dir` (``$TORCH_EXTENSIONS_DIR/py312_cu130/memtrain_kernels``
-  for example; torch's default cache directory when unset); later processes load the cached build.  The compiler's output is kept in
+  ``torch.utils.cpp_extension.load`` into :func:`build_dir` (for example
+  ``$TORCH_EXTENSIONS_DIR/py312_cu130/memtrain_kernels``; torch's default cache directory when unset); later
+  processes load the cached build.  The compiler's output is kept in
   ``build.log`` in that directory; set ``MEMTRAIN_KERNELS_VERBOSE=1`` to also see it while it builds.
   Architectures: ``TORCH_CUDA_ARCH_LIST`` (torch's default: the visible GPUs').
 * **ahead of time**: ``MEMTRAIN_BUILD_OPS=1 pip install --no-build-isolation -e .`` builds the same sources
@@ -88,7 +89,7 @@ def _jit(name: str, sources: List[str], cuda: bool, verbose: bool):
     if cuda:
         kw.update(extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"])
     else:
-        kw.update(extra_cflags=["-O2", "-DMT_EMULATE"])
+        kw.update(extra_cflags=["-O1", "-DMT_EMULATE"])
     t0 = time.perf_counter()
     try:
         mod = cpp_extension.load(**kw)

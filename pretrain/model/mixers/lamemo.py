@@ -45,9 +45,9 @@ from pretrain.model.attention import (AttentionProjections, RelBiases, attend, b
                                       position_scores, score_dtype)
 from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
 from pretrain.model.mixers.xl import attention_path, keep_last, xl_frame
-from pretrain.ops import rel_attention as rel_ops
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances, lookahead_mask,
                                       lookahead_skew_offset, sinusoid)
+from pretrain.ops import rel_attention as rel_ops
 
 ROWS = "lamemo"
 
