@@ -1,5 +1,51 @@
-"""Memory-augmented transformer pretraining: data tools, models, DeepSpeed training."""
+"""Memory-augmented transformer pretraining: data tools, models, DeepSpeed training.
+
+The fused CUDA kernels of ``csrc/`` are built here only on request, as DeepSpeed's DS_BUILD_OPS:
+``MEMTRAIN_BUILD_OPS=1 pip install --no-build-isolation -e .`` (torch with CUDA and the CUDA toolkit present;
+architectures from TORCH_CUDA_ARCH_LIST, default "8.0;9.0").  Without it nothing is compiled and nothing of
+CUDA is needed; on a GPU machine the kernels are then built on first use (pretrain/ops/kernels.py).
+"""
+import glob
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(message: str):
+    print(f"setup.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _kernel_build():
+    """(ext_modules, cmdclass) for MEMTRAIN_BUILD_OPS=1, else empty; a clear exit (status 2) when the
+    request cannot be met."""
+    flag = os.environ.get("MEMTRAIN_BUILD_OPS", "0").strip()
+    if flag in ("", "0"):
+        return [], {}
+    if flag != "1":
+        _fail(f"MEMTRAIN_BUILD_OPS={flag!r}: use 1 to build the fused CUDA kernels, 0 (or unset) not to")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        _fail("MEMTRAIN_BUILD_OPS=1 needs torch importable while building: install torch first, then "
+              "`MEMTRAIN_BUILD_OPS=1 pip install --no-build-isolation -e .`")
+    if torch.version.cuda is None or CUDA_HOME is None:
+        _fail(f"MEMTRAIN_BUILD_OPS=1 needs a CUDA build of torch (this is {torch.__version__}) and the CUDA toolkit "
+              f"(CUDA_HOME or nvcc on the PATH); unset MEMTRAIN_BUILD_OPS for an install without the kernels (a GPU "
+              f"machine then builds them on first use)")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cu = glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu"))
+    sources = ["csrc/binding.cpp"] + sorted(os.path.relpath(p, ROOT) for p in cu)
+    ext = CUDAExtension("memtrain_kernels", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = _kernel_build()
 
 setup(
     name="memtrain",
@@ -31,4 +77,6 @@ setup(
     # fla-core without extras brings only its plain-PyTorch files (and einops), not Triton: the fast-weight
     # op tests load its reference functions file by file.
     extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken", "fla-core>=0.6,<0.7"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

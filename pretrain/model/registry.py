@@ -267,7 +267,8 @@ class FastWeightConfig:
                                "'absolute' (sinusoid counted from the segment end, added to the embeddings)")
     carry_state: bool = F(True, "carry the fast weights from segment to segment (false: every segment starts "
                                 "from zero, lmtool's limited-context training)")
-    impl: str = F("auto", "rule implementation: auto (fused kernel on CUDA when built, else chunk), chunk, naive")
+    impl: str = F("auto", "rule implementation: auto (fused kernel on CUDA when built, else chunk), chunk, naive, "
+                          "fused (the CUDA kernel, or an error)")
     chunk_size: int = F(64, "chunk length of the chunkwise-parallel rule")
 
     def absolute_positions(self, mechanisms) -> bool:
@@ -282,8 +283,8 @@ class FastWeightConfig:
             raise ConfigError("eps", f"must be > 0, got {self.eps}")
         if self.positions not in ("none", "absolute"):
             raise ConfigError("positions", f"must be 'none' or 'absolute', got {self.positions!r}")
-        if self.impl not in ("auto", "chunk", "naive"):
-            raise ConfigError("impl", f"must be auto, chunk or naive, got {self.impl!r}")
+        if self.impl not in ("auto", "chunk", "naive", "fused"):
+            raise ConfigError("impl", f"must be auto, chunk, naive or fused, got {self.impl!r}")
 
 
 def _fw(rule: str, fmap: str, attn_norm: bool) -> Variant:

@@ -1,12 +1,16 @@
 """Recurrence operators of the memory mechanisms, one folder per recurrence.
 
-Each folder holds a plain step-by-step reference (``naive.py``) beside its fast paths (``chunk.py``, later
+Each folder holds a plain step-by-step reference (``naive.py``) beside its fast paths (``chunk.py``, the
 fused CUDA kernels) behind one public signature, as flash-linear-attention's ``fla/ops/<op>/`` does; tests
 hold every fast path equal to the reference, gradients included.
 
 * ``fast_weight``: the sum rule (linear attention) and the delta rule of fast-weight programmers
   (Schlag, Irie, Schmidhuber, ICML 2021), with a carried state and in-segment document resets.
 * ``feature_maps``: the feature maps phi applied to keys and queries before those rules.
+* ``rel_attention``: attention with Transformer-XL relative positions over [memory ; segment] (XL's and
+  LaMemo's), returning the log-sum-exp beside the output.
+* ``kernels``: building and loading the fused CUDA kernels of ``csrc/`` that the folders above bind as
+  ``impl="fused"`` (docs/kernels.md).
 
 Nothing here imports the model package: the model builds on the ops, not the other way round.
 """

@@ -30,6 +30,9 @@ One segment, with memory rows m (M rows) and current hidden x (N rows), c = [m ;
    reads m', its W_o and FFN rows are skipped.
 6. New state: attn <- last M of [a' ; a_x], lse <- last M of [logaddexp(Z_mem, Z_new) ; Z_x],
    mem <- last M of [mem ; layer input] (detached unless asked otherwise).
+
+On CUDA, steps 2 and 3 run the fused kernel of ``pretrain.ops.rel_attention`` (outputs and log-normalisers)
+when ``xl.attention_path`` allows it; on CPU, and otherwise, the computation written here.
 """
 from __future__ import annotations
 
@@ -41,9 +44,10 @@ from pretrain.model import parallel
 from pretrain.model.attention import (AttentionProjections, RelBiases, attend, biased, masked_scores,
                                       position_scores, score_dtype)
 from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
-from pretrain.model.mixers.xl import keep_last
+from pretrain.model.mixers.xl import attention_path, keep_last, xl_frame
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances, lookahead_mask,
                                       lookahead_skew_offset, sinusoid)
+from pretrain.ops import rel_attention as rel_ops
 
 ROWS = "lamemo"
 
@@ -56,6 +60,20 @@ def merge(a_old: torch.Tensor, z_old: torch.Tensor, a_new: torch.Tensor, z_new: 
     alpha = torch.sigmoid(z_old - z_new).unsqueeze(-1)
     a = torch.lerp(a_new.to(alpha.dtype), a_old.to(alpha.dtype), alpha).to(a_new.dtype)
     return a, torch.logaddexp(z_old, z_new)
+
+
+def lookahead_frame(m: int, n: int, full: bool, valid: torch.Tensor) -> dict:
+    """The frame and mask of the m memory queries over the window keys m-w+1 .. m (w = min(m, n)) as
+    arguments of ``pretrain.ops.rel_attention``: memory query i sits at window key i - (m-w+1); the position
+    keys are listed as ``positions.lookahead_distances`` (realigned at ``lookahead_skew_offset``); the mask is
+    ``positions.lookahead_mask`` (causal look-ahead: keys strictly after the query; full look-ahead: a row
+    with ``valid`` < n positions sees the last min(valid, n) window keys, at least one)."""
+    w = min(m, n)
+    lo = m - w + 1
+    kw = dict(r_offset=lookahead_skew_offset(m, w, full), q_start=-lo, order="none" if full else "future")
+    if full:
+        kw["key_start"] = w - torch.clamp(valid, min=1, max=n)
+    return kw
 
 
 # Position biases of each variant: XL's (u, v) for the causal part, plus the look-ahead ones.
@@ -124,22 +142,32 @@ class LaMemoMixer(Mixer):
         q, k, val = attn.heads(attn.norm(c) if self.pre_lnorm else c)
         r = attn.position_keys(pos)                                  # [H, (K+1+ahead) + look-ahead, dh]
         P = K + 1 + self.lookahead                                   # the causal part's distances
+        fused = attention_path(self, q, ctx) == "fused"              # the fused CUDA kernel (xl.attention_path)
         # current tokens: XL relative attention over [memory ; segment]
         qx = q[:, :, M:]
-        scores = masked_scores(position_scores(biased(qx, v, sc), r[:, :P], K, N - 1),
-                               biased(qx, u, sc), k, part["cmask"])
-        if ctx.recorder is not None:
-            ctx.recorder(self.index, torch.softmax(scores.detach(), -1), M)
-        a_x, z_x = attend(scores, val, attn.dropatt, self.training, lse=True)
+        if fused:                                                    # (never with RMT's mask edits: P = K + 1)
+            a_x, z_x = rel_ops.rel_attention(qx, k, val, r[:, :P], u * sc, v * sc, impl="fused",
+                                             **xl_frame(ctx, M, N))
+        else:
+            scores = masked_scores(position_scores(biased(qx, v, sc), r[:, :P], K, N - 1),
+                                   biased(qx, u, sc), k, part["cmask"])
+            if ctx.recorder is not None:
+                ctx.recorder(self.index, torch.softmax(scores.detach(), -1), M)
+            a_x, z_x = attend(scores, val, attn.dropatt, self.training, lse=True)
         if ctx.detach:
             z_x = z_x.detach()
         # memory queries: look-ahead attention inside the window ending at the first current token
         qm = q[:, :, :M]
         lo = M - W + 1
         offset = lookahead_skew_offset(M, W, self.full)
-        la_scores = masked_scores(position_scores(biased(qm, v_la, sc), r[:, P:], W, offset),
-                                  biased(qm, u_la, sc), k[:, :, lo:M + 1], part[("lmask", self.full)])
-        a_new, z_new = attend(la_scores, val[:, :, lo:M + 1], attn.dropatt, self.training, lse=True)
+        if fused:
+            a_new, z_new = rel_ops.rel_attention(qm, k[:, :, lo:M + 1], val[:, :, lo:M + 1], r[:, P:],
+                                                 u_la * sc, v_la * sc, impl="fused",
+                                                 **lookahead_frame(M, N, self.full, ctx.valid))
+        else:
+            la_scores = masked_scores(position_scores(biased(qm, v_la, sc), r[:, P:], W, offset),
+                                      biased(qm, u_la, sc), k[:, :, lo:M + 1], part[("lmask", self.full)])
+            a_new, z_new = attend(la_scores, val[:, :, lo:M + 1], attn.dropatt, self.training, lse=True)
         a_m, z_m = merge(a_mem, z_mem, a_new, z_new)
         # output projection and norm, shared by memory and tokens (the FFN follows in the layer)
         out_rows = {k_: t for k_, t in rows.items() if k_ != ROWS}

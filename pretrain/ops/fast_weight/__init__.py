@@ -9,7 +9,11 @@ Implementations behind one signature (``impl``):
 
 * ``"naive"``: the step-by-step reference (``naive.py``), one Python step per token;
 * ``"chunk"``: chunkwise-parallel (``chunk.py``), the training path on CPU;
-* ``"auto"``: ``"chunk"`` (a fused CUDA kernel, when built, is to be chosen here for CUDA tensors).
+* ``"fused"``: the fused CUDA kernels of ``csrc/fast_weight`` (``fused.py``): CUDA tensors, head sizes up to
+  256, ``chunk_size`` 32 or 64, no in-segment ``reset``, no fp64; an error says which condition fails;
+* ``"auto"``: ``"fused"`` for CUDA tensors when the kernels load (``pretrain.ops.kernels``: built on first
+  use) and the inputs fit them, else ``"chunk"``; in particular a call with ``reset`` (documents starting
+  inside the segment) runs the chunk path.  ``MEMTRAIN_FUSED_OPS=0`` keeps ``"auto"`` on the chunk path.
 
 Unlike lmtool-fwms' CUDA kernel, no input is modified in place, and gradients reach the initial state, so
 that backpropagation through the carried state across segments works (detach ``final_state`` for truncated
@@ -22,27 +26,42 @@ from typing import Optional, Tuple
 
 import torch
 
-from pretrain.ops.fast_weight import chunk, naive
+from pretrain.ops import kernels
+from pretrain.ops.fast_weight import chunk, fused, naive
 from pretrain.ops.fast_weight.common import check_inputs
 
 __all__ = ["delta_rule", "sum_rule", "key_sum", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("auto", "naive", "chunk")
+IMPLEMENTATIONS = ("auto", "naive", "chunk", "fused")
 logger = logging.getLogger(__name__)
 _logged = set()
 
 
-def _resolve(op: str, impl: str, chunk_size: int, device: torch.device) -> str:
+def _resolve(op: str, impl: str, chunk_size: int, q, k, v, beta, initial_state, reset) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLEMENTATIONS}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= 1")
-    name = "chunk" if impl == "auto" else impl
-    key = (op, name, device.type)
+    why = None
+    if impl == "fused":
+        why = fused.unsupported(q, k, v, beta, initial_state, reset, chunk_size)
+        if why is not None:
+            raise RuntimeError(f"{op}: impl='fused' cannot run: {why}; use impl='chunk' (or 'auto')")
+        name = "fused"
+    elif impl == "auto":
+        name = "chunk"
+        if q.device.type == "cuda":
+            why = "disabled (MEMTRAIN_FUSED_OPS=0 or kernels.set_enabled(False))" if not kernels.enabled() else \
+                fused.unsupported(q, k, v, beta, initial_state, reset, chunk_size)
+            name = "fused" if why is None else "chunk"
+    else:
+        name = impl
+    key = (op, name, q.device.type, why)
     if key not in _logged:
         _logged.add(key)
-        logger.info("%s: %s implementation on %s%s", op, name, device.type,
-                    f" (chunk_size {chunk_size})" if name == "chunk" else "")
+        logger.info("%s: %s implementation on %s%s%s", op, name, q.device.type,
+                    f" (chunk_size {chunk_size})" if name in ("chunk", "fused") else "",
+                    f"; not fused: {why}" if why else "")
     return name
 
 
@@ -65,8 +84,10 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         output_final_state: return W_T (else None).
         reset: None or bool ``[B, T]``: True at t zeroes the state just before token t (a document starts at
             t: token t and later see nothing from before t; tokens before t are unaffected).
-        impl: ``"auto"``, ``"naive"`` or ``"chunk"`` (module docstring).
-        chunk_size: chunk length C of the chunked path (capped at T; T need not be a multiple of it).
+        impl: ``"auto"``, ``"naive"``, ``"chunk"`` or ``"fused"`` (module docstring; with ``reset``,
+            ``"auto"`` takes the chunk path).
+        chunk_size: chunk length C of the chunked and fused paths (capped at T on the chunk path; T need not
+            be a multiple of it; the fused kernel takes 32 or 64).
 
     The arithmetic runs in fp32 whatever the input dtype (fp64 for fp64 inputs).  Inputs are never modified.
 
@@ -77,9 +98,14 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     Raises:
         TypeError, ValueError: an argument of the wrong type, shape, device, or an unknown ``impl``; the
         message names the argument and the expected shape.
+        RuntimeError: ``impl="fused"`` with inputs or a machine the fused kernel cannot take (the message says
+        which condition fails).
     """
     check_inputs("delta_rule", q, k, v, beta, initial_state, reset)
-    name = _resolve("delta_rule", impl, chunk_size, q.device)
+    name = _resolve("delta_rule", impl, chunk_size, q, k, v, beta, initial_state, reset)
+    if name == "fused":
+        return fused.delta_rule(q, k, v, beta, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, chunk_size=chunk_size)
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, reset=reset)
     if name == "naive":
         return naive.delta_rule(q, k, v, beta, **kw)
@@ -98,7 +124,10 @@ def sum_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float 
     Arguments, returns, dtypes and errors as :func:`delta_rule`, without beta.
     """
     check_inputs("sum_rule", q, k, v, None, initial_state, reset)
-    name = _resolve("sum_rule", impl, chunk_size, q.device)
+    name = _resolve("sum_rule", impl, chunk_size, q, k, v, None, initial_state, reset)
+    if name == "fused":
+        return fused.sum_rule(q, k, v, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, chunk_size=chunk_size)
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, reset=reset)
     if name == "naive":
         return naive.sum_rule(q, k, v, **kw)
