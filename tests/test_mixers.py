@@ -32,6 +32,12 @@ HYBRIDS = {
     "xl-delta-norm-favor": dict(n_layer=3, layers="0,45,44", mem_len=4),
     # fast weights that are not carried: every segment starts from zero (generation re-reads the segment)
     "delta-nocarry": dict(attn_type=24, mem_len=0, fast_weight=dict(carry_state=False)),
+    # Compressive: compressed memory in the top layer only (memory_layers), local attention below, max pooling
+    "compressive-top-local": dict(attn_type=60, mem_len=4, compressive=dict(
+        memory_layers=[-1], other_layers="local", compression="max", cmem_ratio=3, cmem_len=2)),
+    # a recurrent layer under an XL-memory and a compressive layer, pre-LN, mean pooling, GRU-gated residuals
+    "delta-compressive-xl-gru": dict(n_layer=3, layers="delta,compressive_xl,compressive", mem_len=4, pre_lnorm=True,
+                                     compressive=dict(compression="mean", cmem_ratio=2, cmem_len=2, gru_gating=True)),
 }
 
 

@@ -10,7 +10,8 @@ Every parameter is ``describe``d by the module that creates it (an init rule and
 
 Init rules (Transformer-XL's ``weights_init``): ``weight`` = normal(0, init_std) or uniform(+-init_range)
 per ``cfg.init``; ``proj`` = normal(0, proj_init_std); ``zeros``; ``norm`` = normal(1, init_std) (XL's
-LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases).
+LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases); ``const:<value>``
+= every element ``value`` (the GRU gate's bias).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class ParamMeta:
 
 def describe(module: nn.Module, name: str, init: str, shard: Optional[ShardSpec] = None) -> None:
     """Record how ``module.<name>`` is initialised and sharded (and mark it tensor-parallel if sharded)."""
-    if init not in INIT_RULES:
+    if init not in INIT_RULES and not init.startswith("const:"):
         raise ValueError(f"unknown init rule {init!r}")
     meta = module.__dict__.setdefault("_param_meta", {})
     meta[name] = ParamMeta(init, shard)
@@ -70,6 +71,8 @@ def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
     t = torch.empty(shape)
     if meta.init == "zeros":
         return t.zero_()
+    if meta.init.startswith("const:"):
+        return t.fill_(float(meta.init[len("const:"):]))
     if meta.init == "norm":
         return t.normal_(1.0, cfg.init_std, generator=gen)
     if meta.init == "proj":
