@@ -371,3 +371,39 @@ def test_training_resumes_exactly(tmp_path):
     eng.check_resume(results, [0])
     memory = results[0]["0"]["full"]["memory"][0]
     assert any(k.endswith("cmem_valid") and v > 0 for k, v in memory.items()), "compression never fired"
+
+
+def test_activation_checkpointing_replays_the_reconstruction_loss():
+    """With the reconstruction loss in the training loss and dropout on: the same loss and gradients (the
+    compressor's included) with and without recomputation."""
+    kw = dict(BASE, tgt_len=4, mem_len=5, attn_type=60, dropout=0.2, dropatt=0.1,
+              compressive=dict(cmem_len=3, cmem_ratio=2, gru_gating=True))
+    tok = torch.randint(0, 37, (2, 13), generator=torch.Generator().manual_seed(0))
+    res = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**kw, checkpoint_activations=ckpt)).double().train()
+        torch.manual_seed(7)
+        state, loss = model.init_state(2), 0.0
+        for s in range(3):
+            out, state = model(tok[:, 4 * s:4 * s + 4], state, tok[:, 4 * s + 1:4 * s + 5])
+            loss = loss + out.nll.sum() + out.aux_loss
+        loss.backward()
+        res.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    assert res[0][0] == res[1][0]
+    for k, g in res[0][1].items():
+        assert torch.allclose(g, res[1][1][k], atol=1e-12, rtol=0), k
+    assert res[0][1]["stack.layers.0.mixer.compressor.weight"].abs().max() > 0
+
+
+def test_bf16_parameters_keep_the_reconstruction_loss_in_fp32():
+    cfg = ModelConfig(**dict(BASE, tgt_len=4, mem_len=5, dropout=0.0, **CONV))
+    model = build_model(cfg).to(torch.bfloat16).train()
+    tok = torch.randint(0, 37, (2, 13), generator=torch.Generator().manual_seed(1))
+    state = model.init_state(2)
+    for s in range(3):
+        out, state = model(tok[:, 4 * s:4 * s + 4], state, tok[:, 4 * s + 1:4 * s + 5])
+        (out.nll.mean() + out.aux_loss).backward()
+        assert out.aux_loss.dtype == torch.float32 and torch.isfinite(out.aux_loss)
+    assert state["layers.0.cmem"].dtype == torch.bfloat16 and int(state["layers.0.cmem_valid"][0]) == 3
+    assert model.stack.layers[0].mixer.compressor.weight.grad.dtype == torch.bfloat16

@@ -22,7 +22,8 @@ here; config validation, the reference check, the test matrix and the benchmarks
 Layer patterns (``ModelConfig.layers``): a comma-separated list (or a YAML list) of ``attn_type`` codes or
 aliases, ``entry*k`` repeating an entry, the whole list repeated to fill ``n_layer`` (its length must divide
 ``n_layer``).  Examples: ``"delta*3,xl"`` (three delta-rule layers to one XL layer), ``"24,24,24,0"``,
-``"lamemo"`` (every layer).
+``"lamemo"`` (every layer).  A mechanism section may then resolve a per-layer option of its own into the codes
+(``rewrite_layers``: ``compressive.memory_layers`` keeps attn_type 60 at the listed layers only).
 """
 from __future__ import annotations
 
