@@ -9,7 +9,7 @@ leakage, resets, save/load, documents inside a segment, generation and TP 2 = 1)
   compressor only (no gradient anywhere else, no parameter frozen: the K/V projections keep training), that the
   LM loss never trains the compressor, and that evaluation and pooling have none;
 * the GRU gate's identity start, ``memory_layers`` and config errors, the FLOP count, the presets, exact resume
-  through the engine.
+  through the engine, activation checkpointing and bf16 with the reconstruction loss, the attention recorder.
 """
 import random
 
@@ -342,6 +342,12 @@ def test_presets():
     assert same_mem.mem_len == tiny.mem_len and same_mem.attn_type == 0
     for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "vocab_size"):
         assert getattr(tiny, name) == getattr(budget, name) == getattr(same_mem, name), name
+    # the comparison of docs/results.md runs the registry variants on xl_tiny: the same models as these presets
+    variant = load_model_config("xl_tiny", {"attn_type": 60})
+    assert variant.compressive.cmem_len is None and variant.compressive.slots(variant.mem_len) == C
+    variant.compressive.cmem_len = C                        # the default, resolved
+    assert variant == tiny
+    assert load_model_config("xl_tiny", {"mem_len": 80}) == budget
     luc = load_model_config("compressive_lucidrains")
     assert [s.code for s in luc.layer_specs()] == [62] * 5 + [60] * 7
     assert luc.compressive.slots(luc.mem_len) == luc.mem_len // 4 and luc.compressive.gru_gating
@@ -407,3 +413,34 @@ def test_bf16_parameters_keep_the_reconstruction_loss_in_fp32():
         assert out.aux_loss.dtype == torch.float32 and torch.isfinite(out.aux_loss)
     assert state["layers.0.cmem"].dtype == torch.bfloat16 and int(state["layers.0.cmem_valid"][0]) == 3
     assert model.stack.layers[0].mixer.compressor.weight.grad.dtype == torch.bfloat16
+
+
+def test_attention_recorder_sees_the_whole_frame():
+    """The attention-utilisation hook gets the probabilities over [cmem ; mem ; segment] with the frame length
+    C + M before the segment: with uniform attention (zero projections and biases) and both memories full,
+    query i sees C + M + i + 1 keys with probability 1 / (C + M + i + 1) each."""
+    import numpy as np
+    from pretrain.analyze_attention import AttentionProfile
+    C, M, N, B = 3, 4, 4, 2
+    cfg = ModelConfig(**{**BASE, "tgt_len": N, "mem_len": M, "attn_type": 60,
+                         "compressive": dict(cmem_len=C, cmem_ratio=2)})
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".attn." in name or "biases" in name:
+                p.zero_()
+    tokens = torch.randint(0, 37, (B, 4 * N))
+    state = model.init_state(B)
+    for s in range(3):
+        _, state = model(tokens[:, s * N:(s + 1) * N], state)
+    assert int(state["layers.0.cmem_valid"][0]) == C and int(state["valid"][0]) == M
+    prof = AttentionProfile()
+    model.stack.recorder = prof.record
+    model(tokens[:, 3 * N:], state)
+    model.stack.recorder = None
+    F_ = C + M
+    share = sum(F_ / (F_ + i + 1) for i in range(N)) / N
+    mean_prob = [np.mean([1 / (F_ + i + 1) for i in range(N) if d <= F_ + i]) for d in range(F_ + N)]
+    for layer in prof.summary()["layers"]:
+        assert np.allclose(layer["mean_prob"], mean_prob, atol=1e-12)
+        assert abs(layer["memory_share"] - share) < 1e-12

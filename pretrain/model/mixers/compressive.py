@@ -309,7 +309,10 @@ class CompressiveMixer(Mixer):
         else:
             mask = part["mask_memory" if self.memory else "mask_local"]
         pos = position_scores(biased(q, b["v"], sc), attn.position_keys(part[("pos", C + M)]), K, N - 1)
-        a = attend(masked_scores(pos, biased(q, b["u"], sc), k, mask), val, attn.dropatt, self.training)
+        scores = masked_scores(pos, biased(q, b["u"], sc), k, mask)
+        if ctx.recorder is not None:        # analysis: compressed slots count as frame positions before the memory
+            ctx.recorder(self.index, torch.softmax(scores.detach(), -1), C + M)
+        a = attend(scores, val, attn.dropatt, self.training)
         if self.sec.gru_gating:
             Hl, _, _, dh = a.shape
             o = row_linear(a.permute(1, 2, 0, 3).reshape(B, N, Hl * dh), attn.out)
