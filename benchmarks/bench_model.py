@@ -206,9 +206,9 @@ def main(argv=None):
     ap.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
     ap.add_argument("--variants", default="none,xl,shaw,absolute,lamemo,lamemo31,lamemo32,lamemo33,linear,"
                                           "performer,dpfp_sum,delta,delta_favor,delta_dpfp,delta_norm,hybrid,"
-                                          "slots,slots_xl",
+                                          "slots,slots_xl,compressive,rmt8,rmt8_xl",
                     help=f"comma list of {list(VARIANTS)} ('none' is the baseline)")
-    ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid,slots,slots_xl",
+    ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid,slots,slots_xl,compressive,rmt8",
                     help="variants for the small size")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)

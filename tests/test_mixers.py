@@ -41,6 +41,12 @@ HYBRIDS = {
     "rmt-delta": dict(attn_type=24, mem_len=0, rmt=dict(num_mem_tokens=2)),
     "rmt-delta-xl": dict(n_layer=2, layers="delta,xl", mem_len=5, rmt=dict(num_mem_tokens=2)),
     "rmt-lamemo": dict(attn_type=3, mem_len=5, rmt=dict(num_mem_tokens=2)),
+    # Compressive: compressed memory in the top layer only (memory_layers), local attention below, max pooling
+    "compressive-top-local": dict(attn_type=60, mem_len=4, compressive=dict(
+        memory_layers=[-1], other_layers="local", compression="max", cmem_ratio=3, cmem_len=2)),
+    # a recurrent layer under an XL-memory and a compressive layer, pre-LN, mean pooling, GRU-gated residuals
+    "delta-compressive-xl-gru": dict(n_layer=3, layers="delta,compressive_xl,compressive", mem_len=4, pre_lnorm=True,
+                                     compressive=dict(compression="mean", cmem_ratio=2, cmem_len=2, gru_gating=True)),
 }
 
 

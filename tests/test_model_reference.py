@@ -49,6 +49,9 @@ def _state_error(cfg, st, mem):
                     e = t[:, b, M - v:].transpose(0, 1) - ref[b]
                 elif k == "lse":                                 # [H, B, M] vs [B, H, m]
                     e = t[:, b, M - v:] - ref[b]
+                elif f"layers.{l}.{k}_valid" in st:              # [B, S, d] with its own count: the last ones
+                    n = int(st[f"layers.{l}.{k}_valid"][b])
+                    e = t[b, t.shape[1] - n:] - ref[b]
                 else:                                            # fast weights: no positions
                     e = t[b] - ref[b]
                 err = max(err, e.abs().max().item() if e.numel() else 0.0)

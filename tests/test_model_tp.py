@@ -55,12 +55,15 @@ def _run(case, start_state=None, first_segment=0):
     tok = _tokens()
     state = start_state or model.init_state(3)
     detach = not CASES[case].get("bptt", False)
-    res = {"weights": model.gather_full_state_dict(), "nll": [], "states": []}
+    res = {"weights": model.gather_full_state_dict(), "nll": [], "states": [], "aux": []}
     loss = 0.0
     for s in range(first_segment, SEGMENTS):
         out, state = model(tok[:, 5 * s:5 * s + 5], state, tok[:, 5 * s + 1:5 * s + 6], detach_state=detach,
                            return_logits=True)
         loss = loss + out.nll.sum()
+        if out.aux_loss is not None:             # an auxiliary loss (Compressive's reconstruction) and its gradient
+            loss = loss + out.aux_loss
+            res["aux"].append(out.aux_loss.detach().reshape(1))
         res["nll"].append(out.nll.detach())
         res["states"].append(state.tp_gather().detach().state_dict())
     loss.backward()
@@ -160,6 +163,8 @@ def test_tensor_parallel_2_equals_1():
             for k, t in ref["states"][s]["tensors"].items():
                 assert _close(got["states"][s]["tensors"][k], t, 1e-12), f"{case}: state {k} after segment {s}"
         assert _close(got["logits"], ref["logits"], 2e-6), f"{case}: log-probabilities"
+        assert len(got["aux"]) == len(ref["aux"]) and all(_close(a, b, 1e-12) for a, b in zip(got["aux"], ref["aux"])), \
+            f"{case}: auxiliary loss"
         for k, g in ref["grads"].items():
             assert _close(got["grads"][k], g, 2e-6), f"{case}: gradient of {k}"
         assert got["regather_ok"], f"{case}: gather then split changed the state"

@@ -176,11 +176,16 @@ class FeedForward(nn.Module):
         self.p = cfg.dropout
         self.pre_lnorm = cfg.pre_lnorm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """``residual(x, y)``: how the block's output y (after dropout) joins the stream x, instead of x + y
+        (a gated residual, ``Mixer.ffn_residual``)."""
         h = column_linear(self.norm(x) if self.pre_lnorm else x, self.fc1)
         with parallel.parallel_region_rng(h.device) if self.p > 0 and self.training else contextlib.nullcontext():
             h, scale = relu_dropout(h, self.p, self.training)
-        h = dropout_add(x, row_linear(h, self.fc2, scale), self.p, self.training)
+        if residual is None:
+            h = dropout_add(x, row_linear(h, self.fc2, scale), self.p, self.training)
+        else:
+            h = residual(x, dropout(row_linear(h, self.fc2, scale), self.p, self.training))
         return h if self.pre_lnorm else self.norm(h)
 
 

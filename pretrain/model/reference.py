@@ -9,9 +9,11 @@ reference of its own mixer (``cfg.layer_specs()``), so hybrids are covered too. 
 
 Memory: ``{"layers": [...], <stack-level entries>}`` with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo
 ``{"attn": [B, m, H, dh], "lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer
-below; fast weights ``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation; slot layers
-``{}``; the stack-level entries by their state names: RMT ``"rmt.mem"`` [B, K, d], the memory tokens the next
-segment reads; slots ``"slots.mem"`` [B, K, d].
+below; fast weights ``{"fw": [B, H, D, dh]}`` plus ``"z"`` [B, H, D] with attention normalisation; Compressive
+(60) ``{"mem", "cmem": [B, n, d], "pending": [B, p, d], "cmem_valid", "pending_valid": [B] (n, p)}``, 61
+``{"mem"}``; slot layers ``{}``; the stack-level entries by their state names: RMT ``"rmt.mem"`` [B, K, d], the
+memory tokens the next segment reads; slots ``"slots.mem"`` [B, K, d].  Auxiliary losses:
+``ReferenceLM.aux_loss`` after a segment.
 
 RMT (Bulatov et al. 2022, LM-RMT): the segment is ``[memory ; tokens ; memory]`` (or ``[memory ; tokens]``),
 attention masks are built from the definition (``rmt_allowed``), the last layer's outputs at the write
@@ -170,6 +172,8 @@ class ReferenceLM:
                 rows = None
             elif spec.mechanism == "memformer":
                 x, st = self._memformer(l, x, slots, clamp_len)
+            elif spec.mechanism == "compressive":
+                x, st = self._compressive(l, x, mem, mem_len, clamp_len, same_length)
                 rows = None
             else:
                 raise NotImplementedError(spec.mechanism)
@@ -423,3 +427,99 @@ class ReferenceLM:
         f = h + f @ self.lp(l, "mem_ffn.fc2.weight").T + self.lp(l, "mem_ffn.fc2.bias")
         slots["m"] = f if cfg.pre_lnorm else self.ln(f, pre + "mem_ffn.norm")
         return out, {}
+    # -- Compressive Transformer ----------------------------------------------------------------------------
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """The last segment's auxiliary loss: the sum of the compressing layers' reconstruction losses."""
+        aux = getattr(self, "_aux", {})
+        return sum(aux.values()) if aux else None
+
+    def _gru_gate(self, l, name, x, y):
+        """GTrXL gating g(x, y) = z x + (1 - z) tanh(W_n y + U_n (r x)) with the layer's gate ``name``."""
+        p = f"stack.layers.{l}.mixer.{name}."
+        d = x.shape[-1]
+        wy, wx, un, bz = (self.w[p + k] for k in ("w_y", "w_x", "u_n", "b_z"))
+        r = torch.sigmoid(y @ wy[:d].T + x @ wx[:d].T)
+        z = torch.sigmoid(y @ wy[d:2 * d].T + x @ wx[d:].T + bz)
+        n = torch.tanh(y @ wy[2 * d:].T + (r * x) @ un.T)
+        return z * x + (1 - z) * n
+
+    def _compress(self, l, blocks, frozen):
+        """f_c over whole blocks: [B, k c, d] -> [B, k, d]; conv: slot j = b + sum_t W[:, :, t] h_{jc+t}."""
+        sec = self.cfg.compressive
+        B, L, d = blocks.shape
+        blk = blocks.reshape(B, L // sec.cmem_ratio, sec.cmem_ratio, d)
+        if sec.compression == "max":
+            return blk.amax(2)
+        if sec.compression == "mean":
+            return blk.mean(2)
+        w, b = self.lp(l, "compressor.weight"), self.lp(l, "compressor.bias")
+        if frozen:
+            w, b = w.detach(), b.detach()
+        return torch.einsum("bjti,oit->bjo", blk, w) + b
+
+    def _compressive(self, l, x, mem, mem_len, clamp_len, same_length):
+        """A Compressive Transformer layer (mixers/compressive.py) from the equations, with growing memories:
+        attention over [cmem ; mem ; x] with distances over that frame; the FIFO as a queue of positions cut
+        into whole blocks; the reconstruction loss of the blocks compressed in this segment."""
+        cfg, sec = self.cfg, self.cfg.compressive
+        spec = self.specs[l]
+        B, N, d = x.shape
+        compressed, memory = bool(spec.settings.get("compressed")), spec.uses_memory
+        c, C = sec.cmem_ratio, (sec.slots(cfg.mem_len) if compressed else 0)
+        pre = f"stack.layers.{l}.mixer."
+        mem = mem or {}
+        empty = x.new_zeros(B, 0, d)
+        m_h, cm, pend = mem.get("mem", empty), mem.get("cmem", empty), mem.get("pending", empty)
+        frame = torch.cat([cm, m_h, x], 1)
+        q, k, v = self.heads(self.ln(frame, pre + "attn.norm") if cfg.pre_lnorm else frame, l)
+        off = cm.shape[1] + m_h.shape[1]
+        q = q[:, off:]
+        a, _ = self._causal(q, k, v, l, off, clamp_len, same_length and memory, C + (mem_len if memory else 0))
+        y = a.reshape(B, N, -1) @ self.lp(l, "attn.out.weight").T
+        h = self._gru_gate(l, "attn_gate", x, y) if sec.gru_gating else x + y
+        h = h if cfg.pre_lnorm else self.ln(h, pre + "attn.norm")
+        f = f"stack.layers.{l}.ffn."
+        t = self.ln(h, f + "norm") if cfg.pre_lnorm else h
+        t = torch.relu(t @ self.p(f + "fc1.weight").T + self.p(f + "fc1.bias")) @ self.p(f + "fc2.weight").T
+        t = t + self.p(f + "fc2.bias")
+        out = self._gru_gate(l, "ffn_gate", h, t) if sec.gru_gating else h + t
+        out = out if cfg.pre_lnorm else self.ln(out, f + "norm")
+        st = {}
+        if memory:
+            seq = torch.cat([m_h, x], 1)
+            st["mem"] = seq[:, seq.shape[1] - min(mem_len, seq.shape[1]):]
+        if compressed:
+            left = seq[:, :seq.shape[1] - st["mem"].shape[1]]      # what leaves the memory, oldest first
+            queue = torch.cat([pend, left], 1)
+            nb = queue.shape[1] // c
+            blocks = queue[:, :nb * c]
+            new_cm = torch.cat([cm, self._compress(l, blocks, frozen=True)], 1)
+            new_cm = new_cm[:, new_cm.shape[1] - min(C, new_cm.shape[1]):]
+            st.update(cmem=new_cm, pending=queue[:, nb * c:],
+                      cmem_valid=torch.full((B,), new_cm.shape[1], dtype=torch.long),
+                      pending_valid=torch.full((B,), queue.shape[1] - nb * c, dtype=torch.long))
+            if sec.compression == "conv" and sec.reconstruction_loss_weight > 0:
+                if not hasattr(self, "_aux"):
+                    self._aux = {}
+                self._aux[l] = self._reconstruction(l, q.detach(), blocks.detach()) if nb else x.new_zeros(())
+        return out, st
+
+    def _reconstruction(self, l, q, old):
+        """weight * mean ||attn(q, old) - attn(q, f_c(old))||^2 / n_compressing, content-only attention with
+        the layer's detached k/v projection (and norm); the gradient reaches f_c's parameters only."""
+        cfg, sec = self.cfg, self.cfg.compressive
+        hd = cfg.n_head * cfg.d_head
+        w_kv = self.lp(l, "attn.qkv.weight")[hd:].detach()
+        nw, nb = (self.w[f"stack.layers.{l}.mixer.attn.norm.{k}"].detach() for k in ("weight", "bias"))
+
+        def attend(t):
+            if cfg.pre_lnorm:
+                t = F.layer_norm(t, t.shape[-1:], nw, nb, 1e-5)
+            kk, vv = (z.reshape(*t.shape[:2], cfg.n_head, cfg.d_head) for z in (t @ w_kv.T).chunk(2, -1))
+            p = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, kk) / math.sqrt(cfg.d_head), -1)
+            return torch.einsum("bhij,bjhd->bihd", p, vv)
+
+        mse = ((attend(self._compress(l, old, frozen=False)) - attend(old)) ** 2).mean()
+        n = sum(1 for s in self.specs if s.mechanism == "compressive" and s.settings.get("compressed"))
+        return mse * sec.reconstruction_loss_weight / n

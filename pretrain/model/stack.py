@@ -61,12 +61,13 @@ class Layer(nn.Module):
         if ctx.detach:      # also when an entry is an input passed through (a recomputation needs no-grad outputs)
             out.state = {k: v.detach() for k, v in out.state.items()}
         name = self.mixer.ffn_stream
+        residual = self.mixer.ffn_residual()           # None: x + FFN(x); else the mixer's gated residual
         r = out.rows.get(name) if name else None
         if r is not None and r.shape[1]:
             R = r.shape[1]
-            h = self.ffn(torch.cat([r, out.x], 1))
+            h = self.ffn(torch.cat([r, out.x], 1), residual)
             return h[:, R:], out.state, {**out.rows, name: h[:, :R]}, out.aux_loss
-        return self.ffn(out.x), out.state, out.rows, out.aux_loss
+        return self.ffn(out.x, residual), out.state, out.rows, out.aux_loss
 
 
 class Stack(nn.Module):

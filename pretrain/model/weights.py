@@ -12,7 +12,8 @@ Init rules (Transformer-XL's ``weights_init``): ``weight`` = normal(0, init_std)
 per ``cfg.init``; ``proj`` = normal(0, proj_init_std); ``zeros``; ``norm`` = normal(1, init_std) (XL's
 LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases); ``embedded`` =
 the ``weight`` draw times sqrt(d_model), distributed like a token embedding as the layers see it (embeddings are
-scaled by sqrt(d_model)): RMT's memory vectors, each row drawn independently.
+scaled by sqrt(d_model)): RMT's memory vectors, each row drawn independently; ``const:<value>`` = every element
+``value`` (the GRU gate's bias).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ParamMeta:
 
 def describe(module: nn.Module, name: str, init: str, shard: Optional[ShardSpec] = None) -> None:
     """Record how ``module.<name>`` is initialised and sharded (and mark it tensor-parallel if sharded)."""
-    if init not in INIT_RULES:
+    if init not in INIT_RULES and not init.startswith("const:"):
         raise ValueError(f"unknown init rule {init!r}")
     meta = module.__dict__.setdefault("_param_meta", {})
     meta[name] = ParamMeta(init, shard)
@@ -72,6 +73,8 @@ def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
     t = torch.empty(shape)
     if meta.init == "zeros":
         return t.zero_()
+    if meta.init.startswith("const:"):
+        return t.fill_(float(meta.init[len("const:"):]))
     if meta.init == "norm":
         return t.normal_(1.0, cfg.init_std, generator=gen)
     if meta.init == "proj":

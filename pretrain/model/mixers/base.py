@@ -117,6 +117,11 @@ class Mixer(nn.Module):
     def shared_biases(self) -> Tuple[str, ...]:
         return ()
 
+    def ffn_residual(self) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """How this layer's FFN output y (after dropout) joins the stream x: None for x + y, else a function
+        ``(x, y) -> stream`` (the Compressive layers' GRU gate); the FFN's norm stays where it is."""
+        return None
+
     # -- state ----------------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, mem_len: int, device: torch.device,
                       dtype: torch.dtype) -> Dict[str, StateEntry]:
