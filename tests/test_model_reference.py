@@ -36,12 +36,15 @@ def _state_error(cfg, st, mem):
     M = st.mem_len
     err = 0.0
     keys = {k for k in st.keys() if st[k].is_floating_point()}
-    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem["layers"]) for k in d} | set(mem) - {"layers"}
+    ref_keys = {f"layers.{l}.{k}" for l, d in enumerate(mem["layers"]) for k, t in d.items()
+                if t.is_floating_point()} | set(mem) - {"layers"}
     assert keys == ref_keys, f"state entries {sorted(keys)} != reference {sorted(ref_keys)}"
     for b in range(st.batch_size):
         v = int(st["valid"][b])
         for l, d in enumerate(mem["layers"]):
             for k, ref in d.items():
+                if not ref.is_floating_point():                  # counts: they place the entries below
+                    continue
                 t = st[f"layers.{l}.{k}"]
                 if k == "mem":                                   # [B, M, d]
                     e = t[b, M - v:] - ref[b]
