@@ -1,0 +1,207 @@
+"""The MemBART configuration: a BART-shaped encoder-decoder with memory slots in its encoder (no torch here).
+
+Field names follow Hugging Face's ``BartConfig`` and qywu/memformers' ``MemBartConfig`` (``d_model``,
+``encoder_layers``, ``encoder_attention_heads``, ``encoder_ffn_dim``, ``max_position_embeddings``,
+``activation_function``, ``attention_dropout``, ``activation_dropout``, ``init_std``, ``scale_embedding``, the
+special token ids), so a ``config.json`` of either maps field for field (``from_hf_config``).  ``num_slots`` is
+memformers' ``memory_len`` (the K memory slots; 0 turns the memory off and leaves plain BART).
+
+A preset is a YAML file whose ``model:`` mapping says ``arch: membart`` (``pretrain/configs/membart_*.yaml``);
+``load_membart_config(name)`` reads it (a ``base:`` chain as for the decoder presets), ``is_membart_preset``
+tells the two kinds apart without building either.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+from pretrain.config_base import ConfigError, F, from_dict, load_preset, validate
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ARCH = "membart"
+ACTIVATIONS = ("gelu", "relu", "gelu_new")
+
+
+@dataclass
+class MemBartConfig:
+    """The encoder-decoder's sizes, regularisation, special tokens and memory (docs/membart.md)."""
+    arch: str = F(ARCH, "model family: 'membart' (this encoder-decoder); decoder-only presets leave it out")
+    vocab_size: int = F(50265, "vocabulary size (BART's GPT-2 BPE: 50265)")
+    d_model: int = F(768, "model width")
+    encoder_layers: int = F(6, "encoder layers (each reads and writes the memory slots)")
+    decoder_layers: int = F(6, "decoder layers (cross-attention over [updated memory ; encoder states])")
+    encoder_attention_heads: int = F(12, "encoder heads (split across tensor-parallel ranks)")
+    decoder_attention_heads: int = F(12, "decoder heads (split across tensor-parallel ranks)")
+    encoder_ffn_dim: int = F(3072, "encoder feed-forward width (token and memory streams)")
+    decoder_ffn_dim: int = F(3072, "decoder feed-forward width")
+    max_position_embeddings: int = F(1024, "learned positions per sequence (the table has 2 more rows: BART's "
+                                           "offset)")
+    activation_function: str = F("gelu", "feed-forward activation: gelu (erf), gelu_new (tanh) or relu")
+    dropout: float = F(0.1, "dropout on embeddings and sub-layer outputs (and in the update gate)")
+    attention_dropout: float = F(0.0, "dropout on attention probabilities")
+    activation_dropout: float = F(0.0, "dropout after the feed-forward activation")
+    init_std: float = F(0.02, "std of the normal init of every weight (memformers: 0.01 base, 0.001 large)")
+    scale_embedding: bool = F(False, "multiply token embeddings by sqrt(d_model) (false for BART)")
+    num_slots: int = F(64, "memory slots K in every row (memformers' memory_len; 0 = plain BART, no memory)")
+    pad_token_id: int = F(1, "padding token")
+    bos_token_id: int = F(0, "beginning-of-sequence token")
+    eos_token_id: int = F(2, "end-of-sequence token")
+    decoder_start_token_id: int = F(2, "first decoder input (BART: the EOS token)")
+    mask_token_id: Optional[int] = F(None, "the <mask> of the denoising objective (BART's GPT-2 vocabulary: "
+                                           "50264)")
+    forced_bos_token_id: Optional[int] = F(None, "generation: token forced after the decoder start (none)")
+    forced_eos_token_id: Optional[int] = F(2, "generation: token forced at the last position (BART: EOS)")
+    tgt_len: int = F(128, "tokens of text per time step (the source of one encoder call); the noised source "
+                          "and the target add BOS and EOS")
+    seed: int = F(1234, "weight init seed (the same full weights for every tensor-parallel layout)")
+    checkpoint_activations: bool = F(False, "recompute each layer in the backward pass")
+
+    # -- what the shared init rules read (pretrain/model/weights.py) ---------------------------------------
+    @property
+    def init(self) -> str:
+        return "normal"
+
+    @property
+    def init_range(self) -> float:
+        return self.init_std
+
+    @property
+    def proj_init_std(self) -> float:
+        return self.init_std
+
+    @property
+    def d_head_encoder(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def d_head_decoder(self) -> int:
+        return self.d_model // self.decoder_attention_heads
+
+    @property
+    def max_source_len(self) -> int:
+        """Longest encoder input a time step makes: BOS + ``tgt_len`` tokens + EOS."""
+        return self.tgt_len + 2
+
+    def validate(self) -> None:
+        """Raises ``ConfigError(field, why)`` for the first inconsistent field."""
+        if self.arch != ARCH:
+            raise ConfigError("arch", f"must be {ARCH!r} for this config, got {self.arch!r}")
+        for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                     "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
+                     "tgt_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ConfigError(name, f"{getattr(self, name)} heads do not divide d_model {self.d_model}")
+        if self.num_slots < 0:
+            raise ConfigError("num_slots", f"must be >= 0 (0 = no memory), got {self.num_slots}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {v}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError("activation_function", f"must be one of {', '.join(ACTIVATIONS)}, got "
+                                                      f"{self.activation_function!r}")
+        if self.init_std <= 0:
+            raise ConfigError("init_std", f"must be > 0, got {self.init_std}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "mask_token_id",
+                     "forced_bos_token_id", "forced_eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ConfigError(name, f"{v} is outside the vocabulary [0, {self.vocab_size})")
+        if self.max_source_len > self.max_position_embeddings:
+            raise ConfigError("tgt_len", f"{self.tgt_len} tokens + BOS + EOS exceed max_position_embeddings "
+                                         f"{self.max_position_embeddings}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets
+
+def _preset_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if not os.path.exists(candidate):
+        raise ConfigError("config", f"{name}: no such file or preset in {CONFIG_DIR}")
+    return candidate
+
+
+def preset_model_section(path_or_name: str) -> Dict[str, Any]:
+    """The ``model:`` mapping of a preset (its ``base:`` chain applied), unvalidated."""
+    path = _preset_path(path_or_name)
+    data = load_preset(path, _preset_path)
+    return dict(data.get("model") or {})
+
+
+def is_membart_preset(path_or_name: str) -> bool:
+    """Whether a preset's ``model.arch`` is ``membart`` (False for the decoder-only presets, which have none)."""
+    return preset_model_section(path_or_name).get("arch") == ARCH
+
+
+def load_membart_config(path_or_name: str, overrides: Optional[Mapping[str, Any]] = None) -> MemBartConfig:
+    """The ``model:`` mapping of a MemBART preset (a name in pretrain/configs or a path), validated.  Raises
+    ConfigError naming the file and field (a decoder-only preset: ``model.arch``)."""
+    path = _preset_path(path_or_name)
+    section = preset_model_section(path)
+    if section.get("arch") != ARCH:
+        raise ConfigError("model.arch", f"{path}: not a MemBART preset (model.arch is {section.get('arch')!r}, "
+                                        f"expected {ARCH!r}); decoder-only presets load with load_model_config")
+    section.update(overrides or {})
+    try:
+        cfg = from_dict(MemBartConfig, section, "model")
+        validate(cfg, "model")
+    except ConfigError as e:
+        raise ConfigError(e.field, f"{path}: {str(e).split(': ', 1)[-1]}") from None
+    return cfg
+
+
+def replace(cfg: MemBartConfig, **changes) -> MemBartConfig:
+    """A copy of ``cfg`` with ``changes`` applied (validated)."""
+    out = dataclasses.replace(cfg, **changes)
+    out.validate()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face config.json
+
+_HF_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+              "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
+              "activation_function", "dropout", "attention_dropout", "activation_dropout", "init_std",
+              "scale_embedding", "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
+              "forced_bos_token_id", "forced_eos_token_id")
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides) -> MemBartConfig:
+    """A config from a Hugging Face BART ``config.json`` mapping (``model_type`` ``bart``), or a MemBART one
+    (``memory_len`` -> ``num_slots``; a plain BART config gives ``num_slots`` 0).  Pre-LN variants (mBART's
+    ``normalize_before``, ``add_final_layer_norm``) are refused with ConfigError: this model is post-LN BART."""
+    if hf.get("model_type", "bart") != "bart":
+        raise ConfigError("model_type", f"a BART config is needed, got model_type {hf.get('model_type')!r}")
+    for flag in ("normalize_before", "add_final_layer_norm"):
+        if hf.get(flag):
+            raise ConfigError(flag, "pre-LN BART variants (mBART) are not supported: this model is post-LN BART")
+    if hf.get("normalize_embedding") is False:
+        raise ConfigError("normalize_embedding", "BART without layernorm_embedding is not supported")
+    kw = {k: hf[k] for k in _HF_FIELDS if k in hf}
+    kw["num_slots"] = int(hf.get("memory_len", 0) or 0)
+    kw.update(overrides)
+    cfg = from_dict(MemBartConfig, kw, "model")
+    validate(cfg, "model")
+    return cfg
+
+
+def to_hf_config(cfg: MemBartConfig, membart: Optional[bool] = None) -> Dict[str, Any]:
+    """A ``config.json`` mapping for ``transformers.BartConfig`` (``membart``: also ``memory_len``, as the
+    MemBART checkpoints have; default: when the model has slots)."""
+    membart = cfg.num_slots > 0 if membart is None else membart
+    out = {k: getattr(cfg, k) for k in _HF_FIELDS}
+    out.update(model_type="bart", architectures=["BartForConditionalGeneration"], is_encoder_decoder=True,
+               tie_word_embeddings=True, normalize_before=False, normalize_embedding=True,
+               add_final_layer_norm=False, encoder_layerdrop=0.0, decoder_layerdrop=0.0, use_cache=True)
+    if membart:
+        out["memory_len"] = cfg.num_slots
+    return out
