@@ -175,9 +175,14 @@ _HF_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "enco
               "forced_bos_token_id", "forced_eos_token_id")
 
 
+EXTRA_KEY = "memtrain"        # config.json entry with the fields Hugging Face's BartConfig has no name for
+_EXTRA_FIELDS = ("tgt_len", "mask_token_id", "seed")
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> MemBartConfig:
     """A config from a Hugging Face BART ``config.json`` mapping (``model_type`` ``bart``), or a MemBART one
-    (``memory_len`` -> ``num_slots``; a plain BART config gives ``num_slots`` 0).  Pre-LN variants (mBART's
+    (``memory_len`` -> ``num_slots``; a plain BART config gives ``num_slots`` 0); ``tgt_len``, ``mask_token_id`` and
+    ``seed`` come from its ``memtrain`` entry when it has one (``to_hf_config`` writes it).  Pre-LN variants (mBART's
     ``normalize_before``, ``add_final_layer_norm``) are refused with ConfigError: this model is post-LN BART."""
     if hf.get("model_type", "bart") != "bart":
         raise ConfigError("model_type", f"a BART config is needed, got model_type {hf.get('model_type')!r}")
@@ -188,6 +193,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MemBartConfig:
         raise ConfigError("normalize_embedding", "BART without layernorm_embedding is not supported")
     kw = {k: hf[k] for k in _HF_FIELDS if k in hf}
     kw["num_slots"] = int(hf.get("memory_len", 0) or 0)
+    kw.update({k: v for k, v in (hf.get(EXTRA_KEY) or {}).items() if k in _EXTRA_FIELDS})
+    if "tgt_len" not in kw:     # a config from elsewhere: the default time step, or the longest the positions allow
+        kw["tgt_len"] = min(MemBartConfig.tgt_len, int(kw.get("max_position_embeddings", 1024)) - 2)
     kw.update(overrides)
     cfg = from_dict(MemBartConfig, kw, "model")
     validate(cfg, "model")
@@ -199,6 +207,7 @@ def to_hf_config(cfg: MemBartConfig, membart: Optional[bool] = None) -> Dict[str
     MemBART checkpoints have; default: when the model has slots)."""
     membart = cfg.num_slots > 0 if membart is None else membart
     out = {k: getattr(cfg, k) for k in _HF_FIELDS}
+    out[EXTRA_KEY] = {k: getattr(cfg, k) for k in _EXTRA_FIELDS}
     out.update(model_type="bart", architectures=["BartForConditionalGeneration"], is_encoder_decoder=True,
                tie_word_embeddings=True, normalize_before=False, normalize_embedding=True,
                add_final_layer_norm=False, encoder_layerdrop=0.0, decoder_layerdrop=0.0, use_cache=True)
