@@ -75,8 +75,10 @@ setup(
         "matplotlib",
     ],
     # fla-core without extras brings only its plain-PyTorch files (and einops), not Triton: the fast-weight
-    # op tests load its reference functions file by file.
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken", "fla-core>=0.6,<0.7"]},
+    # op tests load its reference functions file by file.  transformers (no torch dependency of its own: it uses
+    # the torch installed first) is the reference the MemBART tests compare with (BART, generate).
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken", "fla-core>=0.6,<0.7",
+                             "transformers>=4.46"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
 )

@@ -147,6 +147,9 @@ def test_config_presets_and_hf_configs():
     assert is_membart_preset("membart_tiny") and not is_membart_preset("xl_tiny")
     with pytest.raises(ConfigError, match="not a MemBART preset"):
         load_membart_config("xl_tiny")
+    from pretrain.model import load_model_config
+    with pytest.raises(ConfigError, match="model.arch.*load_membart_config"):
+        load_model_config("membart_tiny")
     with pytest.raises(ConfigError, match="model.num_slots"):
         load_membart_config("membart_tiny", {"num_slots": -1})
     with pytest.raises(ConfigError, match="encoder_attention_heads"):

@@ -201,6 +201,10 @@ def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> Mo
     if "model" not in data:
         raise ConfigError("model", f"{path}: no top-level 'model:' mapping")
     section = dict(data["model"] or {})
+    arch = section.pop("arch", "decoder")
+    if arch != "decoder":
+        raise ConfigError("model.arch", f"{path}: an encoder-decoder preset (arch {arch!r}); load it with "
+                                        f"pretrain.model.membart_config.load_membart_config")
     section.update(overrides or {})
     try:
         cfg = from_dict(ModelConfig, section, "model")
