@@ -7,10 +7,11 @@ cut into consecutive chunks of at most ``step_len`` tokens) or a response turn o
 document or dialogue; the memory is carried from unit to unit inside an episode and reset at its first unit.
 
 Layout (as ``OrderedStream``'s, in units instead of tokens).  The table of all units, in dataset order, is cut into
-``S = dp_size * grad_accum * micro_batch`` contiguous stripes of ``L = units // S`` units (the remainder, at the
-end, is not used in the epoch); stripe ``s = (dp_rank * grad_accum + slot) * micro_batch + row`` reads unit
-``begin[s] + k`` at step ``k`` of an epoch.  ``reset`` is True at an episode's first unit and at the first step of
-every epoch (a stripe may begin inside an episode; a new epoch goes back to the stripe's start).
+``S = dp_size * grad_accum * micro_batch`` contiguous stripes of ``L`` units, a multiple of the rollout length
+``horizon`` H (the remainder, at the end, is not used in the epoch); stripe ``s = (dp_rank * grad_accum + slot) *
+micro_batch + row`` reads units ``begin[s] + k H + j`` (j < H) at step ``k`` of an epoch: a micro-batch is a rollout
+of H consecutive time steps per row.  A step's reset flag is True at an episode's first unit and at the first unit
+of every epoch (a stripe may begin inside an episode; a new epoch goes back to the stripe's start).
 
 Examples.  ``denoising`` (Lewis et al. 2019, BART §2.2 "text infilling", optional "sentence permutation"): the
 source is the noised chunk, the target the clean chunk.  ``dialogue`` (MemBART's fine-tuning, arXiv 2209.07634):
@@ -19,8 +20,8 @@ to ``step_len`` tokens), the target turn t (cut to ``step_len``).  Both are ``[b
 ``pad`` to ``step_len + 2``; ``loss_mask`` is 1 on the target's real tokens (BOS and EOS included, as BART's
 labels).
 
-Noise is a pure function of (seed, stream step, stripe), i.e. of (seed, step, data-parallel rank, slot, row), drawn
-from ``numpy.random.default_rng(SeedSequence([seed, step, stripe]))``: ``get(step, slot)`` needs no history, so a
+Noise is a pure function of (seed, stream step, stripe, time step in the rollout), i.e. of (seed, step, data-parallel
+rank, slot, row, j), drawn from ``numpy.random.default_rng(SeedSequence([seed, step, stripe, j]))``: ``get(step, slot)`` needs no history, so a
 resume is exact and the stream's state is a handful of integers (``state_dict()``).
 """
 from __future__ import annotations
@@ -190,18 +191,21 @@ def dialogue_turns(ds: IndexedDataset) -> UnitTable:
 # ----------------------------------------------------------------------------------------------------- batches
 @dataclass
 class Seq2SeqMicroBatch:
-    """One micro-batch of time steps (B rows).
+    """One micro-batch: ``H`` consecutive time steps (a rollout) of B rows, each step ``W = step_len + 2`` wide,
+    the steps side by side along dim 1 (time step j at columns ``[j W, (j + 1) W)``).
 
-    ``tokens`` int64 [B, S]: the encoder input ``[bos] source [eos]`` padded with ``pad``; ``source_mask`` bool
-    [B, S]: its real tokens; ``targets`` int64 [B, T]: ``[bos] target [eos]`` padded; ``loss_mask`` float32 [B, T]:
-    1 on the target's real tokens; ``reset`` bool [B]: the row's memory starts afresh before this step;
-    ``step_in_episode`` int64 [B]: the unit's position in its document / dialogue (-1 for padding rows of an
-    evaluation stream); ``epoch`` / ``step`` / ``slot``: as ``MicroBatch``'s."""
+    ``tokens`` int64 [B, H W]: the encoder inputs ``[bos] source [eos]`` padded with ``pad``; ``source_mask`` bool
+    [B, H W]: their real tokens; ``targets`` int64 [B, H W]: ``[bos] target [eos]`` padded; ``loss_mask`` float32
+    [B, H W]: 1 on the targets' real tokens; ``step_resets`` bool [B, H]: the row's memory starts afresh before
+    step j (an episode's first step, or the first step of an epoch); ``reset`` bool [B]: ``step_resets[:, 0]``
+    (the memory is reset before the rollout); ``step_in_episode`` int64 [B, H]: each unit's position in its document
+    / dialogue (-1 for padding rows of an evaluation stream); ``epoch`` / ``step`` / ``slot``: as ``MicroBatch``'s."""
     tokens: np.ndarray
     source_mask: np.ndarray
     targets: np.ndarray
     loss_mask: np.ndarray
     reset: np.ndarray
+    step_resets: np.ndarray
     step_in_episode: np.ndarray
     epoch: int
     step: int
@@ -210,6 +214,15 @@ class Seq2SeqMicroBatch:
     @property
     def num_scored(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def horizon(self) -> int:
+        return int(self.step_resets.shape[1])
+
+    @property
+    def width(self) -> int:
+        """Columns of one time step (``step_len + 2``)."""
+        return int(self.tokens.shape[1]) // self.horizon
 
 
 @dataclass(frozen=True)
@@ -301,8 +314,9 @@ class Seq2SeqStream:
 
     def __init__(self, dataset, task: str, step_len: int, specials: Specials, noise: Optional[NoiseConfig] = None,
                  dp_rank: int = 0, dp_size: int = 1, micro_batch: int = 1, grad_accum: int = 1, seed: int = 0,
-                 history_turns: int = 0, vocab_size: Optional[int] = None):
+                 history_turns: int = 0, vocab_size: Optional[int] = None, horizon: int = 1):
         self.dp_size = _positive_int("dp_size", dp_size)
+        self.horizon = H = _positive_int("horizon", horizon)
         if isinstance(dp_rank, bool) or not isinstance(dp_rank, (int, np.integer)) or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank!r} is out of range for dp_size={dp_size}")
         self.dp_rank = int(dp_rank)
@@ -317,16 +331,18 @@ class Seq2SeqStream:
         self.examples = _Examples(task, self.src, self.table, step_len, specials, noise, history_turns, ds)
         self.num_stripes = S = self.dp_size * self.grad_accum * self.micro_batch
         C = len(self.table)
-        self.steps_per_epoch = C // S
+        self.stripe_units = (C // S // H) * H
+        self.steps_per_epoch = self.stripe_units // H
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.src.name}: {C} time steps ({task}, step_len {step_len}) are fewer than the "
-                             f"{S} stripes (dp_size {dp_size} x grad_accum {grad_accum} x micro_batch {micro_batch}); "
-                             f"reduce micro_batch, grad_accum or dp_size")
-        self.begin = np.arange(S, dtype=np.int64) * self.steps_per_epoch
-        self.dropped_units = C - S * self.steps_per_epoch
+            raise ValueError(f"{self.src.name}: {C} time steps ({task}, step_len {step_len}) do not fill the {S} "
+                             f"stripes (dp_size {dp_size} x grad_accum {grad_accum} x micro_batch {micro_batch}) with "
+                             f"a rollout of {H} steps each; reduce micro_batch, grad_accum, dp_size or the horizon")
+        self.begin = np.arange(S, dtype=np.int64) * self.stripe_units
+        self.dropped_units = C - S * self.stripe_units
         self._step = 0
         self._layout_fields = {"dp_size": self.dp_size, "grad_accum": self.grad_accum,
                                "micro_batch": self.micro_batch, "step_len": self.step_len, "task": task,
+                               "horizon": H,
                                "history_turns": int(history_turns), "seed": self.seed,
                                "noise": None if noise is None else repr(noise)}
 
@@ -340,13 +356,19 @@ class Seq2SeqStream:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.grad_accum:
             raise ValueError(f"slot={slot!r} is out of range for grad_accum={self.grad_accum}")
         epoch, k = divmod(int(step), self.steps_per_epoch)
+        H = self.horizon
         stripes = [self.stripe(slot, r) for r in range(self.micro_batch)]
-        units = self.begin[stripes] + k
-        rngs = [np.random.default_rng(np.random.SeedSequence([self.seed, int(step), s])) for s in stripes]
-        tokens, smask, targets, lmask = self.examples.fill(units, rngs)
-        reset = self.table.first[units] | (k == 0)
-        return Seq2SeqMicroBatch(tokens, smask, targets, lmask, reset, self.table.index[units].copy(), epoch,
-                                 int(step), int(slot))
+        parts, resets, index = [], [], []
+        for j in range(H):
+            units = self.begin[stripes] + k * H + j
+            rngs = [np.random.default_rng(np.random.SeedSequence([self.seed, int(step), s, j])) for s in stripes]
+            parts.append(self.examples.fill(units, rngs))
+            resets.append(self.table.first[units] | (k == 0 and j == 0))
+            index.append(self.table.index[units])
+        tokens, smask, targets, lmask = (np.concatenate([p[i] for p in parts], 1) for i in range(4))
+        step_resets = np.stack(resets, 1)
+        return Seq2SeqMicroBatch(tokens, smask, targets, lmask, step_resets[:, 0].copy(), step_resets,
+                                 np.stack(index, 1), epoch, int(step), int(slot))
 
     def get_step(self, step: int) -> List[Seq2SeqMicroBatch]:
         return [self.get(step, g) for g in range(self.grad_accum)]
@@ -413,7 +435,7 @@ class Seq2SeqStream:
 
 
 class Seq2SeqEvalStream:
-    """Evaluation over a whole split: every unit scored exactly once.  The episodes are cut into ``num_streams *
+    """Evaluation over a whole split, one time step per micro-batch (horizon 1): every unit scored exactly once.  The episodes are cut into ``num_streams *
     dp_size`` contiguous streams at episode starts (nearly equal unit counts); rank ``dp_rank`` reads its
     ``num_streams`` streams as the rows of its micro-batches; a row past its stream's end is padding (unit -1:
     pad tokens, loss mask 0, ``step_in_episode`` -1).  The noise of a denoising split is drawn from (seed, step,
@@ -457,12 +479,13 @@ class Seq2SeqEvalStream:
         live = step < self.length
         units = np.where(live, self.begin + step, -1)
         streams = self.dp_rank * self.num_streams + np.arange(self.num_streams)
-        rngs = [np.random.default_rng(np.random.SeedSequence([self.seed, int(step), int(s)])) for s in streams]
+        rngs = [np.random.default_rng(np.random.SeedSequence([self.seed, int(step), int(s), 0])) for s in streams]
         tokens, smask, targets, lmask = self.examples.fill(units, rngs)
         safe = np.maximum(units, 0)
         reset = live & (self.table.first[safe] | (step == 0))
         index = np.where(live, self.table.index[safe], -1)
-        return Seq2SeqMicroBatch(tokens, smask, targets, lmask, reset, index, 0, int(step), 0)
+        return Seq2SeqMicroBatch(tokens, smask, targets, lmask, reset, reset[:, None].copy(), index[:, None], 0,
+                                 int(step), 0)
 
     def __iter__(self) -> Iterator[Seq2SeqMicroBatch]:
         for step in range(self.num_steps):

@@ -110,8 +110,8 @@ def test_denoising_stream_examples_resets_and_epoch(tmp_path):
                 assert mb.tokens[r, 0] == BOS and mb.tokens[r, n_src - 1] == EOS and (mb.tokens[r, n_src:] == PAD).all()
                 body = mb.tokens[r, 1:n_src - 1]
                 assert (body == MASK).any() and body.size <= L
-                assert mb.reset[r] == (bool(t.first[u]) or step == 0)
-                assert mb.step_in_episode[r] == t.index[u]
+                assert mb.reset[r] == (bool(t.first[u]) or step == 0) == mb.step_resets[r, 0]
+                assert mb.step_in_episode[r, 0] == t.index[u]
     assert sorted(seen) == list(range(st.steps_per_epoch * 4))
     assert st.dropped_units == len(t) - st.steps_per_epoch * 4
     # the next epoch reads the same units with new noise, and resets every row first
@@ -151,17 +151,40 @@ def test_noise_is_a_function_of_seed_step_and_stripe_and_resume_is_exact(tmp_pat
         Seq2SeqStream(_corpus(tmp_path, (300, 100), "d"), "denoising", 12, SP, _noise(), **kw).load_state_dict(saved)
 
 
+def test_rollouts_hold_consecutive_steps_with_resets_inside(tmp_path):
+    prefix = _corpus(tmp_path)
+    one = Seq2SeqStream(prefix, "denoising", 10, SP, _noise(), micro_batch=2, seed=4)
+    roll = Seq2SeqStream(prefix, "denoising", 10, SP, _noise(), micro_batch=2, seed=4, horizon=3)
+    assert roll.steps_per_epoch == (len(roll.table) // 2 // 3) and roll.stripe_units % 3 == 0
+    t = roll.table
+    for k in range(roll.steps_per_epoch):
+        mb = roll.get(k)
+        assert mb.tokens.shape == (2, 3 * 12) and mb.width == 12 and mb.horizon == 3
+        for r in range(2):
+            for j in range(3):
+                u = roll.begin[r] + 3 * k + j
+                cols = slice(12 * j, 12 * j + 12)
+                L = int(t.length[u])
+                assert np.array_equal(mb.targets[r, cols][1:L + 1], one.src.tokens[t.start[u]:t.start[u] + L])
+                assert mb.step_resets[r, j] == (bool(t.first[u]) or (k == 0 and j == 0))
+                assert mb.step_in_episode[r, j] == t.index[u]
+                assert mb.loss_mask[r, cols].sum() == L + 2
+        assert np.array_equal(mb.reset, mb.step_resets[:, 0])
+    inside = [roll.get(k).step_resets[:, 1:].any() for k in range(roll.steps_per_epoch)]
+    assert any(inside), "this corpus has documents starting inside a rollout"
+
+
 def test_eval_stream_scores_every_unit_once(tmp_path):
     prefix = _corpus(tmp_path)
     units = []
     for rank in range(2):
         ev = Seq2SeqEvalStream(prefix, "denoising", 10, SP, _noise(), num_streams=2, dp_rank=rank, dp_size=2)
         for mb in ev:
-            live = mb.step_in_episode >= 0
+            live = mb.step_in_episode[:, 0] >= 0
             assert (mb.loss_mask[~live] == 0).all()
             for r in np.flatnonzero(live):
-                units.append((int(mb.targets[r, 1:int(mb.loss_mask[r].sum()) - 1].sum()), int(mb.step_in_episode[r])))
-            assert (mb.reset[live] == (mb.step_in_episode[live] == 0) | (mb.step == 0)).all()
+                units.append((int(mb.targets[r, 1:int(mb.loss_mask[r].sum()) - 1].sum()), int(mb.step_in_episode[r, 0])))
+            assert (mb.reset[live] == ((mb.step_in_episode[live, 0] == 0) | (mb.step == 0))).all()
     st = Seq2SeqStream(prefix, "denoising", 10, SP, _noise())
     assert len(units) == len(st.table)
     with pytest.raises(ValueError, match="episodes"):
@@ -170,7 +193,7 @@ def test_eval_stream_scores_every_unit_once(tmp_path):
 
 def test_stream_errors(tmp_path):
     prefix = _corpus(tmp_path, lengths=(10, 10))
-    with pytest.raises(ValueError, match="fewer than the 8 stripes"):
+    with pytest.raises(ValueError, match="do not fill the 8 stripes"):
         Seq2SeqStream(prefix, "denoising", 10, SP, _noise(), micro_batch=8)
     with pytest.raises(ValueError, match="task"):
         Seq2SeqStream(prefix, "translation", 10, SP, _noise())
@@ -204,7 +227,7 @@ def test_dialogue_preprocess_and_stream(tmp_path, capsys):
         src = mb.tokens[0][mb.source_mask[0]]
         assert src[0] == BOS and src[-1] == EOS
         got.append((bytes(int(t) for t in src[1:-1] if t < 256).decode(), texts(mb.targets[0], mb.loss_mask[0]),
-                    bool(mb.reset[0]), int(mb.step_in_episode[0]), int((src[1:-1] == EOS).sum())))
+                    bool(mb.reset[0]), int(mb.step_in_episode[0, 0]), int((src[1:-1] == EOS).sum())))
     # sources: the earlier turns, each followed by EOS, cut from the left to 16 tokens
     assert got == [("hi", "hello there", True, 0, 1), ("hihello there", "how are you", False, 1, 2),
                    ("erehow are you", "fine", False, 2, 2), ("ab", "cd", True, 0, 1), ("abcd", "efg", False, 1, 2)]
