@@ -21,8 +21,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def main(argv=None) -> int:
-    from pretrain.runtime import tune_cpu_allocator
+    from pretrain.runtime import clear_stale_build_locks, tune_cpu_allocator
     tune_cpu_allocator()
+    clear_stale_build_locks()      # DeepSpeed builds its CPU ops on first use: a killed build must not hang us
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick it too, with a warning per rank

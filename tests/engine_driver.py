@@ -9,6 +9,11 @@ Scenarios:
 * ``losses``: one run; records the losses.
 * ``skip``: a run of 2 steps whose step 2 has a non-finite loss (fault injection) and a run of 1 step: the
   skipped step must leave weights and memory exactly as they were.
+* ``lr_resume``: 3 steps at ``--lr 1e-3`` on a cosine schedule that ends at step 3, then two resumes of that
+  checkpoint: one with ``--lr 1e-9`` (constant), one with ``--train-iters 6`` (the schedule extended past its
+  end); records the largest change of the fp32 master weights in the first update after each resume.
+* ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
+  ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
 Every run is a fresh ``Trainer`` (model, DeepSpeed engine, streams, states); the process group and the
 megatron-core parallel state are kept between runs, which is what lets one launch cover several runs.
 """
@@ -26,16 +31,51 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def one_run(argv, ds_config):
+def masters(tr):
+    """This rank's fp32 master weights (complete across ZeRO partitions), flattened into one vector."""
+    import torch
+    from pretrain.engine.export import _fp32_local
+    return torch.cat([t.flatten() for t in _fp32_local(tr.engine, tr.model).values()])
+
+
+def patch_aux(tr, scale=1000.0):
+    """Make the mechanism return an auxiliary loss ``scale * sum(first embedding table)``."""
+    mech = tr.model.mechanism
+    plain = mech.forward
+    weight = tr.model.embedding.tables[0].weight
+
+    def forward(*args, **kwargs):
+        h, state, aux = plain(*args, **kwargs)
+        extra = scale * weight.float().sum()
+        return h, state, extra if aux is None else aux + extra
+    mech.forward = forward
+
+
+def one_run(argv, ds_config, hook=None):
     from pretrain.engine.run_config import parse_args
     from pretrain.engine.trainer import Trainer
     cfg, _ = parse_args(argv)
     tr = Trainer(cfg, ds_config)
+    extra = {}
+    if hook == "masters":
+        before = masters(tr)
+    elif hook == "aux":
+        patch_aux(tr)
+        emb = tr.model.embedding.tables[0].weight
+        before = emb.detach().clone()
+        extra["aux_expected"] = 1000.0 * float(emb.detach().float().sum())
     code = tr.train()
+    if hook == "masters":
+        extra["first_update"] = float((masters(tr) - before).abs().max())
+        extra["lrs"] = [float(tr.scheduler.get_last_lr()[0])]
+    elif hook == "aux":
+        delta = (tr.model.embedding.tables[0].weight.detach() - before).flatten()
+        extra.update(emb_delta_max=float(delta.max()), emb_delta_min=float(delta.min()),
+                     aux_losses=[h["aux_loss"] for h in tr.history], lr=float(tr.cfg.optim.lr))
     out = {"code": code, "losses": [h["loss"] for h in tr.history], "steps": [h["step"] for h in tr.history],
            "finite": [h["finite"] for h in tr.history], "final_step": tr.step,
            "grad_norms": [h["grad_norm"] for h in tr.history],
-           "memory": [{k: s[k].float().sum().item() for k in s.keys()} for s in tr.states],
+           "memory": [{k: s[k].float().sum().item() for k in s.keys()} for s in tr.memory.states],
            "dp_rank": tr.dp_rank, "dp_size": tr.dp_size, "tp_rank": tr.tp_rank, "tp_size": tr.tp_size,
            "stripes": [[int(tr.stream.begin[tr.stream.stripe(slot, row)]) for row in range(tr.micro)]
                        for slot in range(tr.accum)],
@@ -43,7 +83,7 @@ def one_run(argv, ds_config):
            "skipped_by_deepspeed": int(tr.engine.skipped_steps),
            "params_finite": bool(tr._all_finite()),
            "param_sum": float(sum(p.detach().double().sum() for p in tr.model.parameters()
-                                  if not hasattr(p, "ds_tensor")))}
+                                  if not hasattr(p, "ds_tensor"))), **extra}
     tr.close()
     del tr
     gc.collect()
@@ -52,7 +92,7 @@ def one_run(argv, ds_config):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["resume", "losses", "skip"], required=True)
+    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux"], required=True)
     p.add_argument("--zero", default="0", help="comma-separated ZeRO stages")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--stop-at", type=int, default=3)
@@ -75,6 +115,20 @@ def main():
                 "poisoned": one_run(rest + ["--save", base + "_poisoned", "--train-iters", "2",
                                             "--debug.inject_nonfinite", "[2]"], ds),
                 "short": one_run(rest + ["--save", base + "_short", "--train-iters", "1"], ds)}
+            continue
+        if args.scenario == "lr_resume":
+            first = rest + ["--lr", "1e-3", "--optim.schedule", "cosine"]
+            one_run(first + ["--save", base + "_a", "--train-iters", "3"], ds)
+            results[stage] = {
+                "lower_lr": one_run(rest + ["--load", base + "_a", "--save", base + "_b", "--train-iters", "4",
+                                            "--lr", "1e-9", "--optim.schedule", "constant"], ds, hook="masters"),
+                "extended": one_run(first + ["--load", base + "_a", "--save", base + "_c", "--train-iters", "6",
+                                             "--exit-interval", "4"],
+                                    ds, hook="masters")}
+            continue
+        if args.scenario == "aux":
+            results[stage] = {w: one_run(rest + ["--save", f"{base}_aux{w}", "--train-iters", "1",
+                                                 "--train.aux_loss_weight", w], ds, hook="aux") for w in ("1", "0")}
             continue
         full = one_run(rest + ["--save", base + "_full"], ds)
         stopped = one_run(rest + ["--save", base + "_resumed", "--exit-interval", str(args.stop_at)], ds)

@@ -8,6 +8,14 @@
 
 Backend: NCCL when CUDA is available, gloo otherwise.  ``teardown()`` is the exit recipe that avoids
 gloo's abort-at-exit: barrier, drop references, collect garbage, destroy the group.
+
+Shared memory.  On CPUs, when every rank runs on one machine, DeepSpeed's communication layer creates one 66 MB
+POSIX shared-memory buffer per rank for its low-latency all-reduce (``/dev/shm/deepspeed_allreduce_buffer_<uid>_
+<MASTER_ADDR>_<MASTER_PORT>_<rank>``, DeepSpeed's ``csrc/cpu/comm/shm.cpp``) and never removes it, so every run
+left its buffers behind.  Each rank maps every rank's buffer during ``init_distributed``; after a barrier no rank
+opens one again, so ``initialize`` removes this rank's name right away (``shm_unlink``: the mappings stay valid
+until the process exits and the kernel frees the memory then).  Nothing is left in ``/dev/shm`` however the run
+ends, whatever the launcher.
 """
 from __future__ import annotations
 
@@ -86,7 +94,27 @@ def initialize(timeout_minutes: float = 30.0) -> DistInfo:
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        release_shm_buffer(rank)
     return DistInfo(rank, world, local_rank, backend, device)
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` (see the module docstring)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer(rank: int) -> bool:
+    """Remove this rank's DeepSpeed shared-memory name once every rank has mapped every buffer (a barrier);
+    returns whether there was one.  The memory stays mapped (and in use) until the process exits."""
+    path = shm_buffer_path(rank)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def all_reduce_max(value: float, group=None) -> float:

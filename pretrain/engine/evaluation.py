@@ -10,7 +10,9 @@ Protocols (the one used is printed with every result):
 
 ``streamed_eval`` serves the first three (they differ in lengths and stream count); ``sliding_eval`` the
 last.  Both take a ``forward(tokens, state, targets, **kw) -> (out, state)`` callable so the trainer can pass
-its DeepSpeed engine and ``evaluate.py`` a plain model.
+its DeepSpeed engine and ``evaluate.py`` a plain model, and both feed it through the training loop's batch class
+(``pretrain/engine/batch.py``: the model's inputs are decided there).  The reported loss is the LM loss: a
+mechanism's auxiliary loss (``out.aux_loss``) is a training signal and is not part of it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from data_tools.indexed import IndexedDataset
 from data_tools.streams import EvalStream
+from pretrain.engine.batch import Batch, call_model
 from pretrain.engine.dist import all_reduce_sum
 
 
@@ -38,17 +41,14 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
     kw = {"return_logits": True} if accuracy else {}
     t0 = time.time()
     for step in range(steps):
-        mb = stream.get(step)
-        if reset_memory and mb.reset.any():
-            state = model.reset_state(state, torch.from_numpy(mb.reset).to(device))
-        tokens = torch.from_numpy(mb.tokens).to(device)
-        targets = torch.from_numpy(mb.targets).to(device)
-        mask = torch.from_numpy(mb.loss_mask).to(device)
-        out, state = forward(tokens, state, targets, clamp_len=clamp_len, same_length=same_length, **kw)
-        nll_sum += float((out.nll.float() * mask).sum())
-        count += float(mask.sum())
+        batch = Batch.from_micro_batch(stream.get(step), device)
+        if reset_memory and bool(batch.reset.any()):
+            state = model.reset_state(state, batch.reset)
+        out, state = call_model(forward, state, batch, clamp_len=clamp_len, same_length=same_length, **kw)
+        nll_sum += float(batch.masked_nll_sum(out.nll))
+        count += batch.num_scored()
         if accuracy:
-            correct += float(((out.logits.argmax(-1) == targets).float() * mask).sum())
+            correct += float(((out.logits.argmax(-1) == batch.targets).float() * batch.loss_mask).sum())
         if progress is not None:
             progress(step + 1, steps)
     nll_sum, count, correct = all_reduce_sum([nll_sum, count, correct], group)
@@ -93,11 +93,13 @@ def sliding_eval(forward: Callable, model, prefix: str, *, window: int, stride: 
             score[i, n - c:] = 1.0
             if mask_tokens is not None:
                 score[i] *= np.asarray(mask_tokens[e - n + 1:e + 1], dtype=np.float32)
+        batch = Batch(tokens=torch.from_numpy(inp).to(device), targets=torch.from_numpy(tgt).to(device),
+                      loss_mask=torch.from_numpy(score).to(device),
+                      reset=torch.ones(len(E), dtype=torch.bool, device=device))
         state = model.init_state(len(E), device=device)  # fresh: the memory holds nothing
-        out, _ = forward(torch.from_numpy(inp).to(device), state, torch.from_numpy(tgt).to(device))
-        m = torch.from_numpy(score).to(device)
-        nll_sum += float((out.nll.float() * m).sum())
-        count += float(m.sum())
+        out, _ = call_model(forward, state, batch)
+        nll_sum += float(batch.masked_nll_sum(out.nll))
+        count += batch.num_scored()
         if progress is not None:
             progress(min(b0 + batch_size, len(ends)), len(ends))
     return {"nll_sum": nll_sum, "tokens": count, "loss": nll_sum / max(count, 1.0), "windows": len(ends)}

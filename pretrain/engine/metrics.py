@@ -9,14 +9,19 @@ MFU = achieved model FLOP/s / peak FLOP/s.  The achieved figure comes from the m
 (4 with activation recomputation, reported separately as hardware FLOPs).  Peak: a table of dense bf16 / fp32
 tensor rates for known GPUs; on a CPU it is measured once with an fp32 matrix product (so CPU MFU is relative
 to what torch's GEMM reaches on this machine, and says so).
+
+Progress (``Progress``): on a terminal a tqdm bar with the ETA; anywhere else (a Slurm log, a pipe, a file) a
+plain line every ``every_seconds`` seconds and/or ``every_steps`` steps, with the rate and the ETA, so a log file
+holds a few readable lines instead of a bar redrawn with carriage returns several times a second.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, TextIO
 
 import torch
 
@@ -90,11 +95,106 @@ def format_console(rec: Dict[str, Any]) -> str:
         parts.append(f"{rec['tflops']:.3f} TFLOP/s")
     if "mfu" in rec:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    if rec.get("aux_loss") is not None:
+        parts.append(f"aux {rec['aux_loss']:.4f}")
     if "peak_mem_gb" in rec:
         parts.append(f"mem {rec['peak_mem_gb']:.2f} GB")
     if rec.get("skipped"):
         parts.append(f"skipped {rec['skipped']}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (or ``M:SS`` under an hour); ``?`` for an unknown duration."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class Progress:
+    """Progress of a loop of ``total`` steps, starting at ``initial``.
+
+    On a terminal (``file.isatty()``, or ``tty=True``) a tqdm bar (redrawn at most once a second).  Elsewhere a
+    line ``DESC: step 120/1000 (12.0%) | 2.31 steps/s | elapsed 0:52 | ETA 6:21 | loss 2.3456`` whenever
+    ``every_seconds`` have passed since the last line or ``every_steps`` steps were done since it (either may be
+    0 = not used; with both 0, only the final line), and one at ``close()`` when steps were done since the
+    last.  The rate counts the steps of this process (a resumed run's ETA does not include the steps done before
+    it).
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", file: Optional[TextIO] = None,
+                 every_seconds: float = 60.0, every_steps: int = 0, tty: Optional[bool] = None,
+                 clock=time.monotonic):
+        self.total, self.n, self.start_n = int(total), int(initial), int(initial)
+        self.desc = desc
+        self.file = file if file is not None else sys.stderr
+        self.every_seconds, self.every_steps = float(every_seconds), int(every_steps)
+        self.clock = clock
+        self.t0 = self.last_t = clock()
+        self.last_n = self.n
+        self.postfix: Dict[str, str] = {}
+        if tty is None:
+            isatty = getattr(self.file, "isatty", None)
+            tty = bool(isatty()) if callable(isatty) else False
+        self.tty = tty
+        self.bar = None
+        if tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit="step", dynamic_ncols=True,
+                            file=self.file, mininterval=1.0)
+        self.lines = 0
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        """``n`` more steps done; ``postfix`` (name=value) is shown with the bar or the next line."""
+        self.n += n
+        if postfix:
+            self.postfix = {k: str(v) for k, v in postfix.items()}
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(n)
+            return
+        now = self.clock()
+        due_t = self.every_seconds > 0 and now - self.last_t >= self.every_seconds
+        due_n = self.every_steps > 0 and self.n - self.last_n >= self.every_steps
+        if due_t or due_n:
+            self._line(now)
+
+    def line(self) -> str:
+        """The progress line for the current state (what a non-terminal gets)."""
+        now = self.clock()
+        done = self.n - self.start_n
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 and done > 0 else None
+        eta = (self.total - self.n) / rate if rate else None
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        parts = [f"{self.desc}: step {self.n}/{self.total} ({pct:.1f}%)",
+                 f"{rate:.3g} steps/s" if rate else "? steps/s", f"elapsed {format_duration(elapsed)}",
+                 f"ETA {format_duration(eta) if self.n < self.total else '0:00'}"]
+        parts += [f"{k} {v}" for k, v in self.postfix.items()]
+        return " | ".join(parts)
+
+    def _line(self, now: float) -> None:
+        print(self.line(), file=self.file, flush=True)
+        self.lines += 1
+        self.last_t, self.last_n = now, self.n
+
+    def write(self, msg: str, file: Optional[TextIO] = None) -> None:
+        """Print ``msg`` as a line of its own (above the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(msg, file=file or sys.stdout)
+        else:
+            print(msg, file=file or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.n != self.last_n:
+            self._line(self.clock())
 
 
 def peak_memory_gb() -> float:
@@ -136,7 +236,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-        self._jsonl.write(json.dumps(clean) + "\n")
+        try:
+            self._jsonl.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a full disk: name the file (a line-buffered write error carries no file name)
+            raise OSError(e.errno, e.strerror, self._jsonl.name) from None
         step = rec.get("step", 0)
         prefix = rec.get("kind", "train") if rec.get("kind") != "eval" else f"eval/{rec.get('split', 'valid')}"
         for k, v in rec.items():

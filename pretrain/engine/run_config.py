@@ -56,6 +56,8 @@ class TrainConfig:
                               "--exit-interval)")
     exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1")
     threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
+    aux_loss_weight: float = F(1.0, "weight of a memory mechanism's auxiliary loss added to the LM loss (the "
+                                    "mechanism may scale it already; evaluation reports the LM loss alone)")
     init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
 
     def validate(self):
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ConfigError("exit_interval", f"must be >= 0, got {self.exit_interval}")
         if self.max_nonfinite < 1:
             raise ConfigError("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+        if not self.aux_loss_weight >= 0:
+            raise ConfigError("aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
 
 
 @dataclass
@@ -155,11 +159,18 @@ class LogConfig:
     wandb_project: str = F("memtrain", "W&B project")
     wandb_mode: str = F("offline", "W&B mode: offline (default; sync later with `wandb sync`) or online")
     peak_tflops: float = F(0.0, "peak TFLOP/s per device for MFU (0 = datasheet on GPU, measured GEMM on CPU)")
-    progress: bool = F(True, "progress bar with ETA on the first rank")
+    progress: bool = F(True, "progress with ETA on the first rank: a bar on a terminal, periodic lines otherwise "
+                             "(Slurm logs, pipes, files)")
+    progress_seconds: float = F(60.0, "without a terminal: a progress line every this many seconds (0 = by steps "
+                                      "only)")
+    progress_steps: int = F(0, "without a terminal: a progress line every this many steps as well (0 = by time "
+                               "only)")
 
     def validate(self):
         if self.interval < 1:
             raise ConfigError("interval", f"must be >= 1, got {self.interval}")
+        if self.progress_seconds < 0 or self.progress_steps < 0:
+            raise ConfigError("progress_seconds", "progress_seconds and progress_steps must be >= 0")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError("wandb_mode", f"must be offline, online or disabled, got {self.wandb_mode!r}")
 

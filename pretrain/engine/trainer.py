@@ -1,14 +1,22 @@
 """The training loop: DeepSpeed steps with memory carried across steps, exact resume, evaluation, logging.
 
-One optimizer step = ``grad_accum`` micro-batches.  Micro-batch ``slot`` of step ``t`` continues the text of
-micro-batch ``slot`` of step ``t-1`` (the ordered stream guarantees it), so each slot keeps its own memory
-state: reset at document boundaries when ``data.reset_memory``, detached at segment boundaries (truncated
-backprop) or carried with gradients through ``train.bptt_segments`` segments.  A micro-batch whose loss is
-not finite on any rank poisons the step: the update is skipped (see ``ds_setup``) and every slot keeps the
-state it had before the step.
+One optimizer step = ``grad_accum`` micro-batches.  Each micro-batch becomes a ``Batch`` (``batch.py``: the
+model's inputs, the segments of the unroll, the loss mask, the reset flags) and runs through its slot's memory
+(``MemorySlots``, ``memory_slots.py``: one memory state per accumulation slot, reset at document starts, unrolled
+over ``train.bptt_segments`` segments, committed, rolled back after a non-finite step).  The loss is the mean NLL
+over the scored targets plus ``train.aux_loss_weight`` times the mechanism's auxiliary loss when it has one.  A
+micro-batch whose loss is not finite on any rank poisons the step: the update is skipped (see ``ds_setup``) and
+every slot keeps the state it had before the step.
 
-Checkpoints hold, per rank, every slot's memory state, the stream position and the RNG states next to
-DeepSpeed's files, so a resumed run reproduces the uninterrupted one (bit for bit in fp32 on CPU).
+Start-up checks everything it can before it writes or loads anything: the data (every split's files and token
+ids, ``data.py``), the configuration, and the checkpoint to resume from (chosen, verified and compared with this
+run, ``resume.py``).  A run that stops on one of those leaves the run directory as it found it.
+
+Checkpoints hold DeepSpeed's files and, per rank, the named parts ``memory`` (``MemorySlots``), ``stream`` (the
+ordered stream's position) and ``rng`` (the random generators), so a resumed run reproduces the uninterrupted one
+(bit for bit in fp32 on CPU).  The learning-rate schedule is a function of the number of applied updates
+(``meta.json``'s ``lr_step``) and of this run's options, so a resumed run follows its own schedule from its first
+update, with or without the optimizer state (``--no-load-optim``).
 """
 from __future__ import annotations
 
@@ -21,29 +29,33 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_tools.streams import EvalStream, OrderedStream
+from data_tools.streams import EvalStream, OrderedStream, StreamStateError
 from pretrain.config_base import ConfigError, to_dict
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine import dist as pdist
-from pretrain.engine.data import load_data_info, summarize_loss
+from pretrain.engine import resume as rs
+from pretrain.engine.batch import Batch
+from pretrain.engine.data import check_token_ids, load_data_info, summarize_loss, token_id_bounds
 from pretrain.engine.ds_setup import (build_optimizer, grad_norm, load_ds_config, precision_of, reconcile,
                                       zero_stage)
-from pretrain.engine.metrics import MetricsWriter, format_console, peak_memory_gb, peak_tflops
+from pretrain.engine.memory_slots import MemoryLayoutError, MemorySlots
+from pretrain.engine.metrics import MetricsWriter, Progress, format_console, peak_memory_gb, peak_tflops
 from pretrain.engine.run_config import RunConfig, parse_args, save_resolved
 from pretrain.engine.schedule import LRScheduler
 from pretrain.engine.signals import StopRequest
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
 
+_progress: Optional[Progress] = None  # the active progress display of this process (log() prints around it)
+
 
 def log(msg: str, rank: int = 0) -> None:
-    """Print on the first rank (through tqdm when a progress bar is active)."""
+    """Print a line on the first rank (above the progress bar when one is shown)."""
     if rank != 0:
         return
-    try:
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stdout)
-    except ImportError:
+    if _progress is not None:
+        _progress.write(msg, file=sys.stdout)
+    else:
         print(msg, flush=True)
     sys.stdout.flush()
 
@@ -58,11 +70,15 @@ def set_threads(cfg: RunConfig) -> None:
     torch.set_num_threads(n)
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_path: Optional[str]):
         self.cfg = cfg
         ds_raw = load_ds_config(ds_path)
-        self.data = load_data_info(cfg.data.path)  # before any process starts talking: fail fast
+        self.data = load_data_info(cfg.data.path)  # every split opened and checked, before any process talks
         set_threads(cfg)
         self.info = pdist.initialize()
         from pretrain.model import parallel
@@ -75,32 +91,52 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.device = self.info.device
 
-        # the vocabulary size comes from the data
+        # the vocabulary size comes from the data; every split's token ids must fit it (measured on the first
+        # rank, shared by all)
         if cfg.model.vocab_size != self.data.vocab_size:
             log(f"model.vocab_size {cfg.model.vocab_size} -> {self.data.vocab_size} (from "
                 f"{self.data.prefixes['train']}.json)", self.rank)
             cfg.model.vocab_size = self.data.vocab_size
+        self._check_token_ids()
         from pretrain.config_base import validate
         validate(cfg)
         self.ds_config, self.micro, self.accum = reconcile(ds_raw, cfg, self.dp_size, ds_path)
         self.dtype = precision_of(self.ds_config)
+        self.zero = zero_stage(self.ds_config)
         # DeepSpeed reports no gradient norm for plain fp32 data parallelism: the trainer measures it
-        self.own_grad_norm = zero_stage(self.ds_config) == 0 and self.dtype == torch.float32
+        self.own_grad_norm = self.zero == 0 and self.dtype == torch.float32
         self.last_grad_norm: Optional[float] = None
         self.seg_len = cfg.model.tgt_len
         self.k = cfg.train.bptt_segments
+        if cfg.eval.protocol == "sliding":
+            raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
+
+        # streams: built (and so checked) now, not at the first evaluation
+        self.stream = self._open(lambda: OrderedStream(
+            self.data.prefixes["train"], dp_rank=self.dp_rank, dp_size=self.dp_size, micro_batch=self.micro,
+            grad_accum=self.accum, seq_len=self.seg_len * self.k, seed=cfg.train.seed, roll=cfg.data.roll,
+            align=cfg.data.align, pad_id=self.data.pad_id), "train")
+        self.eval_streams = self._open_eval_streams()
+
+        # the checkpoint to resume from: chosen, verified and compared with this run before anything is loaded
+        self.run_dir = cfg.checkpoint.save
+        self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.dp_rank, self.tp_rank,
+                                           self.dp_size, self.tp_size, self.rank)
+        self.plan = self._plan_resume()
 
         # model, optimizer, schedule, DeepSpeed; --seed governs the weights too (as in Megatron)
         cfg.model.seed = cfg.train.seed
         torch.manual_seed(cfg.train.seed)
         from pretrain.model import build_model
         self.model = build_model(cfg.model)
-        if cfg.train.init_from:
+        if self.plan is not None:
+            rs.check_model(self.plan, to_dict(cfg.model), cfg.model.mechanism_name, self.param_shapes())
+        elif cfg.train.init_from:
             from pretrain.engine.export import load_weights_into
             load_weights_into(self.model, cfg.train.init_from)
         # dropout differs across data-parallel ranks and agrees across tensor-parallel ranks
         parallel.seed_rng(cfg.train.seed + 1000 * self.dp_rank)
-        if zero_stage(self.ds_config) == 3:
+        if self.zero == 3:
             self._declare_zero3_units()
         optimizer = build_optimizer(self.model, cfg, self.ds_config)
         total = cfg.optim.decay_iters or cfg.train.iters
@@ -115,45 +151,77 @@ class Trainer:
         if cfg.model.checkpoint_activations and self.tp_size > 1:
             self._use_deepspeed_checkpointing(parallel)
 
-        # streams and one memory state per accumulation slot
-        self.stream = OrderedStream(self.data.prefixes["train"], dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                    micro_batch=self.micro, grad_accum=self.accum,
-                                    seq_len=self.seg_len * self.k, seed=cfg.train.seed, roll=cfg.data.roll,
-                                    align=cfg.data.align, pad_id=self.data.pad_id)
-        self.states = [self._fresh_state() for _ in range(self.accum)]
+        self.memory = MemorySlots(self.model, self.accum, self.micro, self.device, reset_memory=cfg.data.reset_memory,
+                                  bptt_segments=self.k)
+        self.rng = ckpt.RNGState()
         self.step = 0
         self.consumed_tokens = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.history: List[Dict[str, Any]] = []  # per step of this process: step, loss, finite
 
-        self.run_dir = cfg.checkpoint.save
-        self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.dp_rank, self.tp_rank,
-                                           self.dp_size, self.tp_size, self.rank)
-        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.log.tensorboard,
-                                     {"enabled": cfg.log.wandb, "project": cfg.log.wandb_project,
-                                      "mode": cfg.log.wandb_mode}, to_dict(cfg))
-        if self.rank == 0 and self.run_dir:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_resolved(cfg, os.path.join(self.run_dir, "config.yaml"))
-            with open(os.path.join(self.run_dir, "ds_config.json"), "w") as f:
-                json.dump(self.ds_config, f, indent=2)
         self.peak, self.peak_src = peak_tflops(self.dtype, cfg.log.peak_tflops)
         n = self.seg_len
         self.flops_per_step = 3 * self.model.flops(self.micro, n, cfg.model.mem_len) * self.accum * self.k
         self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
+        rng_state = self._resume(self.plan) if self.plan is not None else None
+
+        # nothing failed: only now is the run directory written
+        if self.rank == 0 and self.run_dir:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_resolved(cfg, os.path.join(self.run_dir, "config.yaml"))
+            tmp = os.path.join(self.run_dir, f"ds_config.json.tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(self.ds_config, f, indent=2)
+            os.replace(tmp, os.path.join(self.run_dir, "ds_config.json"))
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.log.tensorboard,
+                                     {"enabled": cfg.log.wandb, "project": cfg.log.wandb_project,
+                                      "mode": cfg.log.wandb_mode}, to_dict(cfg))
         nparams = sum(p.numel() for p in self.model.parameters())
         log(f"run: world {self.info.world_size} (data-parallel {self.dp_size} x tensor-parallel {self.tp_size}), "
-            f"ZeRO-{zero_stage(self.ds_config)}, {str(self.dtype).replace('torch.', '')}, "
+            f"ZeRO-{self.zero}, {precision_name(self.dtype)}, "
             f"{nparams * self.tp_size / 1e6:.2f}M parameters, micro-batch {self.micro} x accumulation "
             f"{self.accum}, segment {n} x {self.k}, memory {cfg.model.mem_len}, attn_type {cfg.model.attn_type}; "
             f"{self.stream.steps_per_epoch} steps per epoch; peak {self.peak:.2f} TFLOP/s ({self.peak_src})",
             self.rank)
         # last, so that nothing after it draws from the restored random generators
-        self._maybe_resume()
+        if rng_state is not None:
+            self.rng.load_state_dict(rng_state)
         self._batches = iter(self.stream)  # continues from the stream's (possibly restored) position
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _check_token_ids(self) -> None:
+        """Every split's largest token id against the vocabulary (scanned on the first rank, agreed by all)."""
+        splits = list(self.data.prefixes)
+        bounds = token_id_bounds(self.data) if self.rank == 0 else {s: -1 for s in splits}
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(bounds[s]) for s in splits], dtype=torch.float64,
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            bounds = {s: int(v) for s, v in zip(splits, t.cpu().tolist())}
+        check_token_ids(self.data, bounds)
+
+    def _open(self, build, split: str):
+        """A stream over ``split``; ConfigError naming the dataset when it cannot serve this run."""
+        try:
+            return build()
+        except ValueError as e:
+            raise ConfigError("data.path", f"{split} split: {e}") from None
+
+    def _open_eval_streams(self) -> Dict[str, EvalStream]:
+        cfg, e = self.cfg, self.cfg.eval
+        splits = set(e.final_splits) | ({"valid"} if e.interval else set())
+        tgt = e.tgt_len or cfg.model.tgt_len
+        num_streams = 1 if e.protocol == "carry" else e.micro_batch
+        out = {}
+        for split in sorted(splits):
+            if self.data.has(split):
+                out[split] = self._open(lambda s=split: EvalStream(
+                    self.data.prefixes[s], seq_len=tgt, num_streams=num_streams, dp_rank=self.dp_rank,
+                    dp_size=self.dp_size, align=cfg.data.align, pad_id=self.data.pad_id), split)
+        return out
+
     def _declare_zero3_units(self) -> None:
         """ZeRO-3 gathers a module's own parameters while its forward runs.  The model's layers read their
         weights directly (not through their sub-modules' forward) and borrow some from other modules (tied
@@ -169,56 +237,92 @@ class Trainer:
         deepspeed.checkpointing.configure(parallel.MpuAdapter(), partition_activations=False)
         self.model.checkpoint_fn = deepspeed.checkpointing.checkpoint
 
-    def _fresh_state(self):
-        return self.model.init_state(self.micro, device=self.device)
+    def param_shapes(self) -> Dict[str, List[int]]:
+        """Full (all tensor-parallel shards together) shape of every parameter, by name."""
+        from pretrain.model.weights import described_parameters, full_shape
+        return {name: list(full_shape(p, meta, self.tp_size))
+                for name, (p, meta) in described_parameters(self.model).items()}
 
-    def _maybe_resume(self) -> None:
+    def layout(self) -> rs.RunLayout:
+        return rs.RunLayout(dp_size=self.dp_size, tp_size=self.tp_size, zero_stage=self.zero,
+                            precision=precision_name(self.dtype), micro_batch=self.micro, grad_accum=self.accum,
+                            segment_len=self.seg_len, bptt_segments=self.k)
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _plan_resume(self) -> Optional[rs.ResumePlan]:
         cfg = self.cfg
-        load_dir = cfg.checkpoint.load
-        if load_dir is None and self.run_dir and ckpt.read_latest(self.run_dir):
-            load_dir = self.run_dir
+        load_dir = rs.resolve_load_dir(cfg.checkpoint.load, self.run_dir)
         if load_dir is None:
-            return
-        if ckpt.read_latest(load_dir) is None:
-            raise ConfigError("checkpoint.load", f"{load_dir}: no checkpoint ('latest' file) to resume from")
-        res = self.ckpt.load(self.engine, load_dir, load_optimizer=cfg.checkpoint.load_optim)
-        meta, rs = res["meta"], res["rank_state"]
-        self.step = int(meta["step"])
+            return None
+        plan = rs.select_checkpoint(load_dir, self.ckpt, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size,
+                                    agree=ckpt._agree_any, log=lambda m: log(m, self.rank))
+        rs.check_resumable(plan, self.layout(), cfg.data.resume_policy)
+        rs.check_engine_layout(plan, self.layout(), cfg.checkpoint.load_optim)
+        return plan
+
+    def _resume(self, plan: rs.ResumePlan) -> Optional[Dict[str, Any]]:
+        """Load the checkpoint ``plan`` chose; returns the random-generator state to restore last (or None)."""
+        cfg, meta = self.cfg, plan.meta
+        try:
+            path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag,
+                                                  load_optimizer_states=cfg.checkpoint.load_optim,
+                                                  load_lr_scheduler_states=False)
+        except Exception as e:
+            raise ckpt.CheckpointError(f"cannot load {plan.where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                       f" (delete {plan.where} to resume from the previous checkpoint)") from None
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {plan.where}")
+        self.step = plan.step
         self.consumed_tokens = int(meta.get("consumed_tokens", 0))
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
-        if rs is not None:
-            info = self.stream.load_state_dict(rs["stream"], policy=cfg.data.resume_policy)
-            from pretrain.model import MemoryState
-            if not info["reset_memory"] and len(rs["memory"]) == self.accum:
-                self.states = [MemoryState.from_state_dict(d).to(self.device) for d in rs["memory"]]
-            ckpt.set_rng_state(rs["rng"])
-            log(info["message"], self.rank)
+        # the schedule follows this run's options from the update the checkpoint stopped at, whatever the optimizer
+        # state (DeepSpeed's ZeRO optimizers restore the rate stored with their param groups after the scheduler)
+        lr_step = int(meta.get("lr_step", self.step - self.nonfinite_total))
+        self.scheduler.load_state_dict({"last_step": lr_step})
+        kept = []
+        rng_state = None
+        parts = plan.rank_parts
+        stream_state = parts["stream"] if parts is not None else plan.stream_parts
+        try:
+            info = self.stream.load_state_dict(stream_state, policy=cfg.data.resume_policy)
+        except StreamStateError as e:
+            raise ConfigError("data.resume_policy" if "layout" in str(e) else "data.path", str(e)) from None
+        log(info["message"], self.rank)
+        if info["reset_memory"]:
+            log("memory: every slot starts afresh (the stream layout changed)", self.rank)
+        elif parts is not None or plan.tp_parts is not None:
+            saved = parts["memory"] if parts is not None else [p["memory"] for p in plan.tp_parts]
+            try:
+                self.memory.load_state_dict(saved)
+                kept.append("memory states")
+            except MemoryLayoutError as e:
+                log(f"memory: every slot starts afresh ({e})", self.rank)
+        if parts is not None:
+            rng_state = parts["rng"]
+            kept.append("random generators")
         else:
-            # the data-parallel layout changed: map the stream position by policy, memory starts afresh
-            any_rank = self.ckpt.load_rank_states(load_dir, res["tag"], 0)
-            info = self.stream.load_state_dict(any_rank[0]["stream"], policy=cfg.data.resume_policy)
-            log(info["message"], self.rank)
-        log(f"resumed from {load_dir}/{res['tag']} at step {self.step}", self.rank)
+            log("random generators: seeded afresh for the new layout", self.rank)
+        what = f"; kept {', '.join(kept)}" if kept else ""
+        log(f"resumed from {plan.where} at step {self.step}{what}", self.rank)
+        return rng_state
 
     # ------------------------------------------------------------------------------------------------ steps
     def _micro_step(self, mb, slot: int, inject_nan: bool):
-        """Forward + backward of one micro-batch; returns (nll sum, scored tokens, finite everywhere)."""
-        cfg, dev = self.cfg, self.device
-        state = self.states[slot]
-        if cfg.data.reset_memory and mb.reset.any():
-            state = self.model.reset_state(state, torch.from_numpy(mb.reset).to(dev))
-        tokens = torch.from_numpy(mb.tokens).to(dev)
-        targets = torch.from_numpy(mb.targets).to(dev)
-        mask = torch.from_numpy(mb.loss_mask).to(dev)
-        n = self.seg_len
-        nll_sum = torch.zeros((), dtype=torch.float32, device=dev)
-        st = state
-        for j in range(self.k):
-            sl = slice(j * n, (j + 1) * n)
-            out, st = self.engine(tokens[:, sl], st, targets[:, sl], detach_state=(j == self.k - 1))
-            nll_sum = nll_sum + (out.nll.float() * mask[:, sl]).sum()
-        count = float(mask.sum())
+        """Forward + backward of one micro-batch; returns (nll sum, scored tokens, aux loss or None, finite
+        everywhere)."""
+        batch = Batch.from_micro_batch(mb, self.device)
+        outs = self.memory.unroll(slot, batch, self.engine)
+        nll_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        aux = []
+        for seg, out in outs:
+            nll_sum = nll_sum + seg.masked_nll_sum(out.nll)
+            if out.aux_loss is not None:
+                aux.append(out.aux_loss.float())
+        count = batch.num_scored()
         loss = nll_sum / max(count, 1.0)
+        aux_mean = torch.stack(aux).mean() if aux else None  # per segment, averaged over the unroll
+        if aux_mean is not None and self.cfg.train.aux_loss_weight:
+            loss = loss + self.cfg.train.aux_loss_weight * aux_mean
         if inject_nan:
             loss = loss * float("nan")
         finite = pdist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) == 0.0
@@ -230,21 +334,22 @@ class Trainer:
             self.last_grad_norm = grad_norm(self.model, self.ps.get_tensor_model_parallel_group())
         self.engine.step()
         if finite:
-            self.states[slot] = st.detach()
-        return float(nll_sum.detach()), count, finite
+            self.memory.commit(slot)
+        return float(nll_sum.detach()), count, (None if aux_mean is None else float(aux_mean.detach())), finite
 
     def train_step(self) -> Dict[str, Any]:
         t0 = time.time()
         batches = next(self._batches)
         inject = (self.step + 1) in self.cfg.debug.inject_nonfinite and self.rank == 0  # logged, 1-based
-        backup = list(self.states)
-        nll, count, finite = 0.0, 0.0, True
+        self.memory.begin_step()
+        nll, count, aux_sum, aux_n, finite = 0.0, 0.0, 0.0, 0, True
         for slot, mb in enumerate(batches):
-            s, c, ok = self._micro_step(mb, slot, inject and slot == 0)
+            s, c, a, ok = self._micro_step(mb, slot, inject and slot == 0)
             nll, count, finite = nll + s, count + c, finite and ok
-        if not finite:
-            self.states = backup  # the step is skipped: no slot moves on with a poisoned state
-        nll, count = pdist.all_reduce_sum([nll, count], self.dp_group)
+            if a is not None:
+                aux_sum, aux_n = aux_sum + a, aux_n + 1
+        self.memory.end_step(finite)  # a skipped step: no slot moves on with a poisoned state
+        nll, count, aux_sum, aux_n = pdist.all_reduce_sum([nll, count, aux_sum, aux_n], self.dp_group)
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
         if finite:
@@ -253,23 +358,18 @@ class Trainer:
             self.nonfinite_run += 1
             self.nonfinite_total += 1
         rec = {"step": self.step, "loss": nll / max(count, 1.0) if finite else float("nan"), "finite": finite,
-               "seconds": time.time() - t0, "scored": count, "nll_sum": nll, "grad_norm": self._grad_norm()}
+               "seconds": time.time() - t0, "scored": count, "nll_sum": nll, "grad_norm": self._grad_norm(),
+               "aux_loss": (aux_sum / aux_n if finite else float("nan")) if aux_n else None}
         self.history.append(rec)
         return rec
 
     # ------------------------------------------------------------------------------------------------ eval
     def evaluate(self, split: str, max_steps: int) -> Optional[Dict[str, Any]]:
-        if not self.data.has(split):
+        stream = self.eval_streams.get(split)
+        if stream is None:
             return None
         from pretrain.engine.evaluation import streamed_eval
         cfg, e = self.cfg, self.cfg.eval
-        if e.protocol == "sliding":
-            raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
-        tgt = e.tgt_len or cfg.model.tgt_len
-        num_streams = 1 if e.protocol == "carry" else e.micro_batch
-        stream = EvalStream(self.data.prefixes[split], seq_len=tgt, num_streams=num_streams,
-                                 dp_rank=self.dp_rank, dp_size=self.dp_size, align=cfg.data.align,
-                                 pad_id=self.data.pad_id)
         xl = e.protocol == "xl"
         self.engine.eval()
         try:
@@ -295,11 +395,21 @@ class Trainer:
             if data.numel() and not torch.isfinite(data).all():
                 bad = 1.0
                 break
-        for st in self.states:
-            for k in st.keys():
-                if st[k].is_floating_point() and not torch.isfinite(st[k]).all():
-                    bad = 1.0
+        if not self.memory.all_finite():
+            bad = 1.0
         return pdist.all_reduce_max(bad) == 0.0
+
+    def checkpoint_meta(self, reason: str) -> Dict[str, Any]:
+        """What ``meta.json`` records besides the step: counters, the schedule step, this run's layout, the model
+        (config, mechanism, full parameter shapes), for a resume to check before it loads anything."""
+        layout = self.layout()
+        return {"consumed_tokens": self.consumed_tokens, "nonfinite_total": self.nonfinite_total,
+                "lr_step": int(self.scheduler.last_step), "reason": reason,
+                "dp_size": layout.dp_size, "tp_size": layout.tp_size, "zero_stage": layout.zero_stage,
+                "precision": layout.precision, "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
+                "segment_len": layout.segment_len, "bptt_segments": layout.bptt_segments,
+                "attn_type": self.cfg.model.attn_type, "mechanism": self.cfg.model.mechanism_name,
+                "dtype": str(self.dtype), "model": to_dict(self.cfg.model), "params": self.param_shapes()}
 
     def save(self, reason: str) -> Optional[str]:
         if not self.run_dir:
@@ -307,25 +417,22 @@ class Trainer:
         if not self._all_finite():
             log(f"checkpoint at step {self.step} NOT written ({reason}): non-finite weights or memory", self.rank)
             return None
-        rank_state = {"stream": self.stream.state_dict(), "memory": [s.state_dict() for s in self.states]}
-        meta = {"consumed_tokens": self.consumed_tokens, "nonfinite_total": self.nonfinite_total,
-                "reason": reason, "micro_batch": self.micro, "grad_accum": self.accum,
-                "attn_type": self.cfg.model.attn_type, "dtype": str(self.dtype)}
-        tag = self.ckpt.save(self.engine, self.step, rank_state, meta)
+        parts = {"memory": self.memory, "stream": self.stream, "rng": self.rng}
+        tag = self.ckpt.save(self.engine, self.step, parts, self.checkpoint_meta(reason))
         log(f"saved checkpoint {self.run_dir}/{tag} ({reason})", self.rank)
         return tag
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> int:
+        global _progress
         cfg = self.cfg
         stop = StopRequest(exit_duration_mins=cfg.train.exit_duration_mins or None) if cfg.train.exit_on_signal \
             else StopRequest(signals=(), exit_duration_mins=cfg.train.exit_duration_mins or None)
         bar = None
         if self.rank == 0 and cfg.log.progress and cfg.train.iters > self.step:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.train.iters, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       file=sys.stderr, mininterval=1.0)
-        window = {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0}
+            bar = _progress = Progress(cfg.train.iters, initial=self.step, desc="train", file=sys.stderr,
+                                       every_seconds=cfg.log.progress_seconds, every_steps=cfg.log.progress_steps)
+        window = self._new_window()
         code = EXIT_OK
         try:
             while self.step < cfg.train.iters:
@@ -335,14 +442,15 @@ class Trainer:
                 if r["finite"]:
                     window["nll"] += r["nll_sum"]
                     window["scored"] += r["scored"]
+                    if r["aux_loss"] is not None:
+                        window["aux"] += r["aux_loss"]
+                        window["aux_steps"] += 1
                 else:
                     window["skipped"] += 1
                     log(f"step {self.step}: non-finite loss, update skipped ({self.nonfinite_run} in a row, "
                         f"{self.nonfinite_total} in total)", self.rank)
                 if bar is not None:
-                    bar.update(1)
-                    if window["scored"]:
-                        bar.set_postfix(loss=f"{window['nll'] / window['scored']:.4f}")
+                    bar.update(1, **({"loss": f"{window['nll'] / window['scored']:.4f}"} if window["scored"] else {}))
                 if self.nonfinite_run >= cfg.train.max_nonfinite:
                     log(f"stopping: {self.nonfinite_run} non-finite steps in a row (train.max_nonfinite); the last "
                         f"checkpoint is the last good state", self.rank)
@@ -350,7 +458,7 @@ class Trainer:
                     break
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.iters:
                     self._log_window(window)
-                    window = {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0}
+                    window = self._new_window()
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.iters:
                     self._eval_and_log("valid", cfg.eval.iters)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
@@ -364,6 +472,9 @@ class Trainer:
                     log(f"stopping at step {self.step}: {reason}", self.rank)
                     self.save(reason)
                     return EXIT_OK
+            if bar is not None:
+                bar.close()
+                bar = _progress = None
             if code == EXIT_OK:
                 self.save("end")
                 for split in cfg.eval.final_splits:
@@ -377,7 +488,12 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            _progress = None
             stop.restore()
+
+    @staticmethod
+    def _new_window() -> Dict[str, float]:
+        return {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0, "aux": 0.0, "aux_steps": 0}
 
     def _log_window(self, w: Dict[str, float]) -> None:
         steps = max(w["steps"], 1)
@@ -390,6 +506,8 @@ class Trainer:
                "step_seconds": dt / steps,
                "consumed_tokens": self.consumed_tokens,
                "skipped": int(w["skipped"])}
+        if w["aux_steps"]:
+            rec["aux_loss"] = w["aux"] / w["aux_steps"]  # the mechanism's auxiliary loss, before its weight
         achieved = self.flops_per_step * steps / dt / 1e12
         rec["tflops"] = achieved
         rec["mfu"] = achieved / self.peak if self.peak else 0.0
@@ -418,7 +536,9 @@ class Trainer:
                 f"{rec['loss']:.4f} | {metric} {rec[metric]:.4f}{acc}", self.rank)
 
     def close(self) -> None:
-        self.metrics.close()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -437,8 +557,13 @@ def run(argv: Optional[List[str]] = None) -> int:
                 f"checkpoints {trainer.run_dir}/iter_*, plot with: python pretrain/plot.py {trainer.run_dir}",
                 trainer.rank)
         return code
-    except ConfigError as e:
+    except (ConfigError, ckpt.CheckpointError) as e:
         print(f"train.py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"train.py: {e.filename}: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
         if trainer is not None:

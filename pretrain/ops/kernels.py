@@ -92,6 +92,8 @@ def _jit(name: str, sources: List[str], cuda: bool, verbose: bool):
         kw.update(extra_cflags=["-O1", "-DMT_EMULATE"])
     t0 = time.perf_counter()
     try:
+        from pretrain.runtime import clear_stale_build_locks
+        clear_stale_build_locks()                 # a build killed half-way would make this load wait forever
         mod = cpp_extension.load(**kw)
     except Exception as e:  # the compiler's output is in the message
         log = _write_log(bdir, f"build of {name} failed\nsources: {sources}\n\n{e}\n")

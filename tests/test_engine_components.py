@@ -1,0 +1,297 @@
+"""Engine components on their own (no processes started): the batch that travels through the loops, the memory
+slots of the accumulation steps, the progress display, the checkpoint choice."""
+import io
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.engine.batch import Batch, call_model
+from pretrain.engine.memory_slots import MemoryLayoutError, MemorySlots, join_tp_shards
+from pretrain.engine.metrics import Progress, format_duration
+from pretrain.model import ModelConfig, build_model, parallel
+
+BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0,
+            tgt_len=4, mem_len=6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel():
+    parallel.initialize(1)
+
+
+def _model(**kw):
+    return build_model(ModelConfig(**{**BASE, **kw})).double().eval()
+
+
+def _micro_batch(rows=3, length=12, seed=0, reset=None):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 31, (rows, length + 1))
+    mask = (rng.random((rows, length)) > 0.3).astype(np.float32)
+    return types.SimpleNamespace(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=mask,
+                                 reset=np.zeros(rows, bool) if reset is None else np.asarray(reset))
+
+
+# ---------------------------------------------------------------------------------------------------- Batch
+def test_batch_cuts_segments_and_names_the_model_inputs():
+    mb = _micro_batch(reset=[True, False, True])
+    b = Batch.from_micro_batch(mb, torch.device("cpu"))
+    assert (b.rows, b.length, b.num_scored()) == (3, 12, float(mb.loss_mask.sum()))
+    assert b.tokens.dtype == torch.int64 and b.loss_mask.dtype == torch.float32 and b.reset.dtype == torch.bool
+    segs = b.segments(3)
+    assert [s.length for s in segs] == [4, 4, 4]
+    assert torch.equal(torch.cat([s.tokens for s in segs], 1), b.tokens)
+    assert torch.equal(torch.cat([s.loss_mask for s in segs], 1), b.loss_mask)
+    # the memory is reset before the unroll, never in its middle
+    assert segs[0].reset.tolist() == [True, False, True] and not segs[1].reset.any() and not segs[2].reset.any()
+    assert set(b.model_inputs()) == {"tokens", "targets"}
+    assert b.segment(0, 1) is b
+    with pytest.raises(ValueError, match="does not split into 5"):
+        b.segment(0, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        b.segment(3, 3)
+    with pytest.raises(ValueError, match="reset has shape"):
+        Batch(b.tokens, b.targets, b.loss_mask, torch.zeros(2, dtype=torch.bool))
+
+
+def test_call_model_passes_the_inputs_in_the_model_signature_order():
+    seen = {}
+
+    def forward(tokens, state, targets, **kw):
+        seen.update(tokens=tokens, state=state, targets=targets, kw=kw)
+        return "out", "state"
+
+    b = Batch.from_micro_batch(_micro_batch(), torch.device("cpu"))
+    assert call_model(forward, "S", b, detach_state=False) == ("out", "state")
+    assert seen["state"] == "S" and seen["tokens"] is b.tokens and seen["targets"] is b.targets
+    assert seen["kw"] == {"detach_state": False}
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def test_unroll_equals_the_model_called_segment_by_segment():
+    model = _model(attn_type=0)
+    slots = MemorySlots(model, num_slots=2, rows=3, device=torch.device("cpu"), bptt_segments=3)
+    b = Batch.from_micro_batch(_micro_batch(), torch.device("cpu"))
+    with torch.no_grad():
+        outs = slots.unroll(1, b, model)
+        slots.commit(1)
+        st = model.init_state(3)
+        for j, (seg, out) in enumerate(outs):
+            ref, st = model(b.tokens[:, 4 * j:4 * j + 4], st, b.targets[:, 4 * j:4 * j + 4])
+            assert torch.equal(ref.nll, out.nll)
+    assert slots[1].equal(st) and not slots[0].equal(st)  # only the slot that ran moved on
+    assert all(not slots[1][k].requires_grad for k in slots[1].keys())
+
+
+def test_gradients_flow_through_the_memory_inside_the_unroll_only():
+    """With k = 2 the second segment's loss reaches the first segment's inputs through the memory; with two
+    unrolls of one segment (truncated backpropagation) it does not."""
+    def grad_of_second_loss(k):
+        model = _model(attn_type=0, tie_weight=False)  # input embedding rows get gradients from inputs only
+        emb = model.embedding.tables[0].weight
+        b = Batch.from_micro_batch(_micro_batch(length=8), torch.device("cpu"))
+        slots = MemorySlots(model, 1, 3, torch.device("cpu"), bptt_segments=k)
+        if k == 2:
+            outs = slots.unroll(0, b, model)
+            loss = outs[1][1].nll.sum()
+        else:
+            slots.unroll(0, b.segment(0, 2), model)
+            slots.commit(0)
+            loss = slots.unroll(0, b.segment(1, 2), model)[0][1].nll.sum()
+        (g,) = torch.autograd.grad(loss, emb)
+        first_only = sorted(set(b.tokens[:, :4].flatten().tolist()) - set(b.tokens[:, 4:].flatten().tolist())
+                            - set(b.targets[:, 4:].flatten().tolist()))
+        return g[first_only].abs().sum().item()
+
+    assert grad_of_second_loss(2) > 0
+    assert grad_of_second_loss(1) == 0
+
+
+def test_rows_flagged_by_the_batch_start_from_the_initial_memory():
+    model = _model(attn_type=3)
+    slots = MemorySlots(model, 1, 3, torch.device("cpu"), reset_memory=True)
+    with torch.no_grad():
+        slots.unroll(0, Batch.from_micro_batch(_micro_batch(length=4, seed=1), torch.device("cpu")), model)
+        slots.commit(0)
+        before = slots[0]
+        flagged = _micro_batch(length=4, seed=2, reset=[False, True, False])
+        out_slots = slots.unroll(0, Batch.from_micro_batch(flagged, torch.device("cpu")), model)[0][1]
+        manual = model.reset_state(before, torch.tensor([False, True, False]))
+        ref, _ = model(torch.from_numpy(flagged.tokens), manual, torch.from_numpy(flagged.targets))
+        kept, _ = model(torch.from_numpy(flagged.tokens), before, torch.from_numpy(flagged.targets))
+    assert torch.equal(out_slots.nll, ref.nll)
+    assert not torch.equal(out_slots.nll[1], kept.nll[1]) and torch.equal(out_slots.nll[0], kept.nll[0])
+
+
+def test_a_non_finite_step_puts_every_slot_back():
+    model = _model(attn_type=0)
+    slots = MemorySlots(model, 2, 3, torch.device("cpu"))
+    b = Batch.from_micro_batch(_micro_batch(length=4), torch.device("cpu"))
+    with torch.no_grad():
+        slots.begin_step()
+        for s in (0, 1):
+            slots.unroll(s, b, model)
+            slots.commit(s)
+        slots.end_step(True)
+        kept = [slots[s] for s in (0, 1)]
+        slots.begin_step()
+        for s in (0, 1):
+            slots.unroll(s, b, model)
+            slots.commit(s)
+        assert not slots[0].equal(kept[0])
+        slots.end_step(False)
+    assert slots[0].equal(kept[0]) and slots[1].equal(kept[1])
+
+
+def test_slots_round_trip_and_refuse_what_does_not_fit():
+    model = _model(attn_type=3)
+    slots = MemorySlots(model, 2, 3, torch.device("cpu"))
+    with torch.no_grad():
+        for s in (0, 1):
+            slots.unroll(s, Batch.from_micro_batch(_micro_batch(length=4, seed=s), torch.device("cpu")), model)
+            slots.commit(s)
+    buf = io.BytesIO()
+    torch.save(slots.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=False)
+    other = MemorySlots(model, 2, 3, torch.device("cpu"))
+    other.load_state_dict(sd)
+    assert all(other[s].equal(slots[s]) for s in (0, 1))
+    other.load_state_dict(sd["slots"])  # a plain list (checkpoints written before the format field)
+    assert other[1].equal(slots[1])
+    with pytest.raises(MemoryLayoutError, match="2. saved accumulation slot.*this run has 3"):
+        MemorySlots(model, 3, 3, torch.device("cpu")).load_state_dict(sd)
+    with pytest.raises(MemoryLayoutError, match="3 rows per slot, this run has 4"):
+        MemorySlots(model, 2, 4, torch.device("cpu")).load_state_dict(sd)
+    with pytest.raises(MemoryLayoutError, match="mem_len 6, this run has 9"):
+        MemorySlots(_model(attn_type=3, mem_len=9), 2, 3, torch.device("cpu")).load_state_dict(sd)
+    with pytest.raises(MemoryLayoutError, match="mechanism 'lamemo'"):
+        MemorySlots(_model(attn_type=0), 2, 3, torch.device("cpu")).load_state_dict(sd)
+
+
+def test_head_shards_of_another_tensor_parallel_size_are_joined_and_resplit():
+    model = _model(attn_type=3)
+    slots = MemorySlots(model, 2, 3, torch.device("cpu"))
+    with torch.no_grad():
+        for s in (0, 1):
+            slots.unroll(s, Batch.from_micro_batch(_micro_batch(length=4, seed=s), torch.device("cpu")), model)
+            slots.commit(s)
+    full = [slots[s] for s in (0, 1)]
+    assert any(full[0].head_dims[k] is not None for k in full[0].keys())
+    # what 2 tensor-parallel ranks saved: each its head shard of every slot
+    saved = [{"format": "memtrain.memory_slots/1", "slots": [st.tp_split(r, 2).state_dict() for st in full]}
+             for r in (0, 1)]
+    assert join_tp_shards([full[0].tp_split(r, 2) for r in (0, 1)]).equal(full[0])
+    other = MemorySlots(model, 2, 3, torch.device("cpu"))
+    other.load_state_dict(saved)  # this process has tensor-parallel size 1: the full heads
+    assert other[0].equal(full[0]) and other[1].equal(full[1])
+    with pytest.raises(MemoryLayoutError, match="not ranks 0..1"):
+        join_tp_shards([full[0].tp_split(1, 2), full[0].tp_split(0, 2)])
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_without_a_terminal_writes_a_few_lines_with_rate_and_eta():
+    out, clock = io.StringIO(), _Clock()
+    p = Progress(1000, initial=0, file=out, every_seconds=30.0, every_steps=0, clock=clock)
+    assert not p.tty
+    for i in range(1000):
+        clock.t += 0.5  # 2 steps/s: a line every 60 steps
+        p.update(1, loss=f"{2.0 - i / 1000:.4f}")
+    p.close()
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text
+    assert len(lines) == 1000 // 60 + 1, len(lines)  # every 30 s, and the last step at close()
+    assert lines[0].startswith("train: step 60/1000 (6.0%) | 2 steps/s | elapsed 0:30 | ETA 7:50 | loss 1.94")
+    assert lines[-1].startswith("train: step 1000/1000 (100.0%)") and "ETA 0:00" in lines[-1]
+
+
+def test_progress_by_steps_and_resumed_runs():
+    out, clock = io.StringIO(), _Clock()
+    p = Progress(100, initial=40, file=out, every_seconds=0, every_steps=25, clock=clock)
+    for _ in range(60):
+        clock.t += 2.0
+        p.update()
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == ["train: step 65/100", "train: step 90/100", "train: step 100/100"]
+    assert "0.5 steps/s" in lines[0] and "ETA 1:10" in lines[0]  # 35 steps left at the rate of this process
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    out = Tty()
+    p = Progress(10, file=out)
+    assert p.tty
+    for _ in range(10):
+        p.update()
+    p.close()
+    assert "\r" in out.getvalue() and "10/10" in out.getvalue()
+    assert format_duration(3725) == "1:02:05" and format_duration(65) == "1:05" and format_duration(None) == "?"
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _fake_checkpoint(root, step, files=None, latest=True):
+    from pretrain.engine.checkpoint import tag_for
+    tag = tag_for(step)
+    os.makedirs(os.path.join(root, tag, "memtrain"), exist_ok=True)
+    sizes = {}
+    for rel, data in (files or {"memtrain/rank_dp0_tp0.pt": b"x" * 10, "mp_rank_00_model_states.pt": b"y" * 20}
+                      ).items():
+        with open(os.path.join(root, tag, rel), "wb") as f:
+            f.write(data)
+        sizes[rel] = len(data)
+    with open(os.path.join(root, tag, "memtrain", "meta.json"), "w") as f:
+        json.dump({"step": step, "files": sizes}, f)
+    if latest:
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write(tag)
+    return tag
+
+
+def test_candidates_start_with_latest_and_skip_what_it_names_when_missing(tmp_path):
+    from pretrain.engine import checkpoint as ckpt
+    root = str(tmp_path)
+    _fake_checkpoint(root, 2)
+    _fake_checkpoint(root, 4)
+    os.makedirs(os.path.join(root, "iter_0000006"))  # incomplete: no meta.json
+    assert ckpt.candidates(root) == (["iter_0000004", "iter_0000002"], [])
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("iter_0000002")
+    assert ckpt.candidates(root)[0] == ["iter_0000002", "iter_0000004"]
+    for named, what in (("iter_0000099", "missing"), ("iter_0000006", "incomplete")):
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write(named)
+        tags, notes = ckpt.candidates(root)
+        assert tags == ["iter_0000004", "iter_0000002"] and what in notes[0] and named in notes[0]
+
+
+def test_verify_finds_truncated_and_missing_files(tmp_path):
+    from pretrain.engine import checkpoint as ckpt
+    root = str(tmp_path)
+    tag = _fake_checkpoint(root, 4)
+    meta = ckpt.read_meta(root, tag)
+    assert ckpt.verify(root, tag, meta) is None
+    with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(b"y" * 7)
+    assert "mp_rank_00_model_states.pt has 7 bytes, 20 were written" in ckpt.verify(root, tag, meta)
+    os.remove(os.path.join(root, tag, "memtrain", "rank_dp0_tp0.pt"))
+    assert ckpt.verify(root, tag, meta).endswith("rank_dp0_tp0.pt is missing")
+    bad = os.path.join(root, "bad.pt")
+    with open(bad, "wb") as f:
+        f.write(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(ckpt.CheckpointError, match="bad.pt: truncated or corrupt"):
+        ckpt.load_torch_file(bad)
