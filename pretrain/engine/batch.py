@@ -14,6 +14,9 @@ This follows torchtitan's ``post_dataloading_process`` idea: the loop sees a bat
 ``model_inputs()`` to the model; only the batch class changes when the inputs do.
 
 Shapes: ``B`` rows, ``T`` positions (``T = k * N`` in training, ``N`` the segment length).
+
+``Seq2SeqBatch`` is the encoder-decoder's (MemBART): a rollout of time steps, one segment each, whose inputs are
+the source, its mask, the targets and the per-step reset flags, with MemBART's per-step loss weights.
 """
 from __future__ import annotations
 
@@ -105,6 +108,115 @@ class Batch:
     def masked_nll_sum(self, nll: torch.Tensor) -> torch.Tensor:
         """Sum of the per-token NLL [B, T] over the scored targets (fp32 scalar)."""
         return (nll.float() * self.loss_mask).sum()
+
+    def row_groups(self) -> Optional[torch.Tensor]:
+        """int64 [B] group of each row for a per-group breakdown of the evaluation loss (negative: no group), or
+        None for none (the language models)."""
+        return None
+
+
+@dataclasses.dataclass
+class Seq2SeqBatch(Batch):
+    """A rollout of ``H`` time steps of an encoder-decoder with a memory (MemBART), from a
+    ``data_tools.seq2seq.Seq2SeqMicroBatch``: ``tokens`` (the encoder inputs), ``targets`` and ``loss_mask`` are
+    [B, H W], time step j at columns ``[j W, (j + 1) W)``; ``source_mask`` bool [B, H W] marks the real source
+    tokens; ``step_resets`` bool [B, H] the rows whose memory is forgotten before step j (an input of the model: an
+    episode may start inside a rollout); ``step_in_episode`` int64 [B, H] each unit's position in its episode (the
+    evaluation's per-turn groups); ``step_weights`` the H loss weights of the rollout (None: every scored token
+    alike).
+
+    The unroll is one segment per time step (``train.bptt_segments`` = H).  With weights, the rollout's loss is
+    MemBART's ``sum_j w_j * mean_j`` (``mean_j`` the mean NLL over step j's scored targets): segment j's
+    ``masked_nll_sum`` is its NLL sum times ``w_j * C / n_j`` (``C`` the rollout's scored targets, ``n_j`` step
+    j's), so the training loop's ``sum / C`` is that loss with no special case."""
+    source_mask: Optional[torch.Tensor] = None
+    step_resets: Optional[torch.Tensor] = None
+    step_in_episode: Optional[torch.Tensor] = None
+    step_weights: Optional[List[float]] = None
+    rollout_scored: Optional[float] = None      # C, set on the segments of a weighted rollout
+
+    def __post_init__(self):
+        super().__post_init__()
+        B = self.rows
+        if self.step_resets is None or self.step_resets.dim() != 2 or self.step_resets.shape[0] != B:
+            raise ValueError(f"step_resets must be bool [rows, horizon], got "
+                             f"{None if self.step_resets is None else tuple(self.step_resets.shape)}")
+        if self.source_mask is None or tuple(self.source_mask.shape) != tuple(self.tokens.shape):
+            raise ValueError(f"source_mask must have the tokens' shape {tuple(self.tokens.shape)}")
+        if self.length % self.horizon:
+            raise ValueError(f"{self.length} columns do not hold {self.horizon} time steps")
+        if self.step_weights is not None and len(self.step_weights) != self.horizon:
+            raise ValueError(f"{len(self.step_weights)} step weights for a rollout of {self.horizon} steps")
+
+    @property
+    def horizon(self) -> int:
+        return int(self.step_resets.shape[1])
+
+    @classmethod
+    def from_micro_batch(cls, mb: Any, device: torch.device, step_weights: Optional[List[float]] = None,
+                         reset_every_step: bool = False) -> "Seq2SeqBatch":
+        """From a ``Seq2SeqMicroBatch``; ``reset_every_step`` forgets the memory before every step (the no-memory
+        baseline of a comparison)."""
+        resets = _tensor(mb.step_resets, torch.bool, device)
+        if reset_every_step:
+            resets = torch.ones_like(resets)
+        return cls(tokens=_tensor(mb.tokens, torch.int64, device), targets=_tensor(mb.targets, torch.int64, device),
+                   loss_mask=_tensor(mb.loss_mask, torch.float32, device), reset=resets[:, 0].clone(),
+                   source_mask=_tensor(mb.source_mask, torch.bool, device), step_resets=resets,
+                   step_in_episode=_tensor(mb.step_in_episode, torch.int64, device),
+                   step_weights=None if step_weights is None else list(step_weights))
+
+    def segment(self, j: int, k: int) -> "Seq2SeqBatch":
+        """Time step ``j`` of the rollout (``k`` must be its horizon H: one segment per step).  Raises ValueError
+        naming ``train.bptt_segments`` otherwise."""
+        if k != self.horizon:
+            raise ValueError(f"a rollout of {self.horizon} time steps unrolls as {self.horizon} segments "
+                             f"(train.bptt_segments), not {k}")
+        if not 0 <= j < k:
+            raise ValueError(f"segment {j} is out of range for {k} segments")
+        if k == 1 and self.step_weights is None:
+            return self
+        W = self.length // k
+        sl = slice(j * W, (j + 1) * W)
+        return Seq2SeqBatch(tokens=self.tokens[:, sl], targets=self.targets[:, sl], loss_mask=self.loss_mask[:, sl],
+                            reset=self.step_resets[:, j], source_mask=self.source_mask[:, sl],
+                            step_resets=self.step_resets[:, j:j + 1], step_in_episode=self.step_in_episode[:, j:j + 1],
+                            step_weights=None if self.step_weights is None else [self.step_weights[j]],
+                            rollout_scored=None if self.step_weights is None else self.num_scored())
+
+    def model_inputs(self) -> Dict[str, torch.Tensor]:
+        """One time step's inputs: the source (``tokens``), ``targets``, the source's ``attention_mask`` and the
+        rows to ``reset`` before the step.  Raises ValueError on a rollout of several steps (cut it with
+        ``segment``)."""
+        if self.horizon != 1:
+            raise ValueError(f"a rollout of {self.horizon} time steps is run one step at a time (segment(j, k))")
+        return {"tokens": self.tokens, "targets": self.targets, "attention_mask": self.source_mask,
+                "reset": self.step_resets[:, 0]}
+
+    def masked_nll_sum(self, nll: torch.Tensor) -> torch.Tensor:
+        total = (nll.float() * self.loss_mask).sum()
+        if self.step_weights is None or self.rollout_scored is None:
+            return total
+        n = max(self.num_scored(), 1.0)
+        return total * (self.step_weights[0] * self.rollout_scored / n)
+
+    def row_groups(self) -> Optional[torch.Tensor]:
+        """Each row's position in its episode (the turn of a dialogue, -1 for padding rows), for one time step."""
+        return self.step_in_episode[:, 0]
+
+
+def rollout_weights(horizon: int, kind: str = "exponential") -> Optional[List[float]]:
+    """Loss weights of the H steps of a rollout: ``exponential``, MemBART's ``w_t = 2^t / sum_s 2^s`` (t = 1..H,
+    later steps weigh more; memformers' "exponential discounted return"); ``uniform``, ``1 / H`` (every step's mean
+    alike); ``tokens``: None (every scored token alike).  Raises ValueError for another kind."""
+    if kind == "tokens":
+        return None
+    if kind == "uniform":
+        return [1.0 / horizon] * horizon
+    if kind == "exponential":
+        w = [2.0 ** t for t in range(1, horizon + 1)]
+        return [x / sum(w) for x in w]
+    raise ValueError(f"unknown loss weighting {kind!r} (exponential, uniform, tokens)")
 
 
 def call_model(forward: Callable, state, batch: Batch, **kwargs):

@@ -32,21 +32,37 @@ from pretrain.engine.dist import all_reduce_sum
 def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_len: Optional[int] = None,
                   clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
                   reset_memory: bool = False, max_steps: int = 0, group=None, accuracy: bool = False,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  make_batch: Callable = Batch.from_micro_batch, max_groups: int = 64) -> Dict[str, float]:
     """Mean NLL over the stream's scored targets (summed over the data-parallel ``group``); with ``accuracy``
-    also the fraction of scored targets that are the most likely token (teacher-forced, as RMT reports)."""
+    also the fraction of scored targets that are the most likely token (teacher-forced, as RMT reports).
+    ``make_batch(micro_batch, device)`` builds the batch (the model family's class).  When the batch groups its rows
+    (``Batch.row_groups``: MemBART's turn of the episode) the result also has ``groups``: group -> {"loss",
+    "tokens", "nll_sum"} for groups ``0 .. max_groups - 1`` (later ones are counted in the last)."""
     steps = len(stream) if max_steps <= 0 else min(max_steps, len(stream))
     state = model.init_state(stream.num_streams, mem_len=mem_len, device=device)
     nll_sum, count, correct = 0.0, 0.0, 0.0
+    g_nll = torch.zeros(max_groups, dtype=torch.float64)
+    g_count = torch.zeros(max_groups, dtype=torch.float64)
+    grouped = False
     kw = {"return_logits": True} if accuracy else {}
+    if clamp_len is not None or same_length is not None:
+        kw.update(clamp_len=clamp_len, same_length=same_length)
     t0 = time.time()
     for step in range(steps):
-        batch = Batch.from_micro_batch(stream.get(step), device)
+        batch = make_batch(stream.get(step), device)
         if reset_memory and bool(batch.reset.any()):
             state = model.reset_state(state, batch.reset)
-        out, state = call_model(forward, state, batch, clamp_len=clamp_len, same_length=same_length, **kw)
+        out, state = call_model(forward, state, batch, **kw)
         nll_sum += float(batch.masked_nll_sum(out.nll))
         count += batch.num_scored()
+        groups = batch.row_groups()
+        if groups is not None:
+            grouped = True
+            rows = groups >= 0
+            g = groups[rows].clamp(max=max_groups - 1).cpu()
+            g_nll.index_add_(0, g, (out.nll.float() * batch.loss_mask)[rows].sum(1).double().cpu())
+            g_count.index_add_(0, g, batch.loss_mask[rows].sum(1).double().cpu())
         if accuracy:
             correct += float(((out.logits.argmax(-1) == batch.targets).float() * batch.loss_mask).sum())
         if progress is not None:
@@ -56,6 +72,11 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
            "seconds": time.time() - t0}
     if accuracy:
         res["accuracy"] = correct / max(count, 1.0)
+    if grouped:
+        sums = all_reduce_sum(g_nll.tolist() + g_count.tolist(), group)
+        res["groups"] = {i: {"nll_sum": sums[i], "tokens": sums[max_groups + i],
+                             "loss": sums[i] / sums[max_groups + i]}
+                         for i in range(max_groups) if sums[max_groups + i] > 0}
     return res
 
 

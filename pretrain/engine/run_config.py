@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from pretrain.config_base import (F, ConfigError, field_paths, from_dict, load_preset, set_field, to_dict,
                                   validate)
+from pretrain.model.membart_config import MemBartConfig
 from pretrain.model.model_config import ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -58,6 +59,9 @@ class TrainConfig:
     threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
     aux_loss_weight: float = F(1.0, "weight of a memory mechanism's auxiliary loss added to the LM loss (the "
                                     "mechanism may scale it already; evaluation reports the LM loss alone)")
+    mrbp: bool = F(False, "memory replay backpropagation through the bptt_segments unroll (one segment's activations "
+                          "kept instead of all of them; MemBART's train_iteration_efficient): not available in this "
+                          "engine yet, the unroll is plain BPTT")
     init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
 
     def validate(self):
@@ -71,6 +75,9 @@ class TrainConfig:
             raise ConfigError("bptt_segments", f"must be >= 1, got {self.bptt_segments}")
         if self.exit_interval < 0:
             raise ConfigError("exit_interval", f"must be >= 0, got {self.exit_interval}")
+        if self.mrbp:
+            raise ConfigError("mrbp", "memory replay backpropagation is not implemented in this engine yet; train with "
+                                      "plain BPTT through the unroll (train.bptt_segments) and train.mrbp false")
         if self.max_nonfinite < 1:
             raise ConfigError("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
         if not self.aux_loss_weight >= 0:
@@ -191,6 +198,40 @@ class DebugConfig:
 
 
 @dataclass
+class Seq2SeqConfig:
+    """How an encoder-decoder with a memory (MemBART, ``model.arch: membart``) is fed and scored: one time step per
+    segment, ``train.bptt_segments`` steps per rollout (MemBART's ``time_horizon``), gradients through the memory
+    inside a rollout (docs/membart.md)."""
+    task: str = F("denoising", "denoising (BART's text infilling of document chunks) or dialogue (history -> "
+                               "response, data from data_tools/dialogue.py)")
+    mask_ratio: float = F(0.3, "denoising: fraction of each step's tokens masked (rounded up)")
+    poisson_lambda: float = F(3.0, "denoising: mean span length (Poisson), each span one <mask>")
+    random_ratio: float = F(0.0, "denoising: fraction of the masks replaced by a random data token (BART: 0.1)")
+    permute_sentences: bool = F(False, "denoising: shuffle the sentences of a step before masking")
+    sentence_end_ids: List[int] = F([], "denoising: token ids that end a sentence (for permute_sentences)")
+    history_turns: int = F(0, "dialogue: earlier turns in the source (0 = all, cut from the left to model.tgt_len)")
+    loss_weights: str = F("exponential", "weights of the rollout's steps: exponential (MemBART's 2^t / sum 2^s), "
+                                         "uniform (each step's mean alike), tokens (every scored token alike)")
+    reset_every_step: bool = F(False, "forget the memory before every step (the no-memory baseline of a comparison)")
+
+    def validate(self):
+        if self.task not in ("denoising", "dialogue"):
+            raise ConfigError("task", f"must be denoising or dialogue, got {self.task!r}")
+        if self.loss_weights not in ("exponential", "uniform", "tokens"):
+            raise ConfigError("loss_weights", f"must be exponential, uniform or tokens, got {self.loss_weights!r}")
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ConfigError("mask_ratio", f"must be in [0, 1], got {self.mask_ratio}")
+        if self.poisson_lambda <= 0:
+            raise ConfigError("poisson_lambda", f"must be > 0, got {self.poisson_lambda}")
+        if not 0.0 <= self.random_ratio <= 1.0:
+            raise ConfigError("random_ratio", f"must be in [0, 1], got {self.random_ratio}")
+        if self.permute_sentences and not self.sentence_end_ids:
+            raise ConfigError("sentence_end_ids", "permute_sentences needs the token ids that end a sentence")
+        if self.history_turns < 0:
+            raise ConfigError("history_turns", f"must be >= 0, got {self.history_turns}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +242,23 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass
+class Seq2SeqRunConfig(RunConfig):
+    """The run configuration of an encoder-decoder with a memory: ``model`` is a ``MemBartConfig`` and the
+    ``seq2seq`` section says how time steps are made and scored."""
+    model: MemBartConfig = field(default_factory=MemBartConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+
+
+def run_config_class(arch: Optional[str]) -> type:
+    """The run configuration class of a model family (``model.arch``: ``decoder``, the default, or ``membart``)."""
+    if arch in (None, "decoder"):
+        return RunConfig
+    if arch == "membart":
+        return Seq2SeqRunConfig
+    raise ConfigError("model.arch", f"unknown model family {arch!r} (decoder, membart)")
 
 
 # Megatron-LM's option names (and a few common ones) -> config fields.
@@ -276,7 +334,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, cls: type = RunConfig) -> argparse.ArgumentParser:
     p = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None,
@@ -294,23 +352,28 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     for name, (target, value) in SWITCHES.items():
         meg.add_argument(f"--{name}", dest=f"switch::{target}", action="store_const", const=value,
                          default=argparse.SUPPRESS, help=f"= --{target} {_fmt_default(value)}")
-    for section in (f.name for f in dataclasses.fields(RunConfig)):
+    for section in (f.name for f in dataclasses.fields(cls)):
         sub = p.add_argument_group(f"{section} fields")
-        for path, (ftp, default, help_text) in field_paths(_section_type(section), section).items():
+        for path, (ftp, default, help_text) in field_paths(_section_type(section, cls), section).items():
             sub.add_argument(f"--{path}", dest=f"field::{path}", default=argparse.SUPPRESS, metavar="V",
                              help=f"{help_text} (default: {_fmt_default(default)})")
     return p
 
 
-def _section_type(section: str):
+def _section_type(section: str, cls: type = RunConfig):
     import typing
-    return typing.get_type_hints(RunConfig)[section]
+    return typing.get_type_hints(cls)[section]
 
 
-def resolve(args: argparse.Namespace, argv_order: Sequence[str]) -> RunConfig:
-    """Preset, then command-line overrides in the order given; validated."""
+def resolve(args: argparse.Namespace, argv_order: Sequence[str], cls: Optional[type] = None) -> RunConfig:
+    """Preset, then command-line overrides in the order given; validated.  ``cls``: the run configuration class
+    (default: the one of the preset's ``model.arch``)."""
     data: Dict[str, Any] = load_preset(preset_path(args.config), preset_path) if args.config else {}
-    cfg = from_dict(RunConfig, data)
+    if cls is None:
+        cls = run_config_class((data.get("model") or {}).get("arch"))
+    if cls is RunConfig and isinstance(data.get("model"), dict) and data["model"].get("arch") == "decoder":
+        data = {**data, "model": {k: v for k, v in data["model"].items() if k != "arch"}}
+    cfg = from_dict(cls, data)
     overrides = [(key.split("::", 1)[1], value) for key, value in vars(args).items() if "::" in key]
 
     def last_mention(target: str) -> int:
@@ -332,9 +395,24 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> t
     """(RunConfig, argparse namespace).  ConfigError for an invalid config."""
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(description)
+    cls = run_config_class(_arch_of(argv))
+    parser = build_parser(description, cls)
     args = parser.parse_args(argv)
-    return resolve(args, argv), args
+    return resolve(args, argv, cls), args
+
+
+def _arch_of(argv: Sequence[str]) -> Optional[str]:
+    """The model family a command line asks for: ``--model.arch`` if given, else the ``--config`` preset's."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--model.arch", dest="arch", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.arch is not None:
+        return known.arch
+    if known.config is None:
+        return None
+    data = load_preset(preset_path(known.config), preset_path)
+    return (data.get("model") or {}).get("arch")
 
 
 def save_resolved(cfg: RunConfig, path: str) -> None:

@@ -29,12 +29,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_tools.streams import EvalStream, OrderedStream, StreamStateError
+from data_tools.streams import StreamStateError
 from pretrain.config_base import ConfigError, to_dict
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine import dist as pdist
 from pretrain.engine import resume as rs
-from pretrain.engine.batch import Batch
+from pretrain.engine.family import family_for
 from pretrain.engine.data import check_token_ids, load_data_info, summarize_loss, token_id_bounds
 from pretrain.engine.ds_setup import (build_optimizer, grad_norm, load_ds_config, precision_of, reconcile,
                                       zero_stage)
@@ -91,12 +91,11 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.device = self.info.device
 
-        # the vocabulary size comes from the data; every split's token ids must fit it (measured on the first
-        # rank, shared by all)
-        if cfg.model.vocab_size != self.data.vocab_size:
-            log(f"model.vocab_size {cfg.model.vocab_size} -> {self.data.vocab_size} (from "
-                f"{self.data.prefixes['train']}.json)", self.rank)
-            cfg.model.vocab_size = self.data.vocab_size
+        # the model family (decoder LM or MemBART): streams, batches, model, export
+        self.family = family_for(cfg)
+        # the vocabulary size comes from the data (a decoder LM's) or must hold it (MemBART's); every split's token
+        # ids must fit it (measured on the first rank, shared by all)
+        self.family.adopt_vocab(self.data, lambda m: log(m, self.rank))
         self._check_token_ids()
         from pretrain.config_base import validate
         validate(cfg)
@@ -106,16 +105,16 @@ class Trainer:
         # DeepSpeed reports no gradient norm for plain fp32 data parallelism: the trainer measures it
         self.own_grad_norm = self.zero == 0 and self.dtype == torch.float32
         self.last_grad_norm: Optional[float] = None
-        self.seg_len = cfg.model.tgt_len
+        self.seg_len = self.family.segment_len
         self.k = cfg.train.bptt_segments
         if cfg.eval.protocol == "sliding":
             raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
+        self.family.check()
 
         # streams: built (and so checked) now, not at the first evaluation
-        self.stream = self._open(lambda: OrderedStream(
-            self.data.prefixes["train"], dp_rank=self.dp_rank, dp_size=self.dp_size, micro_batch=self.micro,
-            grad_accum=self.accum, seq_len=self.seg_len * self.k, seed=cfg.train.seed, roll=cfg.data.roll,
-            align=cfg.data.align, pad_id=self.data.pad_id), "train")
+        self.stream = self._open(lambda: self.family.train_stream(
+            self.data.prefixes["train"], self.data, self.dp_rank, self.dp_size, self.micro, self.accum, self.k),
+            "train")
         self.eval_streams = self._open_eval_streams()
 
         # the checkpoint to resume from: chosen, verified and compared with this run before anything is loaded
@@ -127,13 +126,11 @@ class Trainer:
         # model, optimizer, schedule, DeepSpeed; --seed governs the weights too (as in Megatron)
         cfg.model.seed = cfg.train.seed
         torch.manual_seed(cfg.train.seed)
-        from pretrain.model import build_model
-        self.model = build_model(cfg.model)
+        self.model = self.family.build_model()
         if self.plan is not None:
             rs.check_model(self.plan, to_dict(cfg.model), cfg.model.mechanism_name, self.param_shapes())
         elif cfg.train.init_from:
-            from pretrain.engine.export import load_weights_into
-            load_weights_into(self.model, cfg.train.init_from)
+            self.family.load_init(self.model, cfg.train.init_from)
         # dropout differs across data-parallel ranks and agrees across tensor-parallel ranks
         parallel.seed_rng(cfg.train.seed + 1000 * self.dp_rank)
         if self.zero == 3:
@@ -162,7 +159,7 @@ class Trainer:
 
         self.peak, self.peak_src = peak_tflops(self.dtype, cfg.log.peak_tflops)
         n = self.seg_len
-        self.flops_per_step = 3 * self.model.flops(self.micro, n, cfg.model.mem_len) * self.accum * self.k
+        self.flops_per_step = 3 * self.model.flops(self.micro, n, self.family.mem_len) * self.accum * self.k
         self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
         rng_state = self._resume(self.plan) if self.plan is not None else None
 
@@ -181,7 +178,7 @@ class Trainer:
         log(f"run: world {self.info.world_size} (data-parallel {self.dp_size} x tensor-parallel {self.tp_size}), "
             f"ZeRO-{self.zero}, {precision_name(self.dtype)}, "
             f"{nparams * self.tp_size / 1e6:.2f}M parameters, micro-batch {self.micro} x accumulation "
-            f"{self.accum}, segment {n} x {self.k}, memory {cfg.model.mem_len}, attn_type {cfg.model.attn_type}; "
+            f"{self.accum}, {self.family.describe(self.k)}; "
             f"{self.stream.steps_per_epoch} steps per epoch; peak {self.peak:.2f} TFLOP/s ({self.peak_src})",
             self.rank)
         # last, so that nothing after it draws from the restored random generators
@@ -209,17 +206,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError("data.path", f"{split} split: {e}") from None
 
-    def _open_eval_streams(self) -> Dict[str, EvalStream]:
-        cfg, e = self.cfg, self.cfg.eval
+    def _open_eval_streams(self) -> Dict[str, Any]:
+        e = self.cfg.eval
         splits = set(e.final_splits) | ({"valid"} if e.interval else set())
-        tgt = e.tgt_len or cfg.model.tgt_len
-        num_streams = 1 if e.protocol == "carry" else e.micro_batch
         out = {}
         for split in sorted(splits):
             if self.data.has(split):
-                out[split] = self._open(lambda s=split: EvalStream(
-                    self.data.prefixes[s], seq_len=tgt, num_streams=num_streams, dp_rank=self.dp_rank,
-                    dp_size=self.dp_size, align=cfg.data.align, pad_id=self.data.pad_id), split)
+                out[split] = self._open(lambda s=split: self.family.eval_stream(
+                    self.data.prefixes[s], self.data, self.dp_rank, self.dp_size), split)
         return out
 
     def _declare_zero3_units(self) -> None:
@@ -310,7 +304,7 @@ class Trainer:
     def _micro_step(self, mb, slot: int, inject_nan: bool):
         """Forward + backward of one micro-batch; returns (nll sum, scored tokens, aux loss or None, finite
         everywhere)."""
-        batch = Batch.from_micro_batch(mb, self.device)
+        batch = self.family.make_batch(mb, self.device)
         outs = self.memory.unroll(slot, batch, self.engine)
         nll_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         aux = []
@@ -378,13 +372,17 @@ class Trainer:
                 mem_len=(e.mem_len if xl else None), clamp_len=(e.clamp_len if xl else None),
                 same_length=(e.same_length if xl else None), reset_memory=cfg.data.reset_memory,
                 max_steps=max_steps, group=self.dp_group,
-                accuracy=e.accuracy if e.accuracy is not None else "loss_mask" in self.data.meta)
+                accuracy=e.accuracy if e.accuracy is not None else "loss_mask" in self.data.meta,
+                make_batch=lambda mb, dev: self.family.make_batch(mb, dev, training=False))
         finally:
             self.engine.train()
         rec = {"kind": "eval", "split": split, "step": self.step, "protocol": e.protocol,
                "tokens": int(res["tokens"]), **summarize_loss(res["loss"], self.data.metric)}
         if "accuracy" in res:
             rec["accuracy"] = res["accuracy"]
+        if "groups" in res:    # per group of rows (MemBART: per turn / time step of the episode)
+            rec["per_step"] = {str(g): summarize_loss(v["loss"], self.data.metric) | {"tokens": int(v["tokens"])}
+                               for g, v in sorted(res["groups"].items())}
         return rec
 
     # ------------------------------------------------------------------------------------------------ save
@@ -408,7 +406,7 @@ class Trainer:
                 "dp_size": layout.dp_size, "tp_size": layout.tp_size, "zero_stage": layout.zero_stage,
                 "precision": layout.precision, "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "segment_len": layout.segment_len, "bptt_segments": layout.bptt_segments,
-                "attn_type": self.cfg.model.attn_type, "mechanism": self.cfg.model.mechanism_name,
+                "attn_type": getattr(self.cfg.model, "attn_type", None), "mechanism": self.cfg.model.mechanism_name,
                 "dtype": str(self.dtype), "model": to_dict(self.cfg.model), "params": self.param_shapes()}
 
     def save(self, reason: str) -> Optional[str]:
@@ -480,8 +478,7 @@ class Trainer:
                 for split in cfg.eval.final_splits:
                     self._eval_and_log(split, 0)
                 if cfg.checkpoint.export and self.run_dir:
-                    from pretrain.engine.export import export_from_engine
-                    out = export_from_engine(self, os.path.join(self.run_dir, "export"))
+                    out = self.family.export(self, os.path.join(self.run_dir, "export"))
                     if out:
                         log(f"exported consolidated model to {out}", self.rank)
             return code

@@ -72,6 +72,11 @@ class MemBartConfig:
         return self.init_std
 
     @property
+    def mechanism_name(self) -> str:
+        """The memory mechanism's name in checkpoints and logs."""
+        return "membart"
+
+    @property
     def d_head_encoder(self) -> int:
         return self.d_model // self.encoder_attention_heads
 

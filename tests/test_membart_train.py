@@ -1,0 +1,158 @@
+"""MemBART through pretrain/train.py: rollouts of time steps with MemBART's loss weights, exact resume in two
+data-parallel processes under ZeRO-2 (losses and memory states bit for bit), tensor parallelism 2 = 1 through the
+engine, dialogue fine-tuning with per-turn evaluation, the Hugging Face-format export, and the configuration's
+errors."""
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from test_engine_train import ENV, PY, driver, torchrun
+
+MEMBART = ["--config", "membart_tiny", "--model.d_model", "32", "--model.encoder_ffn_dim", "64",
+           "--model.decoder_ffn_dim", "64", "--model.num_slots", "4", "--model.tgt_len", "16",
+           "--model.dropout", "0.0", "--train.bptt_segments", "3", "--micro-batch-size", "2",
+           "--train.grad_accum", "2", "--log.progress", "false", "--log.interval", "1",
+           "--checkpoint.export", "false", "--eval.final_splits", "[]", "--log.tensorboard", "false"]
+
+
+def _corpus(path, docs=160, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the cat sat on a mat while dogs ran over hills and rivers under bright skies".split()
+    with open(path, "w") as f:
+        for _ in range(docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(8, 90))))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("membart_text")
+    _corpus(out / "docs.jsonl")
+    prefix = str(out / "docs")
+    subprocess.run([PY, os.path.join(ROOT, "data_tools", "preprocess.py"), "--input", str(out / "docs.jsonl"),
+                    "--tokenizer", "bytes", "--append-eod", "--split", "90,10", "--output-prefix", prefix,
+                    "--no-progress"], check=True, capture_output=True, timeout=120, env=ENV)
+    return prefix
+
+
+def test_rollout_weights_and_the_weighted_loss():
+    from pretrain.engine.batch import Seq2SeqBatch, rollout_weights
+    w = rollout_weights(3)
+    assert w == pytest.approx([2 / 14, 4 / 14, 8 / 14]) and rollout_weights(2, "uniform") == [0.5, 0.5]
+    assert rollout_weights(4, "tokens") is None
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        rollout_weights(2, "linear")
+    # the engine's sum(segment masked_nll_sum) / num_scored is sum_t w_t mean_t
+    B, W, H = 2, 5, 3
+    mask = torch.ones(B, H * W)
+    mask[0, 3:5] = 0
+    mask[1, 9:15] = 0
+    batch = Seq2SeqBatch(tokens=torch.zeros(B, H * W, dtype=torch.long), targets=torch.zeros(B, H * W, dtype=torch.long),
+                         loss_mask=mask, reset=torch.zeros(B, dtype=torch.bool),
+                         source_mask=torch.ones(B, H * W, dtype=torch.bool), step_resets=torch.zeros(B, H, dtype=torch.bool),
+                         step_in_episode=torch.zeros(B, H, dtype=torch.long), step_weights=w)
+    nll = torch.rand(B, H * W)
+    got = sum(seg.masked_nll_sum(nll[:, j * W:(j + 1) * W]) for j, seg in enumerate(batch.segments(H)))
+    got = got / batch.num_scored()
+    means = [(nll[:, j * W:(j + 1) * W] * mask[:, j * W:(j + 1) * W]).sum() / mask[:, j * W:(j + 1) * W].sum()
+             for j in range(H)]
+    assert float(got) == pytest.approx(float(sum(wj * m for wj, m in zip(w, means))), rel=1e-6)
+    with pytest.raises(ValueError, match="train.bptt_segments"):
+        batch.segment(0, 2)
+    with pytest.raises(ValueError, match="one step at a time"):
+        batch.model_inputs()
+    seg = batch.segment(1, 3)
+    assert set(seg.model_inputs()) == {"tokens", "targets", "attention_mask", "reset"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_membart_exact_resume_two_processes_zero2(text_data, tmp_path):
+    res = driver(tmp_path, 2, "resume", "2", MEMBART + ["--data-path", text_data, "--train-iters", "6"],
+                 timeout=540)
+    for rank, r in enumerate(res):
+        d = r["2"]
+        full, stopped, resumed = d["full"], d["stopped"], d["resumed"]
+        assert full["steps"] == [1, 2, 3, 4, 5, 6] and all(map(math.isfinite, full["losses"]))
+        assert stopped["losses"] == full["losses"][:3] and resumed["steps"] == [4, 5, 6]
+        assert resumed["losses"] == full["losses"][3:], (rank, resumed["losses"], full["losses"])
+        assert resumed["memory"] == full["memory"] and any(v != 0 for m in full["memory"] for v in m.values())
+    assert res[0]["2"]["full"]["stripes"] != res[1]["2"]["full"]["stripes"], "ranks must read different stripes"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_membart_engine_tensor_parallel_2_equals_1(text_data, tmp_path):
+    args = MEMBART + ["--data-path", text_data, "--train-iters", "2", "--train.grad_accum", "1"]
+    one = driver(tmp_path / "tp1", 1, "losses", "0", args)[0]["0"]["run"]
+    two = driver(tmp_path / "tp2", 2, "losses", "0", args + ["--tensor-model-parallel-size", "2"])
+    for r in two:
+        run = r["0"]["run"]
+        assert run["tp_size"] == 2 and run["dp_size"] == 1
+        assert all(abs(a - b) < 1e-5 for a, b in zip(run["losses"], one["losses"])), (run["losses"], one["losses"])
+
+
+def test_dialogue_fine_tuning_per_turn_eval_and_export(tmp_path):
+    rows = [{"turns": [f"turn {i} of dialogue {d} says {'abc' * (i + 1)}" for i in range(2 + d % 4)]}
+            for d in range(24)]
+    for name, part in (("train", rows[:20]), ("valid", rows[20:])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in part) + "\n")
+    prefix = str(tmp_path / "dlg")
+    r = subprocess.run([PY, os.path.join(ROOT, "data_tools", "dialogue.py"), "--input",
+                        f"train={tmp_path / 'train.jsonl'}", f"valid={tmp_path / 'valid.jsonl'}", "--tokenizer",
+                        "bytes", "--output-prefix", prefix], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    args = MEMBART + ["--data-path", prefix, "--train-iters", "2", "--save", str(run),
+                                                  "--seq2seq.task", "dialogue", "--train.bptt_segments", "2",
+                                                  "--checkpoint.export", "true", "--eval.final_splits", "[valid]",
+                                                  "--train.grad_accum", "1", "--model.tgt_len", "48"]
+    r = subprocess.run([PY, os.path.join(ROOT, "pretrain", "train.py")] + args, capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    ev = [x for x in recs if x.get("kind") == "eval"][-1]
+    turns = ev["per_step"]
+    assert set(turns) >= {"0", "1"} and sum(t["tokens"] for t in turns.values()) == ev["tokens"]
+    assert all(math.isfinite(t["loss"]) for t in turns.values())
+    assert {"config.json", "export.json", "model.safetensors"} <= set(os.listdir(run / "export"))
+    from pretrain.model import parallel
+    from pretrain.model.membart_weights import load_pretrained
+    parallel.initialize(1)
+    model = load_pretrained(str(run / "export"))
+    assert model.cfg.num_slots == 4 and model.cfg.tgt_len == 48
+
+
+def test_train_config_errors(text_data):
+    """The MemBART run configuration: its sections on the command line, and the errors named by field (checked in
+    process: what train.py reports with exit status 2 before it writes anything)."""
+    from pretrain.config_base import ConfigError
+    from pretrain.engine.data import load_data_info
+    from pretrain.engine.family import MemBartFamily, family_for
+    from pretrain.engine.run_config import Seq2SeqRunConfig, parse_args
+    args = MEMBART + ["--data-path", text_data]
+    cfg, _ = parse_args(args + ["--seq2seq.mask_ratio", "0.4"])
+    assert isinstance(cfg, Seq2SeqRunConfig) and cfg.seq2seq.mask_ratio == 0.4 and cfg.model.num_slots == 4
+    assert isinstance(family_for(cfg), MemBartFamily) and family_for(cfg).segment_len == 18
+    with pytest.raises(ConfigError, match="model.n_layer"):    # a decoder preset's fields are not MemBART's
+        parse_args(["--config", "xl_tiny", "--model.arch", "membart"])
+    for extra, field in ((["--train.mrbp", "true"], "train.mrbp"),
+                         (["--seq2seq.loss_weights", "linear"], "seq2seq.loss_weights"),
+                         (["--model.n_layer", "3"], "model.n_layer"),
+                         (["--model.pad_token_id", "300"], "model.pad_token_id")):
+        with pytest.raises((ConfigError, SystemExit)) as e:
+            parse_args(args + extra)
+        assert e.type is SystemExit or field in str(e.value), (field, e.value)
+    cfg, _ = parse_args(args + ["--eval.protocol", "xl"])
+    with pytest.raises(ConfigError, match="eval.protocol"):
+        family_for(cfg).check()
+    cfg, _ = parse_args(args + ["--model.vocab_size", "256", "--model.pad_token_id", "1", "--model.bos_token_id",
+                                "0", "--model.eos_token_id", "2", "--model.decoder_start_token_id", "2",
+                                "--model.forced_eos_token_id", "2", "--model.mask_token_id", "3"])
+    with pytest.raises(ConfigError, match="257 ids, more than the model's 256"):
+        family_for(cfg).adopt_vocab(load_data_info(text_data), print)
