@@ -174,7 +174,7 @@ class MemBartFamily(DecoderFamily):
         for name, t in local.items():
             params[name].data.copy_(t.to(params[name].dtype))
         tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
-        save_pretrained(twin, tmp)                      # a collective; rank 0 writes
+        save_pretrained(twin, tmp, write=trainer.rank == 0)    # a collective (tensor-parallel gather)
         if trainer.rank != 0:
             return None
         try:

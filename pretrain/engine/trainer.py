@@ -1,6 +1,8 @@
 """The training loop: DeepSpeed steps with memory carried across steps, exact resume, evaluation, logging.
 
-One optimizer step = ``grad_accum`` micro-batches.  Each micro-batch becomes a ``Batch`` (``batch.py``: the
+The model family (``family.py``: the decoder LMs, or MemBART's encoder-decoder) decides the model, its streams and
+its batch class; the loop below is the same for both.  One optimizer step = ``grad_accum`` micro-batches.  Each
+micro-batch becomes a ``Batch`` (``batch.py``: the
 model's inputs, the segments of the unroll, the loss mask, the reset flags) and runs through its slot's memory
 (``MemorySlots``, ``memory_slots.py``: one memory state per accumulation slot, reset at document starts, unrolled
 over ``train.bptt_segments`` segments, committed, rolled back after a non-finite step).  The loss is the mean NLL

@@ -277,14 +277,16 @@ def load_hf_weights(model, hf: Mapping[str, torch.Tensor], strict: bool = True) 
     model.load_full_state_dict(ours, strict=strict)
 
 
-def save_pretrained(model, path: str, membart: Optional[bool] = None, safe: bool = True) -> None:
+def save_pretrained(model, path: str, membart: Optional[bool] = None, safe: bool = True,
+                    write: Optional[bool] = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (``safe``) or ``pytorch_model.bin`` in Hugging Face's
     names (MemBART's format when the model has slots; ``membart=False``: plain BART).  A collective under tensor
-    parallelism (the weights are gathered); rank 0 writes, into a temporary directory renamed into place."""
+    parallelism (the weights are gathered); the process with ``write`` (default: tensor-parallel rank 0; with data
+    parallelism pass ``write=(global rank == 0)``) writes, into a temporary directory renamed into place."""
     from pretrain.model import parallel
     cfg = model.cfg
     sd = to_hf(model.gather_full_state_dict(), cfg, membart)
-    if parallel.tp_rank() != 0:
+    if not (parallel.tp_rank() == 0 if write is None else write):
         return
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
