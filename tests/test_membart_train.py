@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_engine_train import ENV, PY, driver, torchrun
+from test_engine_train import ENV, PY, driver
 
 MEMBART = ["--config", "membart_tiny", "--model.d_model", "32", "--model.encoder_ffn_dim", "64",
            "--model.decoder_ffn_dim", "64", "--model.num_slots", "4", "--model.tgt_len", "16",
