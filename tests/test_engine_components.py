@@ -295,3 +295,45 @@ def test_verify_finds_truncated_and_missing_files(tmp_path):
         f.write(b"PK\x03\x04 not a zip archive")
     with pytest.raises(ckpt.CheckpointError, match="bad.pt: truncated or corrupt"):
         ckpt.load_torch_file(bad)
+
+
+@pytest.mark.parametrize("attn_type", [0, 24])
+def test_documents_starting_inside_segments_equal_separate_passes(tmp_path, attn_type):
+    """With data.reset_memory, a document that starts in the middle of a segment is read as if on its own: every
+    input position of the second document gets exactly the log-probabilities of a pass over that document alone,
+    and the first document's positions keep their own context (the stream's document starts reach the model).
+    (Transformer-XL and the delta rule, whose outputs do not depend on where segments end; every mechanism, LaMemo
+    included, is held to the same rule with equal segment lengths in tests/test_mixers.py.)"""
+    from data_tools.indexed import IndexedDatasetWriter
+    from data_tools.streams import EvalStream
+    lens = [10, 9]
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 31, n) for n in lens]
+    prefix = str(tmp_path / "two_docs")
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        w.add_documents(np.concatenate(docs), np.array(lens))
+    model = _model(attn_type=attn_type, mem_len=0 if attn_type == 24 else 6)
+    stream = EvalStream(prefix, seq_len=4, num_streams=1)
+    state = model.init_state(1)
+    logits = []
+    with torch.no_grad():
+        for step in range(len(stream)):
+            b = Batch.from_micro_batch(stream.get(step), torch.device("cpu"), reset_memory=True)
+            out, state = call_model(model, state, b, return_logits=True)
+            logits.append(out.logits[0])
+    logits = torch.cat(logits)[:sum(lens) - 1]        # input positions 0 .. T-2 (the last input has no target)
+
+    def alone(doc, n, offset):
+        """The document on its own from a fresh memory, cut where the stream cuts it (segment boundaries at
+        multiples of 4 in stream positions: LaMemo's memory refresh depends on where segments end)."""
+        st, outs = model.init_state(1), []
+        t = torch.as_tensor(doc)[None]
+        cuts = sorted({0, n} | {c - offset for c in range(0, offset + n, 4) if 0 < c - offset < n})
+        for a, e in zip(cuts, cuts[1:]):
+            o, st = model(t[:, a:e], st, return_logits=True)
+            outs.append(o.logits[0])
+        return torch.cat(outs)
+
+    first, second = alone(docs[0], lens[0], 0), alone(docs[1], lens[1] - 1, lens[0])
+    assert (logits[:lens[0]] - first).abs().max() < 1e-10
+    assert (logits[lens[0]:] - second).abs().max() < 1e-10, "the second document saw the first"

@@ -41,9 +41,7 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
     kw = {"return_logits": True} if accuracy else {}
     t0 = time.time()
     for step in range(steps):
-        batch = Batch.from_micro_batch(stream.get(step), device)
-        if reset_memory and bool(batch.reset.any()):
-            state = model.reset_state(state, batch.reset)
+        batch = Batch.from_micro_batch(stream.get(step), device, reset_memory=reset_memory)
         out, state = call_model(forward, state, batch, clamp_len=clamp_len, same_length=same_length, **kw)
         nll_sum += float(batch.masked_nll_sum(out.nll))
         count += batch.num_scored()

@@ -72,13 +72,14 @@ class MemorySlots:
 
     def unroll(self, slot: int, batch: Batch, forward: Callable, **kwargs) -> List[Tuple[Batch, Any]]:
         """Run the ``k`` segments of ``batch`` through ``forward`` (the model or its DeepSpeed engine) starting
-        from slot ``slot``'s memory: rows flagged by ``batch.reset`` start from the initial memory (with
-        ``reset_memory``), each segment reads the memory the previous one left, the memory stays in the autograd
-        graph between segments and is detached after the last.  Returns ``[(segment, output), ...]``; the final
+        from slot ``slot``'s memory: with ``reset_memory`` the model resets each row's memory where a document
+        starts (``batch.doc_starts``, the model's ``reset`` input: at that position, also inside a segment), each
+        segment reads the memory the previous one left, the memory stays in the autograd graph between segments
+        and is detached after the last.  Returns ``[(segment, output), ...]``; the final
         state waits for ``commit(slot)``."""
         state = self.states[slot]
-        if self.reset_memory and bool(batch.reset.any()):
-            state = self.model.reset_state(state, batch.reset)
+        if self.reset_memory and batch.doc_starts is None and bool(batch.reset.any()):
+            state = self.model.reset_state(state, batch.reset)   # (a batch built without document starts)
         outs = []
         for j, seg in enumerate(batch.segments(self.k)):
             out, state = call_model(forward, state, seg, detach_state=(j == self.k - 1), **kwargs)

@@ -310,7 +310,7 @@ class Trainer:
     def _micro_step(self, mb, slot: int, inject_nan: bool):
         """Forward + backward of one micro-batch; returns (nll sum, scored tokens, aux loss or None, finite
         everywhere)."""
-        batch = Batch.from_micro_batch(mb, self.device)
+        batch = Batch.from_micro_batch(mb, self.device, reset_memory=self.cfg.data.reset_memory)
         outs = self.memory.unroll(slot, batch, self.engine)
         nll_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         aux = []
