@@ -337,3 +337,52 @@ def test_documents_starting_inside_segments_equal_separate_passes(tmp_path, attn
     first, second = alone(docs[0], lens[0], 0), alone(docs[1], lens[1] - 1, lens[0])
     assert (logits[:lens[0]] - first).abs().max() < 1e-10
     assert (logits[lens[0]:] - second).abs().max() < 1e-10, "the second document saw the first"
+
+
+@pytest.mark.parametrize("case", ["xl", "lamemo", "delta", "slots", "rmt", "compressive"])
+def test_memory_replay_backprop_equals_backprop_through_the_unroll(case):
+    """MRBP (forward without a graph, then recompute and backpropagate one segment at a time, last first, carrying
+    the state gradient) gives the gradients of ordinary backpropagation through the same k segments, with the
+    same dropout masks (the random generators are replayed), and leaves the same final state."""
+    kw = {"xl": dict(attn_type=0), "lamemo": dict(attn_type=3), "delta": dict(attn_type=24, mem_len=0),
+          "slots": dict(attn_type=50, mem_len=0, slots=dict(num_slots=3)),
+          "rmt": dict(attn_type=0, rmt=dict(num_mem_tokens=2)),
+          "compressive": dict(attn_type=60, compressive=dict(cmem_ratio=2, cmem_len=2))}[case]
+    k = 3
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**BASE, **kw, "dropout": 0.2, "dropatt": 0.1})).double().train()
+    b = Batch.from_micro_batch(_micro_batch(length=4 * k, seed=4), torch.device("cpu"))
+    count = b.num_scored()
+
+    def loss_fn(seg, out):
+        loss = seg.masked_nll_sum(out.nll) / count
+        return loss if out.aux_loss is None else loss + out.aux_loss / k
+
+    results = []
+    for mode in ("bptt", "mrbp"):
+        torch.manual_seed(77)
+        slots = MemorySlots(model, 1, 3, torch.device("cpu"), bptt_segments=k)
+        warm = Batch.from_micro_batch(_micro_batch(length=4, seed=9), torch.device("cpu"))
+        slots.k = 1
+        with torch.no_grad():
+            slots.unroll(0, warm, model)          # a carried memory entering the unroll
+        slots.commit(0)
+        slots.k = k
+        model.zero_grad()
+        torch.manual_seed(123)
+        if mode == "bptt":
+            outs = slots.unroll(0, b, model)
+            sum(loss_fn(seg, out) for seg, out in outs).backward()
+        else:
+            replay = slots.replay_forward(0, b, model)
+            replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+        after = torch.rand(3)                     # the generators end where the plain unroll left them
+        slots.commit(0)
+        results.append(([p.grad.clone() if p.grad is not None else None for p in model.parameters()],
+                        slots[0], after))
+    (g1, s1, r1), (g2, s2, r2) = results
+    assert torch.equal(r1, r2)
+    assert s1.equal(s2, atol=1e-12)
+    assert any(g is not None and g.abs().sum() > 0 for g in g1)
+    for a, c in zip(g1, g2):
+        assert (a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-10, rtol=1e-8))

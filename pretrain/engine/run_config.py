@@ -56,6 +56,9 @@ class TrainConfig:
                               "--exit-interval)")
     exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1")
     threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
+    mrbp: bool = F(False, "backpropagate through the bptt_segments by memory replay (MemBART's MRBP): forward "
+                          "them without a graph, then recompute and backpropagate one segment at a time, last "
+                          "first (the activation memory of one segment, about one forward pass more)")
     aux_loss_weight: float = F(1.0, "weight of a memory mechanism's auxiliary loss added to the LM loss (the "
                                     "mechanism may scale it already; evaluation reports the LM loss alone)")
     init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
