@@ -7,10 +7,12 @@
 One step = a rollout of ``--horizon`` time steps (MemBART's ``time_horizon``, 5 by default) of ``--batch`` rows:
 every step encodes a source of ``tgt_len + 2`` tokens with the memory carried from the step before, decodes a
 target of the same length, and the loss ``sum_t w_t nll_t`` (``w_t = 2^t / sum_s 2^s``, MemBART's weights) is
-backpropagated through the whole rollout (plain BPTT), then an AdamW step.  tokens/s counts source tokens
-(``batch x horizon x (tgt_len + 2)``).  Variants: ``bptt`` (the model with its slots), ``nomem`` (the same shapes
-with ``num_slots 0``: BART's cost, the memory's overhead by difference).  Memory replay backpropagation (one step's
-activations instead of the rollout's) is not measured here yet.  Peak memory: on CUDA ``max_memory_allocated``; on
+backpropagated through the whole rollout, then an AdamW step, through the engine's memory slots and batch class.
+tokens/s counts source tokens (``batch x horizon x (tgt_len + 2)``).  Variants: ``bptt`` (plain backpropagation
+through the rollout), ``mrbp`` (memory replay backpropagation, ``train.mrbp``: the rollout forward without a graph,
+then one step at a time recomputed and backpropagated, last first: one step's activations instead of the
+rollout's, about one more forward pass), ``nomem`` (plain BPTT with ``num_slots 0``: BART's cost, the memory's
+overhead by difference).  Peak memory: on CUDA ``max_memory_allocated``; on
 CPU the largest RSS of a fresh subprocess per variant (at the end of the rollout's forward, when every activation
 is alive, or after the optimizer step).  Timings on a shared machine are not results: take figures on a quiet one.
 """
@@ -30,13 +32,7 @@ import time
 import torch
 
 SIZES = {"tiny": "membart_tiny", "base": "membart_base"}
-VARIANTS = ("bptt", "nomem")
-
-
-def rollout_weights(horizon: int):
-    """MemBART's step weights ``w_t = 2^t / sum_s 2^s`` (t = 1..T; later steps weigh more)."""
-    w = [2.0 ** t for t in range(1, horizon + 1)]
-    return [x / sum(w) for x in w]
+VARIANTS = ("bptt", "mrbp", "nomem")
 
 
 class Runner:
@@ -50,14 +46,22 @@ class Runner:
             over["num_slots"] = 0
         self.cfg = load_membart_config(SIZES[size], over)
         self.model = build_membart(self.cfg, device=device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
-        self.batch, self.horizon, self.device = batch, horizon, device
-        self.weights = rollout_weights(horizon)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        self.batch, self.horizon, self.device, self.variant = batch, horizon, device, variant
+        from pretrain.engine.batch import Seq2SeqBatch, rollout_weights
+        from pretrain.engine.memory_slots import MemorySlots
         g = torch.Generator().manual_seed(seed)
         L = self.cfg.max_source_len
-        self.src = torch.randint(3, self.cfg.vocab_size, (horizon, batch, L), generator=g).to(device)
-        self.tgt = torch.randint(3, self.cfg.vocab_size, (horizon, batch, L), generator=g).to(device)
-        self.state = self.model.init_state(batch, device=device)
+        shape = (batch, horizon * L)
+        self.rollout = Seq2SeqBatch(
+            tokens=torch.randint(3, self.cfg.vocab_size, shape, generator=g).to(device),
+            targets=torch.randint(3, self.cfg.vocab_size, shape, generator=g).to(device),
+            loss_mask=torch.ones(shape, device=device), reset=torch.zeros(batch, dtype=torch.bool, device=device),
+            source_mask=torch.ones(shape, dtype=torch.bool, device=device),
+            step_resets=torch.zeros(batch, horizon, dtype=torch.bool, device=device),
+            step_in_episode=torch.zeros(batch, horizon, dtype=torch.long, device=device),
+            step_weights=rollout_weights(horizon))
+        self.slots = MemorySlots(self.model, 1, batch, device, bptt_segments=horizon)
         self.times, self.losses = [], []
 
     @property
@@ -68,19 +72,27 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        state, loss = self.state, 0.0
-        for i in range(self.horizon):
-            out, state = self.model(self.src[i], state, self.tgt[i], detach_state=False)
-            loss = loss + self.weights[i] * out.nll.mean()
-        if probe:
-            probe()
-        loss.backward()
+        count = self.rollout.num_scored()
+        loss_fn = lambda seg, out: seg.masked_nll_sum(out.nll) / count  # noqa: E731
+        if self.variant == "mrbp":          # one step's activations at a time (pretrain/engine/memory_slots.py)
+            replay = self.slots.replay_forward(0, self.rollout, self.model)
+            loss = sum(float(loss_fn(seg, out)) for seg, out in replay.outs)
+            if probe:
+                probe()
+            replay.backward(loss_fn, lambda value, last: (value.backward(), 1.0)[1])
+        else:                               # plain BPTT: the whole rollout's graph alive at once
+            outs = self.slots.unroll(0, self.rollout, self.model)
+            total = sum(loss_fn(seg, out) for seg, out in outs)
+            if probe:
+                probe()
+            total.backward()
+            loss = float(total)
+        self.slots.commit(0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.state = state.detach()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.losses.append(float(loss))
+        self.losses.append(loss)
         return time.perf_counter() - t
 
 

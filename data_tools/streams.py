@@ -75,6 +75,9 @@ class MicroBatch:
     the target is scored (all ones unless a companion mask or padding says otherwise).  ``reset``: bool [B],
     ``doc_start``: int64 [B] (see the module docstring).  ``epoch``/``step``: the stream's epoch and step
     (``step`` counts from the start of training across epochs); ``slot``: the accumulation slot.
+    ``doc_starts``: bool [B, N], True at every position where new text starts (a document start, the roll
+    wrap point, position 0 of a row that does not continue its previous segment): the model's per-position
+    memory reset (``model(..., reset=doc_starts)``).
     """
 
     tokens: np.ndarray
@@ -85,6 +88,7 @@ class MicroBatch:
     epoch: int
     step: int
     slot: int
+    doc_starts: Optional[np.ndarray] = None
 
     @property
     def num_scored(self) -> int:
@@ -223,6 +227,18 @@ class _Source:
         off[(off < 0) | (hi <= lo)] = -1
         return off
 
+    def starts_at(self, lo: np.ndarray, n: np.ndarray, width: int, offset: Optional[np.ndarray] = None,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Bool ``[rows, width]``: True at ``offset + (s - lo)`` for every document start ``s`` in ``[lo, lo + n)``
+        of each row (``offset`` 0 by default), written into ``out`` if given."""
+        rows = lo.shape[0]
+        out = np.zeros((rows, width), bool) if out is None else out
+        a = np.searchsorted(self.doc_starts, lo, side="left")
+        b = np.searchsorted(self.doc_starts, lo + n, side="left")
+        for r in np.nonzero(b > a)[0]:
+            out[r, self.doc_starts[a[r]:b[r]] - lo[r] + (0 if offset is None else offset[r])] = True
+        return out
+
     def scored_in(self, lo: int, hi: int) -> int:
         """Number of scored target positions in ``[lo, hi)`` (chunked; never loads the whole mask)."""
         if self.mask is None:
@@ -242,22 +258,31 @@ def _spread(first: np.ndarray, count: int) -> np.ndarray:
 
 
 def _segment_flags(src: _Source, first: np.ndarray, n_first: np.ndarray, fresh: np.ndarray,
-                   second: Optional[np.ndarray] = None, n_second: Optional[np.ndarray] = None) -> tuple:
-    """``reset``/``doc_start`` for segments made of up to two contiguous pieces of inputs.
+                   second: Optional[np.ndarray] = None, n_second: Optional[np.ndarray] = None,
+                   width: Optional[int] = None) -> tuple:
+    """``reset``/``doc_start``/``doc_starts`` for segments made of up to two contiguous pieces of inputs.
 
     Piece one is ``[first, first + n_first)`` at offsets ``[0, n_first)``; piece two (a roll wrap, rows
     with ``n_second > 0``) is ``[second, second + n_second)`` at offsets ``[n_first, n_first + n_second)``.
-    ``fresh`` marks rows whose offset 0 does not continue the row's previous segment.
+    ``fresh`` marks rows whose offset 0 does not continue the row's previous segment.  ``doc_starts`` (bool
+    ``[rows, width]``) marks every offset where new text starts: document starts, the wrap point, offset 0 of
+    a fresh row.
     """
     doc_start = src.last_start_in(first, first + n_first)
     if fresh.any():
         doc_start = np.where(fresh, np.maximum(doc_start, 0), doc_start)
+    width = int(width if width is not None else (n_first + (0 if n_second is None else n_second)).max(initial=0))
+    starts = src.starts_at(first, n_first, width)
+    starts[:, 0] |= fresh & (n_first > 0)
     if second is not None:
         wrapped = n_second > 0
         in_second = src.last_start_in(second, second + n_second)
         doc_start = np.where(wrapped, np.maximum(n_first, np.where(in_second >= 0, n_first + in_second, -1)),
                              doc_start)
-    return doc_start >= 0, doc_start
+        src.starts_at(second, n_second, width, offset=n_first, out=starts)
+        rows = np.nonzero(wrapped)[0]
+        starts[rows, n_first[rows]] = True
+    return doc_start >= 0, doc_start, starts
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -377,13 +402,14 @@ class OrderedStream:
         if wrapped.any():
             pos = begin[:, None] + (q[:, None] + np.arange(N, dtype=np.int64)) % L
             tokens, targets, mask = self.src.tokens_at(pos), self.src.tokens_at(pos + 1), self.src.mask_at(pos + 1)
-            reset, doc_start = _segment_flags(self.src, begin + q, n_first, fresh, begin, N - n_first)
+            reset, doc_start, starts = _segment_flags(self.src, begin + q, n_first, fresh, begin, N - n_first,
+                                                      width=N)
         else:  # one slice of N + 1 tokens per row
             both = self.src.rows(begin + q, N + 1)
             tokens, targets = both[:, :-1].copy(), both[:, 1:].copy()
             mask = self.src.mask_rows(begin + q + 1, N)
-            reset, doc_start = _segment_flags(self.src, begin + q, N, fresh)
-        return MicroBatch(tokens, targets, mask, reset, doc_start, epoch, int(step), int(slot))
+            reset, doc_start, starts = _segment_flags(self.src, begin + q, np.full_like(begin, N), fresh, width=N)
+        return MicroBatch(tokens, targets, mask, reset, doc_start, epoch, int(step), int(slot), starts)
 
     def get_step(self, step: int) -> List[MicroBatch]:
         return [self.get(step, g) for g in range(self.grad_accum)]
@@ -569,8 +595,8 @@ class EvalStream:
         mask[pad] = 0.0
         first = self.begin + off
         fresh = (valid > 0) & (step == 0)
-        reset, doc_start = _segment_flags(self.src, first, valid, fresh)
-        return MicroBatch(tokens, targets, mask, reset, doc_start, 0, int(step), 0)
+        reset, doc_start, starts = _segment_flags(self.src, first, valid, fresh, width=N)
+        return MicroBatch(tokens, targets, mask, reset, doc_start, 0, int(step), 0, starts)
 
     def __iter__(self) -> Iterator[MicroBatch]:
         for step in range(self.num_steps):

@@ -295,3 +295,94 @@ def test_verify_finds_truncated_and_missing_files(tmp_path):
         f.write(b"PK\x03\x04 not a zip archive")
     with pytest.raises(ckpt.CheckpointError, match="bad.pt: truncated or corrupt"):
         ckpt.load_torch_file(bad)
+
+
+@pytest.mark.parametrize("attn_type", [0, 24])
+def test_documents_starting_inside_segments_equal_separate_passes(tmp_path, attn_type):
+    """With data.reset_memory, a document that starts in the middle of a segment is read as if on its own: every
+    input position of the second document gets exactly the log-probabilities of a pass over that document alone,
+    and the first document's positions keep their own context (the stream's document starts reach the model).
+    (Transformer-XL and the delta rule, whose outputs do not depend on where segments end; every mechanism, LaMemo
+    included, is held to the same rule with equal segment lengths in tests/test_mixers.py.)"""
+    from data_tools.indexed import IndexedDatasetWriter
+    from data_tools.streams import EvalStream
+    lens = [10, 9]
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 31, n) for n in lens]
+    prefix = str(tmp_path / "two_docs")
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        w.add_documents(np.concatenate(docs), np.array(lens))
+    model = _model(attn_type=attn_type, mem_len=0 if attn_type == 24 else 6)
+    stream = EvalStream(prefix, seq_len=4, num_streams=1)
+    state = model.init_state(1)
+    logits = []
+    with torch.no_grad():
+        for step in range(len(stream)):
+            b = Batch.from_micro_batch(stream.get(step), torch.device("cpu"), reset_memory=True)
+            out, state = call_model(model, state, b, return_logits=True)
+            logits.append(out.logits[0])
+    logits = torch.cat(logits)[:sum(lens) - 1]        # input positions 0 .. T-2 (the last input has no target)
+
+    def alone(doc, n, offset):
+        """The document on its own from a fresh memory, cut where the stream cuts it (segment boundaries at
+        multiples of 4 in stream positions: LaMemo's memory refresh depends on where segments end)."""
+        st, outs = model.init_state(1), []
+        t = torch.as_tensor(doc)[None]
+        cuts = sorted({0, n} | {c - offset for c in range(0, offset + n, 4) if 0 < c - offset < n})
+        for a, e in zip(cuts, cuts[1:]):
+            o, st = model(t[:, a:e], st, return_logits=True)
+            outs.append(o.logits[0])
+        return torch.cat(outs)
+
+    first, second = alone(docs[0], lens[0], 0), alone(docs[1], lens[1] - 1, lens[0])
+    assert (logits[:lens[0]] - first).abs().max() < 1e-10
+    assert (logits[lens[0]:] - second).abs().max() < 1e-10, "the second document saw the first"
+
+
+@pytest.mark.parametrize("case", ["xl", "lamemo", "delta", "slots", "rmt", "compressive"])
+def test_memory_replay_backprop_equals_backprop_through_the_unroll(case):
+    """MRBP (forward without a graph, then recompute and backpropagate one segment at a time, last first, carrying
+    the state gradient) gives the gradients of ordinary backpropagation through the same k segments, with the
+    same dropout masks (the random generators are replayed), and leaves the same final state."""
+    kw = {"xl": dict(attn_type=0), "lamemo": dict(attn_type=3), "delta": dict(attn_type=24, mem_len=0),
+          "slots": dict(attn_type=50, mem_len=0, slots=dict(num_slots=3)),
+          "rmt": dict(attn_type=0, rmt=dict(num_mem_tokens=2)),
+          "compressive": dict(attn_type=60, compressive=dict(cmem_ratio=2, cmem_len=2))}[case]
+    k = 3
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**BASE, **kw, "dropout": 0.2, "dropatt": 0.1})).double().train()
+    b = Batch.from_micro_batch(_micro_batch(length=4 * k, seed=4), torch.device("cpu"))
+    count = b.num_scored()
+
+    def loss_fn(seg, out):
+        loss = seg.masked_nll_sum(out.nll) / count
+        return loss if out.aux_loss is None else loss + out.aux_loss / k
+
+    results = []
+    for mode in ("bptt", "mrbp"):
+        torch.manual_seed(77)
+        slots = MemorySlots(model, 1, 3, torch.device("cpu"), bptt_segments=k)
+        warm = Batch.from_micro_batch(_micro_batch(length=4, seed=9), torch.device("cpu"))
+        slots.k = 1
+        with torch.no_grad():
+            slots.unroll(0, warm, model)          # a carried memory entering the unroll
+        slots.commit(0)
+        slots.k = k
+        model.zero_grad()
+        torch.manual_seed(123)
+        if mode == "bptt":
+            outs = slots.unroll(0, b, model)
+            sum(loss_fn(seg, out) for seg, out in outs).backward()
+        else:
+            replay = slots.replay_forward(0, b, model)
+            replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+        after = torch.rand(3)                     # the generators end where the plain unroll left them
+        slots.commit(0)
+        results.append(([p.grad.clone() if p.grad is not None else None for p in model.parameters()],
+                        slots[0], after))
+    (g1, s1, r1), (g2, s2, r2) = results
+    assert torch.equal(r1, r2)
+    assert s1.equal(s2, atol=1e-12)
+    assert any(g is not None and g.abs().sum() > 0 for g in g1)
+    for a, c in zip(g1, g2):
+        assert (a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-10, rtol=1e-8))

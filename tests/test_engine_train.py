@@ -114,6 +114,29 @@ def test_resume_is_exact_with_rmt_memory_tokens_and_bptt(copy_data, tmp_path):
     check_resume(driver(tmp_path, 1, "resume", "0,3", extra), [0, 3])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_replay_backprop_trains_as_backprop_through_the_unroll(copy_data, tmp_path, precision):
+    """train.mrbp (one backward per segment, last first, the state gradient carried back) gives the training of
+    plain backpropagation through the same bptt_segments, with dropout, under ZeRO 0-3 and 2 data-parallel
+    ranks: the same losses step by step and the same weights (to rounding: the gradients are summed in another
+    order); only the last backward of a micro-batch reduces gradients across ranks."""
+    common = TINY + ["--data-path", copy_data, "--train-iters", "4", "--train.bptt_segments", "2",
+                     "--model.dropout", "0.1", "--data.reset_memory", "true"]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    stages = "0,1,2,3" if precision == "fp32" else "0"
+    plain = driver(tmp_path / "plain", 2, "losses", stages, common, precision=precision)
+    mrbp = driver(tmp_path / "mrbp", 2, "losses", stages, common + ["--train.mrbp", "true"], precision=precision)
+    for a, b in zip(plain, mrbp):
+        for stage in stages.split(","):
+            pa, pb = a[stage]["run"], b[stage]["run"]
+            assert pa["steps"] == pb["steps"] == [1, 2, 3, 4]
+            assert all(abs(x - y) <= tol * abs(x) for x, y in zip(pa["losses"], pb["losses"])), \
+                (stage, pa["losses"], pb["losses"])
+            if precision == "fp32":
+                assert abs(pa["param_sum"] - pb["param_sum"]) <= 1e-5 * abs(pa["param_sum"]), stage
+
+
 def test_tensor_parallel_training_equals_one_rank(copy_data, tmp_path):
     """The same run on 1 process and on 2 tensor-parallel processes gives the same losses (no dropout:
     dropout inside tensor-parallel regions draws per-rank masks by design, as in Megatron)."""

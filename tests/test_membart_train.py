@@ -70,6 +70,66 @@ def test_rollout_weights_and_the_weighted_loss():
     assert set(seg.model_inputs()) == {"tokens", "targets", "attention_mask", "reset"}
 
 
+def _rollout(k=3, seed=0):
+    """A Seq2SeqBatch rollout of k steps from a small document corpus written here (a reset inside the rollout)."""
+    import tempfile
+    from data_tools.indexed import IndexedDatasetWriter
+    from data_tools.seq2seq import NoiseConfig, Seq2SeqStream, Specials
+    from pretrain.engine.batch import Seq2SeqBatch, rollout_weights
+    d = tempfile.mkdtemp()
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(os.path.join(d, "c"), np.uint16) as w:
+        for L in (20, 7, 33, 12, 25, 9):
+            w.add_document(rng.integers(3, 200, L).astype(np.uint16))
+    st = Seq2SeqStream(os.path.join(d, "c"), "denoising", 8, Specials(bos=258, eos=260, pad=259),
+                       NoiseConfig(mask_id=261), micro_batch=2, horizon=k, seed=seed)
+    mb = next(m for m in (st.get(i) for i in range(st.steps_per_epoch)) if m.step_resets[:, 1:].any())
+    return Seq2SeqBatch.from_micro_batch(mb, torch.device("cpu"), step_weights=rollout_weights(k))
+
+
+def test_membart_memory_replay_backprop_equals_bptt():
+    """train.mrbp for MemBART: the engine's memory replay (forward without a graph, then one step at a time, last
+    first, the memory's gradient carried back) gives the gradients of plain BPTT through the rollout, with
+    MemBART's step weights, a reset inside the rollout and dropout replayed, and the same final memory."""
+    from pretrain.engine.memory_slots import MemorySlots
+    from pretrain.model import parallel
+    from pretrain.model.membart import build_membart
+    from pretrain.model.membart_config import load_membart_config
+    parallel.initialize(1)
+    k = 3
+    cfg = load_membart_config("membart_tiny", {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+                                               "num_slots": 4, "tgt_len": 8, "dropout": 0.2,
+                                               "attention_dropout": 0.1})
+    torch.manual_seed(0)
+    model = build_membart(cfg).double().train()
+    batch = _rollout(k)
+    count = batch.num_scored()
+
+    def loss_fn(seg, out):
+        return seg.masked_nll_sum(out.nll) / count
+
+    results = []
+    for mode in ("bptt", "mrbp"):
+        slots = MemorySlots(model, 1, 2, torch.device("cpu"), bptt_segments=k)
+        slots.states[0] = slots.states[0].replace(**{"slots.mem": torch.randn(2, 4, 32, dtype=torch.float64,
+                                                                               generator=torch.Generator().manual_seed(5))})
+        model.zero_grad()
+        torch.manual_seed(123)
+        if mode == "bptt":
+            outs = slots.unroll(0, batch, model)
+            sum(loss_fn(seg, out) for seg, out in outs).backward()
+        else:
+            replay = slots.replay_forward(0, batch, model)
+            replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+        slots.commit(0)
+        results.append(([p.grad.clone() if p.grad is not None else None for p in model.parameters()], slots[0]))
+    (g1, s1), (g2, s2) = results
+    assert s1.equal(s2, atol=1e-12)
+    assert model.encoder.memory_bias.grad is not None and model.encoder.memory_bias.grad.abs().sum() > 0
+    for a, c in zip(g1, g2):
+        assert (a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-10, rtol=1e-8))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_membart_exact_resume_two_processes_zero2(text_data, tmp_path):
@@ -136,13 +196,13 @@ def test_train_config_errors(text_data):
     from pretrain.engine.family import MemBartFamily, family_for
     from pretrain.engine.run_config import Seq2SeqRunConfig, parse_args
     args = MEMBART + ["--data-path", text_data]
-    cfg, _ = parse_args(args + ["--seq2seq.mask_ratio", "0.4"])
+    cfg, _ = parse_args(args + ["--seq2seq.mask_ratio", "0.4", "--train.mrbp", "true"])
+    assert cfg.train.mrbp
     assert isinstance(cfg, Seq2SeqRunConfig) and cfg.seq2seq.mask_ratio == 0.4 and cfg.model.num_slots == 4
     assert isinstance(family_for(cfg), MemBartFamily) and family_for(cfg).segment_len == 18
     with pytest.raises(ConfigError, match="model.n_layer"):    # a decoder preset's fields are not MemBART's
         parse_args(["--config", "xl_tiny", "--model.arch", "membart"])
-    for extra, field in ((["--train.mrbp", "true"], "train.mrbp"),
-                         (["--seq2seq.loss_weights", "linear"], "seq2seq.loss_weights"),
+    for extra, field in ((["--seq2seq.loss_weights", "linear"], "seq2seq.loss_weights"),
                          (["--model.n_layer", "3"], "model.n_layer"),
                          (["--model.pad_token_id", "300"], "model.pad_token_id")):
         with pytest.raises((ConfigError, SystemExit)) as e:

@@ -44,15 +44,20 @@ def all_batches(make, dp_size, steps):
     return out
 
 
-def reference_doc_start(positions, previous_last, starts):
-    """Last offset j where a document starts or the positions jump (j = 0 compares with the previous
-    segment's last input, None at the start of an epoch); -1 if none."""
-    found = -1
+def reference_starts(positions, previous_last, starts):
+    """Every offset j where a document starts or the positions jump (j = 0 compares with the previous
+    segment's last input, None at the start of an epoch)."""
+    flags = []
     for j, p in enumerate(positions):
         prev = previous_last if j == 0 else positions[j - 1]
-        if p in starts or prev is None or p != prev + 1:
-            found = j
-    return found
+        flags.append(p in starts or prev is None or p != prev + 1)
+    return flags
+
+
+def reference_doc_start(positions, previous_last, starts):
+    """The last such offset, -1 if none."""
+    flags = reference_starts(positions, previous_last, starts)
+    return max((j for j, f in enumerate(flags) if f), default=-1)
 
 
 @pytest.mark.parametrize("align", ["token", "document"])
@@ -98,6 +103,7 @@ def test_rows_are_contiguous_and_reset_flags_exact(ragged, align, roll):
             ref = reference_doc_start(mb.tokens[b].tolist(), prev, starts)
             assert mb.doc_start[b] == ref, (r, t, g, b)
             assert mb.reset[b] == (ref >= 0)
+            assert mb.doc_starts[b].tolist() == reference_starts(mb.tokens[b].tolist(), prev, starts), (r, t, g, b)
             if not roll and t % spe:
                 # consecutive steps continue the same text: targets of t end where inputs of t+1 begin
                 assert batches[r, t - 1, g].targets[b, -1] == mb.tokens[b, 0]
@@ -288,8 +294,15 @@ def test_eval_scores_every_target_once(ragged, align):
     for r in range(dp):
         e = EvalStream(prefix, N, num_streams=K, dp_rank=r, dp_size=dp, align=align)
         short = False
+        doc_starts = set(IndexedDataset(prefix).document_token_offsets()[:-1].tolist())
         for mb in e:
             real = mb.loss_mask > 0
+            for b in range(K):          # new text starts at documents and at each stream's first position
+                prev = None if mb.step == 0 else int(e.get(mb.step - 1).tokens[b, -1])
+                n = int(real[b].sum())
+                want = reference_starts(mb.tokens[b, :n].tolist(), prev, doc_starts) + [False] * (N - n)
+                assert mb.doc_starts[b].tolist() == want
+                assert mb.reset[b] == any(want)
             np.add.at(count, mb.targets[real], 1)
             assert (mb.targets[real] == mb.tokens[real] + 1).all()
             pad = ~real

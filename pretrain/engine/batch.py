@@ -36,7 +36,8 @@ class Batch:
     document start, or the wrap point of a rolled stripe; see ``data_tools/streams.py``): with
     ``data.reset_memory`` the row's memory is reset before the batch's first segment.  ``doc_starts``: bool
     [B, T] or None, True at the positions where a document starts, when the stream provides them (the input
-    that lets a model reset its memory inside a segment).
+    that lets a model reset its memory inside a segment); set when the run resets memory at documents
+    (``from_micro_batch(..., reset_memory=True)``).
     """
 
     tokens: torch.Tensor
@@ -57,10 +58,15 @@ class Batch:
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
-    def from_micro_batch(cls, mb: Any, device: torch.device) -> "Batch":
+    def from_micro_batch(cls, mb: Any, device: torch.device, reset_memory: bool = False) -> "Batch":
         """From a stream's ``MicroBatch`` (numpy ``tokens``, ``targets``, ``loss_mask``, ``reset``, and optionally
-        ``doc_starts`` [B, T] bool)."""
-        starts = getattr(mb, "doc_starts", None)
+        ``doc_starts`` [B, T] bool).  ``reset_memory`` (``data.reset_memory``): the model resets each row's memory
+        where its documents start (``doc_starts``, passed as the model's ``reset`` input); a stream without
+        ``doc_starts`` resets a flagged row before its first position.  Without it no memory is reset."""
+        starts = getattr(mb, "doc_starts", None) if reset_memory else None
+        if reset_memory and starts is None:
+            starts = np.zeros(np.shape(mb.tokens), bool)
+            starts[:, 0] = np.asarray(mb.reset, bool)
         return cls(tokens=_tensor(mb.tokens, torch.int64, device),
                    targets=_tensor(mb.targets, torch.int64, device),
                    loss_mask=_tensor(mb.loss_mask, torch.float32, device),
@@ -102,8 +108,13 @@ class Batch:
     # ------------------------------------------------------------------------------------------- model
     def model_inputs(self) -> Dict[str, torch.Tensor]:
         """Keyword arguments of the model call, besides the memory state: ``tokens`` and ``targets`` (the model
-        returns the per-token NLL).  A model input that comes with the data is added here (and nowhere else)."""
-        return {"tokens": self.tokens, "targets": self.targets}
+        returns the per-token NLL), and ``reset`` (where documents start: the model resets the memory there) when
+        the batch carries document starts.  A model input that comes with the data is added here (and nowhere
+        else)."""
+        inputs = {"tokens": self.tokens, "targets": self.targets}
+        if self.doc_starts is not None and bool(self.doc_starts.any()):
+            inputs["reset"] = self.doc_starts
+        return inputs
 
     def masked_nll_sum(self, nll: torch.Tensor) -> torch.Tensor:
         """Sum of the per-token NLL [B, T] over the scored targets (fp32 scalar)."""

@@ -33,13 +33,16 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
                   clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
                   reset_memory: bool = False, max_steps: int = 0, group=None, accuracy: bool = False,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  make_batch: Callable = Batch.from_micro_batch, max_groups: int = 64) -> Dict[str, float]:
+                  make_batch: Optional[Callable] = None, max_groups: int = 64) -> Dict[str, float]:
     """Mean NLL over the stream's scored targets (summed over the data-parallel ``group``); with ``accuracy``
     also the fraction of scored targets that are the most likely token (teacher-forced, as RMT reports).
-    ``make_batch(micro_batch, device)`` builds the batch (the model family's class).  When the batch groups its rows
+    ``make_batch(micro_batch, device)`` builds the batch (the model family's class; default: ``Batch`` with
+    ``reset_memory``).  When the batch groups its rows
     (``Batch.row_groups``: MemBART's turn of the episode) the result also has ``groups``: group -> {"loss",
     "tokens", "nll_sum"} for groups ``0 .. max_groups - 1`` (later ones are counted in the last)."""
     steps = len(stream) if max_steps <= 0 else min(max_steps, len(stream))
+    if make_batch is None:
+        make_batch = lambda mb, dev: Batch.from_micro_batch(mb, dev, reset_memory=reset_memory)  # noqa: E731
     state = model.init_state(stream.num_streams, mem_len=mem_len, device=device)
     nll_sum, count, correct = 0.0, 0.0, 0.0
     g_nll = torch.zeros(max_groups, dtype=torch.float64)
@@ -51,8 +54,6 @@ def streamed_eval(forward: Callable, model, stream: EvalStream, *, device, mem_l
     t0 = time.time()
     for step in range(steps):
         batch = make_batch(stream.get(step), device)
-        if reset_memory and bool(batch.reset.any()):
-            state = model.reset_state(state, batch.reset)
         out, state = call_model(forward, state, batch, **kw)
         nll_sum += float(batch.masked_nll_sum(out.nll))
         count += batch.num_scored()

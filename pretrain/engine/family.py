@@ -72,7 +72,8 @@ class DecoderFamily:
                           dp_size=dp_size, align=c.data.align, pad_id=data.pad_id)
 
     def make_batch(self, mb: Any, device: torch.device, training: bool = True) -> Batch:
-        return Batch.from_micro_batch(mb, device)
+        """The batch of a stream's micro-batch (``training``: for the training loop, else for evaluation)."""
+        return Batch.from_micro_batch(mb, device, reset_memory=self.cfg.data.reset_memory)
 
     def describe(self, k: int) -> str:
         m = self.cfg.model

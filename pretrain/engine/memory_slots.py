@@ -72,19 +72,41 @@ class MemorySlots:
 
     def unroll(self, slot: int, batch: Batch, forward: Callable, **kwargs) -> List[Tuple[Batch, Any]]:
         """Run the ``k`` segments of ``batch`` through ``forward`` (the model or its DeepSpeed engine) starting
-        from slot ``slot``'s memory: rows flagged by ``batch.reset`` start from the initial memory (with
-        ``reset_memory``), each segment reads the memory the previous one left, the memory stays in the autograd
-        graph between segments and is detached after the last.  Returns ``[(segment, output), ...]``; the final
+        from slot ``slot``'s memory: with ``reset_memory`` the model resets each row's memory where a document
+        starts (``batch.doc_starts``, the model's ``reset`` input: at that position, also inside a segment), each
+        segment reads the memory the previous one left, the memory stays in the autograd graph between segments
+        and is detached after the last.  Returns ``[(segment, output), ...]``; the final
         state waits for ``commit(slot)``."""
         state = self.states[slot]
-        if self.reset_memory and bool(batch.reset.any()):
-            state = self.model.reset_state(state, batch.reset)
+        if self.reset_memory and batch.doc_starts is None and bool(batch.reset.any()):
+            state = self.model.reset_state(state, batch.reset)   # (a batch built without document starts)
         outs = []
         for j, seg in enumerate(batch.segments(self.k)):
             out, state = call_model(forward, state, seg, detach_state=(j == self.k - 1), **kwargs)
             outs.append((seg, out))
         self._pending[slot] = state
         return outs
+
+    def replay_forward(self, slot: int, batch: Batch, forward: Callable, **kwargs) -> "Replay":
+        """Memory replay backpropagation (MRBP; Wu et al., MemBART, arXiv 2209.07634 §3.3, qywu/memformers'
+        ``train_iteration_efficient``): backpropagation through the ``k`` segments at the activation memory of
+        one.  This first pass runs the ``k`` segments without a graph, keeping only the state entering each and
+        the random generators' states before it (dropout is replayed identically); the returned ``Replay``
+        recomputes the segments one at a time, last first, in ``backward``.  Outputs and the final state are as
+        ``unroll``'s (the state waits for ``commit(slot)``)."""
+        from pretrain.engine.checkpoint import rng_state
+        state = self.states[slot]
+        if self.reset_memory and batch.doc_starts is None and bool(batch.reset.any()):
+            state = self.model.reset_state(state, batch.reset)
+        segs, entering, rngs, outs = batch.segments(self.k), [], [], []
+        with torch.no_grad():
+            for seg in segs:
+                entering.append(state)
+                rngs.append(rng_state())
+                out, state = call_model(forward, state, seg, detach_state=True, **kwargs)
+                outs.append((seg, out))
+        self._pending[slot] = state
+        return Replay(segs, entering, rngs, rng_state(), forward, outs, kwargs)
 
     def commit(self, slot: int) -> None:
         """Slot ``slot`` moves on to the state its last ``unroll`` produced (detached)."""
@@ -182,3 +204,43 @@ def _slot_dicts(sd: Any) -> List[Mapping]:
         return sd
     what = sd.get("format") if isinstance(sd, Mapping) else type(sd).__name__
     raise MemoryLayoutError(f"not a memory-slots state (format {what!r})")
+
+
+class Replay:
+    """The backward half of memory replay backpropagation (``MemorySlots.replay_forward``).
+
+    ``backward(loss_fn, backward_fn)``: for t = k-1 ... 0, restore the random generators of segment t's first
+    pass, recompute segment t with a graph from its saved entering state (made a leaf that requires grad, for
+    t > 0), and backpropagate ``loss_fn(segment, output) + <state after t, incoming state gradient>`` with
+    ``backward_fn(loss, last)`` (``last`` for t = 0, the call that may reduce gradients across ranks).  The
+    gradient that reaches the entering state, times the factor ``backward_fn`` returns (the scale it applied to
+    the loss: DeepSpeed divides by the accumulation steps and multiplies by a loss scale), is handed to segment
+    t - 1.  The parameters' gradients are those of ordinary backpropagation through the k segments (the same
+    dropout masks), at the activation memory of one segment, for about one forward pass more.  Afterwards the
+    generators are where the first pass left them."""
+
+    def __init__(self, segs, entering, rngs, rng_after, forward, outs, kwargs):
+        self.segs, self.entering, self.rngs, self.rng_after = segs, entering, rngs, rng_after
+        self.forward, self.outs, self.kwargs = forward, outs, kwargs
+
+    def backward(self, loss_fn: Callable, backward_fn: Callable) -> None:
+        from pretrain.engine.checkpoint import set_rng_state
+        grad = None
+        try:
+            for t in reversed(range(len(self.segs))):
+                set_rng_state(self.rngs[t])
+                st = self.entering[t]
+                leaves = {}
+                if t > 0:                       # the state's gradient goes on to segment t - 1
+                    leaves = {k: st[k].detach().requires_grad_(True) for k in st.keys()
+                              if st[k].is_floating_point()}
+                    st = st.replace(**leaves)
+                out, st_out = call_model(self.forward, st, self.segs[t], detach_state=False, **self.kwargs)
+                loss = loss_fn(self.segs[t], out)
+                if grad:
+                    loss = loss + sum((st_out[k].float() * g).sum() for k, g in grad.items()
+                                      if st_out[k].requires_grad)
+                factor = backward_fn(loss, t == 0)
+                grad = {k: v.grad.float() * factor for k, v in leaves.items() if v.grad is not None}
+        finally:
+            set_rng_state(self.rng_after)

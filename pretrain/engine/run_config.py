@@ -57,11 +57,11 @@ class TrainConfig:
                               "--exit-interval)")
     exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1")
     threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
+    mrbp: bool = F(False, "backpropagate through the bptt_segments by memory replay (MemBART's MRBP): forward "
+                          "them without a graph, then recompute and backpropagate one segment at a time, last "
+                          "first (the activation memory of one segment, about one forward pass more)")
     aux_loss_weight: float = F(1.0, "weight of a memory mechanism's auxiliary loss added to the LM loss (the "
                                     "mechanism may scale it already; evaluation reports the LM loss alone)")
-    mrbp: bool = F(False, "memory replay backpropagation through the bptt_segments unroll (one segment's activations "
-                          "kept instead of all of them; MemBART's train_iteration_efficient): not available in this "
-                          "engine yet, the unroll is plain BPTT")
     init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
 
     def validate(self):
@@ -75,9 +75,6 @@ class TrainConfig:
             raise ConfigError("bptt_segments", f"must be >= 1, got {self.bptt_segments}")
         if self.exit_interval < 0:
             raise ConfigError("exit_interval", f"must be >= 0, got {self.exit_interval}")
-        if self.mrbp:
-            raise ConfigError("mrbp", "memory replay backpropagation is not implemented in this engine yet; train with "
-                                      "plain BPTT through the unroll (train.bptt_segments) and train.mrbp false")
         if self.max_nonfinite < 1:
             raise ConfigError("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
         if not self.aux_loss_weight >= 0:

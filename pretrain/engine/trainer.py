@@ -307,6 +307,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns (nll sum, scored tokens, aux loss or None, finite
         everywhere)."""
         batch = self.family.make_batch(mb, self.device)
+        if self.cfg.train.mrbp:
+            return self._micro_step_replay(batch, slot, inject_nan)
         outs = self.memory.unroll(slot, batch, self.engine)
         nll_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         aux = []
@@ -332,6 +334,51 @@ class Trainer:
         if finite:
             self.memory.commit(slot)
         return float(nll_sum.detach()), count, (None if aux_mean is None else float(aux_mean.detach())), finite
+
+    def _micro_step_replay(self, batch, slot: int, inject_nan: bool):
+        """``_micro_step`` by memory replay backpropagation (``train.mrbp``; MemorySlots.replay_forward): the k
+        segments forward without a graph, then one ``engine.backward`` per segment, last first, each carrying the
+        state gradient to the segment before.  Only the last call is a gradient-accumulation boundary (gradients
+        of the others are not reduced across ranks yet)."""
+        replay = self.memory.replay_forward(slot, batch, self.engine)
+        count = max(batch.num_scored(), 1.0)
+        k = len(replay.segs)
+        w = self.cfg.train.aux_loss_weight
+        nll_sum = sum(float(seg.masked_nll_sum(out.nll)) for seg, out in replay.outs)
+        auxes = [float(out.aux_loss) for _, out in replay.outs if out.aux_loss is not None]
+        aux_mean = sum(auxes) / len(auxes) if auxes else None
+        value = nll_sum / count + (w * aux_mean if aux_mean is not None and w else 0.0)
+        if inject_nan:
+            value = float("nan")
+        finite = pdist.all_reduce_max(0.0 if math.isfinite(value) else 1.0) == 0.0
+        poison = 1.0 if finite else float("nan")     # a bad step: every gradient non-finite, the update skipped
+
+        def loss_fn(seg, out):
+            loss = seg.masked_nll_sum(out.nll) / count
+            if out.aux_loss is not None and w:
+                loss = loss + w * out.aux_loss.float() / k
+            return loss * poison
+
+        gas = self.engine.gradient_accumulation_steps()
+
+        def backward_fn(loss, last: bool):
+            if not last:
+                self.engine.set_gradient_accumulation_boundary(False)
+            try:
+                self.engine.backward(loss)
+            finally:
+                if not last:
+                    self.engine._is_gradient_accumulation_boundary = None   # back to DeepSpeed's own count
+            scale = getattr(self.engine.optimizer, "cur_scale", None) or 1.0  # fp16 loss scale (1: fp32, bf16)
+            return gas / float(scale)
+
+        replay.backward(loss_fn, backward_fn)
+        if self.own_grad_norm and slot == self.accum - 1:
+            self.last_grad_norm = grad_norm(self.model, self.ps.get_tensor_model_parallel_group())
+        self.engine.step()
+        if finite:
+            self.memory.commit(slot)
+        return nll_sum, batch.num_scored(), aux_mean, finite
 
     def train_step(self) -> Dict[str, Any]:
         t0 = time.time()
