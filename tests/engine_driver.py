@@ -12,6 +12,11 @@ Scenarios:
 * ``lr_resume``: 3 steps at ``--lr 1e-3`` on a cosine schedule that ends at step 3, then two resumes of that
   checkpoint: one with ``--lr 1e-9`` (constant), one with ``--train-iters 6`` (the schedule extended past its
   end); records the largest change of the fp32 master weights in the first update after each resume.
+* ``state``: for each ZeRO stage one run saving to ``z{stage}{precision}_{--tag}``, resumed from
+  ``z{--source-zero or stage}{--source-precision or precision}_{--source}`` when ``--source`` is given (under
+  whatever layout this launch has); writes the full fp32 weights and Adam moments (gathered over every rank) right
+  after the start (``<save>.start.pt``) and at the end (``<save>.final.pt``), and records the validation loss at
+  both points, the losses, the full-head memory sums and the consumed tokens.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
 Every run is a fresh ``Trainer`` (model, DeepSpeed engine, streams, states); the process group and the
@@ -40,7 +45,7 @@ def masters(tr):
 
 def patch_aux(tr, scale=1000.0):
     """Make the mechanism return an auxiliary loss ``scale * sum(first embedding table)``."""
-    mech = tr.model.mechanism
+    mech = tr.model.stack
     plain = mech.forward
     weight = tr.model.embedding.tables[0].weight
 
@@ -51,6 +56,11 @@ def patch_aux(tr, scale=1000.0):
     mech.forward = forward
 
 
+def memory_full(tr):
+    """Per slot, the sum of every entry of the full-head memory state (tensor-parallel shards gathered)."""
+    return [{k: float(st[k].double().sum()) for k in st.keys()} for st in (s.tp_gather() for s in tr.memory.states)]
+
+
 def one_run(argv, ds_config, hook=None):
     from pretrain.engine.run_config import parse_args
     from pretrain.engine.trainer import Trainer
@@ -59,6 +69,17 @@ def one_run(argv, ds_config, hook=None):
     extra = {}
     if hook == "masters":
         before = masters(tr)
+    elif hook == "state":
+        from pretrain.engine.reshard import full_state
+        extra["valid_start"] = tr.evaluate("valid", 0)["loss"]
+        extra["step_start"] = tr.step
+        extra["tokens_start"] = tr.consumed_tokens
+        extra["memory_start"] = memory_full(tr)
+        extra["memory_fresh_start"] = all(st.equal(tr.memory._fresh()) for st in tr.memory.states)
+        st = full_state(tr.engine, tr.model)
+        if tr.rank == 0:
+            import torch
+            torch.save(st, tr.run_dir + ".start.pt")
     elif hook == "aux":
         patch_aux(tr)
         emb = tr.model.embedding.tables[0].weight
@@ -68,6 +89,15 @@ def one_run(argv, ds_config, hook=None):
     if hook == "masters":
         extra["first_update"] = float((masters(tr) - before).abs().max())
         extra["lrs"] = [float(tr.scheduler.get_last_lr()[0])]
+    elif hook == "state":
+        from pretrain.engine.reshard import full_state
+        extra["valid_final"] = tr.evaluate("valid", 0)["loss"]
+        extra["tokens_final"] = tr.consumed_tokens
+        extra["memory_final"] = memory_full(tr)
+        st = full_state(tr.engine, tr.model)
+        if tr.rank == 0:
+            import torch
+            torch.save(st, tr.run_dir + ".final.pt")
     elif hook == "aux":
         delta = (tr.model.embedding.tables[0].weight.detach() - before).flatten()
         extra.update(emb_delta_max=float(delta.max()), emb_delta_min=float(delta.min()),
@@ -92,7 +122,11 @@ def one_run(argv, ds_config, hook=None):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux"], required=True)
+    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state"], required=True)
+    p.add_argument("--tag", default="run")
+    p.add_argument("--source", default=None)
+    p.add_argument("--source-zero", default=None)
+    p.add_argument("--source-precision", default=None)
     p.add_argument("--zero", default="0", help="comma-separated ZeRO stages")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--stop-at", type=int, default=3)
@@ -125,6 +159,14 @@ def main():
                 "extended": one_run(first + ["--load", base + "_a", "--save", base + "_c", "--train-iters", "6",
                                              "--exit-interval", "4"],
                                     ds, hook="masters")}
+            continue
+        if args.scenario == "state":
+            save = os.path.join(args.workdir, f"z{stage}{args.precision}_{args.tag}")
+            load = []
+            if args.source:
+                src = f"z{args.source_zero or stage}{args.source_precision or args.precision}_{args.source}"
+                load = ["--load", os.path.join(args.workdir, src)]
+            results[stage] = one_run(rest + ["--save", save] + load, ds, hook="state")
             continue
         if args.scenario == "aux":
             results[stage] = {w: one_run(rest + ["--save", f"{base}_aux{w}", "--train-iters", "1",

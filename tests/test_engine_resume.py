@@ -139,10 +139,16 @@ def test_a_changed_micro_batch_needs_a_resume_policy_and_rewrites_nothing_before
     assert [x["step"] for x in records(run)][-2:] == [5, 6]
 
 
-def test_a_changed_zero_stage_is_named_before_anything_is_loaded(base_run, copy_data, tmp_path):
+def test_a_changed_zero_stage_and_precision_resume_resharded(base_run, copy_data, tmp_path):
+    """Written with ZeRO-0 fp32, resumed with ZeRO-1 bf16: the weights and optimizer state go through the
+    layout-free copy (tests/test_engine_reshard.py checks them tensor by tensor), the stream and memory are kept."""
     run = copy_of(base_run, tmp_path)
-    r = train(copy_data, run, "--train-iters", "6", "--ds_config", "ds_configs/zero1_bf16.json")
-    one_line_error(r, "ZeRO-0 fp32", "ZeRO-1 bf16", "zero0_fp32.json")
+    r = ok(train(copy_data, run, "--train-iters", "6", "--ds_config", "ds_configs/zero1_bf16.json"))
+    assert "ZeRO stage 0 (this run: 1), precision fp32 (this run: bf16)" in r.stdout
+    assert "weights and optimizer state resharded" in r.stdout and "kept: weights, memory states" in r.stdout
+    assert (run / "iter_0000004" / "universal" / "meta.json").exists()
+    assert [x["step"] for x in records(run)][-2:] == [5, 6] and all(math.isfinite(x["loss"])
+                                                                    for x in records(run)[-1:])
 
 
 def test_another_model_is_refused_naming_the_field(base_run, copy_data, tmp_path):

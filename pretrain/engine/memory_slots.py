@@ -139,7 +139,7 @@ class MemorySlots:
 
         ``sd`` may also be a list of such dicts, one per tensor-parallel rank of the saving run (in rank order):
         the shards are joined by head and re-split for this rank, which is how a run resumes under another
-        tensor-parallel size.  Raises ``MemoryLayoutError`` (a ValueError) naming what differs when the states
+        tensor-parallel size.  Entries take this run's dtypes (a resume in another precision).  Raises ``MemoryLayoutError`` (a ValueError) naming what differs when the states
         cannot be used here: another mechanism, memory length, number of rows or of slots."""
         from pretrain.model import MemoryState, parallel
         shards = sd if isinstance(sd, list) and sd and _is_slots_dict(sd[0]) else [sd]
@@ -170,7 +170,9 @@ class MemorySlots:
                 if tuple(st[k].shape) != tuple(fresh[k].shape):
                     raise MemoryLayoutError(f"entry {k!r} has shape {tuple(st[k].shape)}, this run's is "
                                             f"{tuple(fresh[k].shape)}")
-            out.append(st.to(self.device))
+            # another precision (a bf16 run resumed in fp32 or back): each entry in this run's dtype for it
+            st = st.replace(**{k: st[k].to(device=self.device, dtype=fresh[k].dtype) for k in st.keys()})
+            out.append(st)
         self.states = out
         self._pending.clear()
 

@@ -230,23 +230,28 @@ def _epoch_of(plan: ResumePlan) -> str:
     return str(st.get("epoch", "?"))
 
 
-def check_engine_layout(plan: ResumePlan, now: RunLayout, load_optim: bool) -> None:
-    """ConfigError for a change of ZeRO stage, precision, tensor-parallel size, or of the data-parallel size under
-    ZeRO 1-3 (whose optimizer files are partitioned per data-parallel rank)."""
-    ch = plan.changes
-    if plan.changed("zero_stage", "precision"):
-        s = plan.saved
-        raise ConfigError(
-            "ds_config", f"{plan.where} was written with {s.describe_engine()}, this run uses {now.describe_engine()}:"
-                         f" resume with the DeepSpeed config it was written with (ds_configs/zero{s.zero_stage}_"
-                         f"{s.precision}.json or its copy {os.path.join(plan.load_dir, 'ds_config.json')})")
-    if "tp_size" in ch:
-        raise ConfigError("parallel.tp", f"{plan.where} was written with tensor-parallel size {ch['tp_size'][0]}, "
-                                         f"this run has {ch['tp_size'][1]}: resume with --tensor-model-parallel-size "
-                                         f"{ch['tp_size'][0]}")
-    if "dp_size" in ch and plan.saved.zero_stage and load_optim:
-        raise ConfigError("checkpoint.load_optim",
-                          f"{plan.where} was written with data-parallel size {ch['dp_size'][0]}, this run has "
-                          f"{ch['dp_size'][1]}, and its ZeRO-{plan.saved.zero_stage} optimizer state is partitioned "
-                          f"per data-parallel rank: resume with {ch['dp_size'][0]} data-parallel ranks, or with "
-                          f"--no-load-optim (weights only)")
+RESHARD_FIELDS = ("dp_size", "tp_size", "zero_stage", "precision")
+
+
+def needs_reshard(plan: ResumePlan) -> bool:
+    """Whether DeepSpeed's files of the checkpoint cannot be loaded as they are: the data-parallel size (under
+    ZeRO 1-3, whose optimizer files are per data-parallel rank), the tensor-parallel size, the ZeRO stage or the
+    precision changed.  Under ZeRO-0 a changed data-parallel size alone needs nothing (its files hold full
+    tensors), but the layout-free path serves it as well and is the one path tested for every change."""
+    return plan.changed(*RESHARD_FIELDS)
+
+
+def check_reshardable(plan: ResumePlan) -> None:
+    """ConfigError when the checkpoint's layout changed but it predates the records resharding needs."""
+    if not needs_reshard(plan):
+        return
+    if plan.saved.zero_stage is None or plan.saved.precision is None:
+        raise ConfigError("checkpoint.load", f"{plan.where} was written by an older version that did not record its "
+                                             f"ZeRO stage and precision, so it cannot be resharded for "
+                                             f"{describe_changes(plan.changes, RESHARD_FIELDS)}: resume it with its "
+                                             f"own layout")
+
+
+def describe_layout_change(plan: ResumePlan) -> str:
+    """``data-parallel size 2 (this run: 1), ZeRO stage 1 (this run: 3)`` for the fields resharding follows."""
+    return describe_changes(plan.changes, RESHARD_FIELDS)

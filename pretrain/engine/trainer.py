@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from data_tools.streams import StreamStateError
@@ -129,8 +131,11 @@ class Trainer:
         cfg.model.seed = cfg.train.seed
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model()
+        self.universal_dir: Optional[str] = None
         if self.plan is not None:
             rs.check_model(self.plan, to_dict(cfg.model), cfg.model.mechanism_name, self.param_shapes())
+            if rs.needs_reshard(self.plan):
+                self.universal_dir = self._convert(self.plan)
         elif cfg.train.init_from:
             self.family.load_init(self.model, cfg.train.init_from)
         # dropout differs across data-parallel ranks and agrees across tensor-parallel ranks
@@ -138,6 +143,11 @@ class Trainer:
         if self.zero == 3:
             self._declare_zero3_units()
         optimizer = build_optimizer(self.model, cfg, self.ds_config)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        # the parameters of each group of the client optimizer, in order (a ZeRO-0 checkpoint's optimizer state is
+        # indexed by position; resharding it needs the names); DeepSpeed drops empty groups
+        self.optimizer_param_names = None if optimizer is None else \
+            [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups if g["params"]]
         total = cfg.optim.decay_iters or cfg.train.iters
         o = cfg.optim
         sched = lambda opt: LRScheduler(opt, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_iters, total=total,
@@ -163,6 +173,7 @@ class Trainer:
         n = self.seg_len
         self.flops_per_step = 3 * self.model.flops(self.micro, n, self.family.mem_len) * self.accum * self.k
         self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
+        self.resume_record: Optional[Dict[str, Any]] = None
         rng_state = self._resume(self.plan) if self.plan is not None else None
 
         # nothing failed: only now is the run directory written
@@ -176,6 +187,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.log.tensorboard,
                                      {"enabled": cfg.log.wandb, "project": cfg.log.wandb_project,
                                       "mode": cfg.log.wandb_mode}, to_dict(cfg))
+        if self.resume_record is not None and self.rank == 0:
+            self.metrics.write(self.resume_record)
         nparams = sum(p.numel() for p in self.model.parameters())
         log(f"run: world {self.info.world_size} (data-parallel {self.dp_size} x tensor-parallel {self.tp_size}), "
             f"ZeRO-{self.zero}, {precision_name(self.dtype)}, "
@@ -253,21 +266,54 @@ class Trainer:
         plan = rs.select_checkpoint(load_dir, self.ckpt, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size,
                                     agree=ckpt._agree_any, log=lambda m: log(m, self.rank))
         rs.check_resumable(plan, self.layout(), cfg.data.resume_policy)
-        rs.check_engine_layout(plan, self.layout(), cfg.checkpoint.load_optim)
+        rs.check_reshardable(plan)
         return plan
+
+    def _convert(self, plan: rs.ResumePlan) -> str:
+        """The layout-free copy of the checkpoint (``reshard.convert``), written once by the first rank while the
+        others wait; every rank raises the same CheckpointError when it fails."""
+        from pretrain.engine import reshard
+        from pretrain.model.weights import described_parameters
+        udir = reshard.universal_dir(plan.load_dir, plan.tag)
+        error = None
+        if self.rank == 0:
+            fresh = not reshard.is_complete(udir)
+            t0 = time.time()
+            try:
+                specs = {name: meta.shard for name, (p, meta) in described_parameters(self.model).items()}
+                reshard.convert(plan.load_dir, plan.tag, plan.meta, specs)
+                if fresh:
+                    log(f"resume: {rs.describe_layout_change(plan)}: wrote the layout-free copy {udir} "
+                        f"({time.time() - t0:.1f} s)", self.rank)
+            except ckpt.CheckpointError as e:
+                error = e
+        if ckpt._agree_any(error is not None):
+            raise error if error is not None else ckpt.CheckpointError(
+                f"cannot reshard {plan.where} (the first rank failed; see its message)")
+        return udir
 
     def _resume(self, plan: rs.ResumePlan) -> Optional[Dict[str, Any]]:
         """Load the checkpoint ``plan`` chose; returns the random-generator state to restore last (or None)."""
         cfg, meta = self.cfg, plan.meta
-        try:
-            path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag,
-                                                  load_optimizer_states=cfg.checkpoint.load_optim,
-                                                  load_lr_scheduler_states=False)
-        except Exception as e:
-            raise ckpt.CheckpointError(f"cannot load {plan.where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                       f" (delete {plan.where} to resume from the previous checkpoint)") from None
-        if path is None:
-            raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {plan.where}")
+        if self.universal_dir is not None:
+            from pretrain.engine import reshard
+            reshard.load_into(self.engine, self.model, self.universal_dir, load_optimizer=cfg.checkpoint.load_optim)
+            self.engine.global_steps = plan.step
+            self.engine.global_samples = plan.step * self.micro * self.accum * self.dp_size
+            self.engine.skipped_steps = int(meta.get("nonfinite_total", 0))
+            what = "weights and optimizer state" if cfg.checkpoint.load_optim else "weights"
+            log(f"resume: {rs.describe_layout_change(plan)}: {what} resharded from {self.universal_dir}", self.rank)
+        else:
+            try:
+                path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag,
+                                                      load_optimizer_states=cfg.checkpoint.load_optim,
+                                                      load_lr_scheduler_states=False)
+            except Exception as e:
+                raise ckpt.CheckpointError(f"cannot load {plan.where}: {type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:200]} (delete {plan.where} to resume from the "
+                                           f"previous checkpoint)") from None
+            if path is None:
+                raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {plan.where}")
         self.step = plan.step
         self.consumed_tokens = int(meta.get("consumed_tokens", 0))
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
@@ -284,22 +330,37 @@ class Trainer:
         except StreamStateError as e:
             raise ConfigError("data.resume_policy" if "layout" in str(e) else "data.path", str(e)) from None
         log(info["message"], self.rank)
+        reset = []
         if info["reset_memory"]:
-            log("memory: every slot starts afresh (the stream layout changed)", self.rank)
+            reset.append("memory states (the stream layout changed)")
         elif parts is not None or plan.tp_parts is not None:
             saved = parts["memory"] if parts is not None else [p["memory"] for p in plan.tp_parts]
             try:
                 self.memory.load_state_dict(saved)
-                kept.append("memory states")
+                kept.append("memory states" + (" (joined and re-split by head)" if parts is None else ""))
             except MemoryLayoutError as e:
-                log(f"memory: every slot starts afresh ({e})", self.rank)
+                reset.append(f"memory states ({e})")
         if parts is not None:
             rng_state = parts["rng"]
             kept.append("random generators")
         else:
-            log("random generators: seeded afresh for the new layout", self.rank)
-        what = f"; kept {', '.join(kept)}" if kept else ""
-        log(f"resumed from {plan.where} at step {self.step}{what}", self.rank)
+            # other ranks, other streams: fresh generators, seeded by rank and step (not the first step's masks again)
+            from pretrain.model import parallel
+            seed = (cfg.train.seed + 1000 * self.dp_rank + 1_000_003 * self.step) % 2 ** 31
+            parallel.seed_rng(seed)
+            rng_state = {"python": random.Random(seed).getstate(), "numpy": np.random.RandomState(seed).get_state(),
+                         "torch": torch.get_rng_state(), **({"model_parallel": ckpt._mp_rng_tracker().get_states()}
+                                                            if ckpt._mp_rng_tracker() is not None else {})}
+            reset.append("random generators (seeded for the new layout)")
+        log(f"resumed from {plan.where} at step {self.step}; kept: {', '.join(['weights'] + kept)}"
+            f"{'; reset: ' + ', '.join(reset) if reset else ''}", self.rank)
+        # what the resume did, for metrics.jsonl (written once the run directory may be written)
+        self.resume_record = {
+            "kind": "resume", "step": self.step, "from": plan.where, "consumed_tokens": self.consumed_tokens,
+            "changes": {k: list(v) for k, v in plan.changes.items()}, "resharded": self.universal_dir is not None,
+            "stream": {"policy": info["policy"], "step": info["step"], "epoch": info["epoch"],
+                       "changed": {k: list(v) for k, v in info["changed"].items()}},
+            "kept": kept, "reset": reset}
         return rng_state
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -456,7 +517,8 @@ class Trainer:
                 "precision": layout.precision, "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "segment_len": layout.segment_len, "bptt_segments": layout.bptt_segments,
                 "attn_type": getattr(self.cfg.model, "attn_type", None), "mechanism": self.cfg.model.mechanism_name,
-                "dtype": str(self.dtype), "model": to_dict(self.cfg.model), "params": self.param_shapes()}
+                "dtype": str(self.dtype), "model": to_dict(self.cfg.model), "params": self.param_shapes(),
+                "optimizer_params": self.optimizer_param_names}
 
     def save(self, reason: str) -> Optional[str]:
         if not self.run_dir:
