@@ -135,7 +135,7 @@ def test_a_changed_micro_batch_needs_a_resume_policy_and_rewrites_nothing_before
     assert {n: (run / n).read_bytes() for n in before} == before  # the failed resume wrote nothing
     r = ok(train(copy_data, run, "--train-iters", "6", "--micro-batch-size", "4",
                  "--data.resume_policy", "restart_epoch"))
-    assert "memory: every slot starts afresh" in r.stdout and "resumed from" in r.stdout
+    assert "reset: memory states (the stream layout changed)" in r.stdout and "resumed from" in r.stdout
     assert [x["step"] for x in records(run)][-2:] == [5, 6]
 
 
