@@ -126,6 +126,34 @@ def test_guarded_adamw_skips_non_finite_updates():
     p.grad = torch.tensor([1.0, 1.0, 1.0])
     opt.step()
     assert not opt.overflow and (p.data < 1).all()
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    opt.step()
+    assert opt.overflow and opt.skipped == 2 and opt._global_grad_norm == float("inf")
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])
+def test_guarded_adamw_clips_and_updates_as_clip_grad_norm_then_adamw(clip):
+    """Its one pass (norm, clipping, fused AdamW) gives the parameters of torch's clip_grad_norm_ followed by
+    AdamW, over several steps and two parameter groups, and reports the norm before clipping."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8)
+    opt = GuardedAdamW([{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}],
+                       clip_grad=clip, **kw)
+    opt_ref = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}],
+                                **kw)
+    for _ in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip else float("inf"))
+        opt.step()
+        opt_ref.step()
+        assert not opt.overflow and opt._global_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.data, q.data, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("style", ["cosine", "linear", "constant", "wsd"])

@@ -123,3 +123,18 @@ def test_layer_patterns():
     cfg = ModelConfig(n_layer=3, layers=[24, "lamemo", 0], mem_len=4)
     assert [s.mechanism for s in cfg.layer_specs()] == ["fast_weight", "lamemo", "xl"]
     assert ModelConfig(n_layer=2, attn_type=3).layer_specs()[1].variant == "disentangled"
+
+
+def test_full_parameter_shapes_read_zero3_placeholders():
+    """Checkpoint metadata records every parameter's full shape; under ZeRO-3 a partitioned parameter's data is an
+    empty placeholder and its shape is DeepSpeed's ``ds_shape``: the same shapes come out either way."""
+    from pretrain.model.weights import described_parameters, full_shape
+    parallel.initialize(1)
+    model = build_model(ModelConfig(vocab_size=32, n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32,
+                                    tgt_len=4, mem_len=4))
+    plain = {n: full_shape(p, m, 1) for n, (p, m) in described_parameters(model).items()}
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert {n: full_shape(p, m, 1) for n, (p, m) in described_parameters(model).items()} == plain
+    assert any(len(s) == 2 for s in plain.values())

@@ -8,13 +8,14 @@ when the JSON has an ``optimizer`` section (ZeRO-Offload needs DeepSpeed's CPU A
 
 Non-finite steps: DeepSpeed skips an update whose gradient norm is not finite under ZeRO 1-3 and its bf16
 optimizer, but a plain fp32 run (ZeRO-0) hands the client optimizer the gradients as they are.
-``GuardedAdamW`` closes that gap: it checks every gradient (agreeing across ranks), skips the update and
-clears the gradients when one is not finite, and exposes ``overflow`` so DeepSpeed counts the skip.
+``GuardedAdamW`` closes that gap: from the gradient norm it measures for clipping (agreeing across ranks) it skips
+an update whose gradients are not all finite, clears them, and exposes ``overflow`` so DeepSpeed counts the skip.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -106,52 +107,90 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips an update whose gradients are not all finite (on any rank)."""
+    """Fused AdamW that measures the gradient norm, clips to it and skips an update whose gradients are not all
+    finite, in one pass over the gradients (the client optimizer of a ZeRO-0 fp32 run; DeepSpeed's own clipping is
+    switched off for it).
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    ``step``:
+
+    1. the global L2 norm of the gradients as they are (after DeepSpeed's data-parallel average), from one
+       ``torch._foreach_norm`` over every gradient: with ``tp_group`` given, a tensor-parallel shard
+       (``tensor_model_parallel``) counts on every rank and a replicated parameter on tensor-parallel rank 0 only,
+       and the squares are summed over the group, so every rank gets the same norm;
+    2. a norm that is not finite means a gradient is not (or the squares overflowed fp32): the update is skipped,
+       the gradients cleared, ``overflow`` set (DeepSpeed counts the skip and holds the learning-rate schedule);
+    3. otherwise the gradients are scaled by ``clip_grad / (norm + 1e-6)`` when that is below 1 (DeepSpeed's and
+       ``torch.nn.utils.clip_grad_norm_``'s rule; ``clip_grad`` 0 disables it) and the fused AdamW kernel
+       (``fused=True``) updates every parameter.
+
+    The norm before clipping is ``_global_grad_norm`` (a float, which DeepSpeed's ``get_global_grad_norm``
+    returns).  One host synchronisation per optimizer step (the norm's finiteness); nothing per parameter.
+    """
+
+    def __init__(self, params, *args, clip_grad: float = 0.0, tp_group=None, fused: bool = True, **kwargs):
+        super().__init__(params, *args, fused=fused, **kwargs)
+        self.clip_grad = float(clip_grad)
+        self.tp_group = tp_group
         self.overflow = False
         self.skipped = 0
+        self._global_grad_norm: float | None = None
+
+    def _grads(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(every gradient, those that count towards the norm on this rank)."""
+        tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None and dist.is_initialized() else 0
+        every, counted = [], []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    every.append(p.grad)
+                    if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+                        counted.append(p.grad)
+        return every, counted
 
     @torch.no_grad()
     def step(self, closure=None):
-        bad = torch.zeros(1)
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.fill_(1.0)
-                    break
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item())
+        every, counted = self._grads()
+        if counted:
+            sq = torch.stack(torch._foreach_norm(counted)).double().pow(2).sum().reshape(1)
+        else:
+            sq = torch.zeros(1, dtype=torch.float64, device=every[0].device if every else "cpu")
+        if self.tp_group is not None and dist.is_initialized() and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(sq, group=self.tp_group)
+        norm = sq.sqrt()
+        value = float(norm)                               # the one synchronisation
+        self.overflow = not math.isfinite(value)
+        self._global_grad_norm = value
         if self.overflow:
             self.skipped += 1
             self.zero_grad(set_to_none=True)
             return None
+        if self.clip_grad > 0 and every:
+            coef = self.clip_grad / (value + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(every, coef)
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg, ds: Dict[str, Any]):
-    """The client optimizer for deepspeed.initialize, or None when the JSON names DeepSpeed's own."""
+def build_optimizer(model: torch.nn.Module, cfg, ds: Dict[str, Any], tp_group=None):
+    """The client optimizer for deepspeed.initialize, or None when the JSON names DeepSpeed's own: fused
+    ``GuardedAdamW`` (norm, clipping and the finiteness check of its own) for ZeRO-0 fp32, else fused
+    ``torch.optim.AdamW`` inside DeepSpeed's ZeRO or mixed-precision optimizer (which clip and check)."""
     if "optimizer" in ds:
         return None
     groups = param_groups(model, cfg.optim.weight_decay)
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    if zero_stage(ds) == 0 and precision_of(ds) == torch.float32:
-        return GuardedAdamW(groups, **kw)
-    return torch.optim.AdamW(groups, **kw)
+    if own_clipping(ds):
+        return GuardedAdamW(groups, clip_grad=cfg.optim.clip_grad, tp_group=tp_group, **kw)
+    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
-def grad_norm(model: torch.nn.Module, tp_group=None) -> float:
-    """Global L2 norm of the gradients as they are now (after the data-parallel average), tensor-parallel
-    aware: a sharded parameter (``tensor_model_parallel``) counts on every rank, a replicated one once."""
-    tp_rank = dist.get_rank(tp_group) if dist.is_initialized() else 0
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    if dist.is_initialized() and dist.get_world_size(tp_group) > 1:
-        if dist.get_backend(tp_group) == "nccl":
-            total = total.cuda()
-        dist.all_reduce(total, group=tp_group)
-    return float(total.sqrt())
+def own_clipping(ds: Dict[str, Any]) -> bool:
+    """Whether the client optimizer measures, clips and checks the gradients itself (ZeRO-0 fp32 with a client
+    optimizer): DeepSpeed then gets ``gradient_clipping`` 0 (``engine_config``)."""
+    return "optimizer" not in ds and zero_stage(ds) == 0 and precision_of(ds) == torch.float32
+
+
+def engine_config(ds: Dict[str, Any]) -> Dict[str, Any]:
+    """The config handed to ``deepspeed.initialize``: ``ds`` itself, with DeepSpeed's clipping off where the
+    client optimizer clips (``own_clipping``).  ``ds`` (saved beside checkpoints) is left as it is."""
+    return dict(ds, gradient_clipping=0.0) if own_clipping(ds) else ds

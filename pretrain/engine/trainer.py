@@ -40,7 +40,7 @@ from pretrain.engine import dist as pdist
 from pretrain.engine import resume as rs
 from pretrain.engine.family import family_for
 from pretrain.engine.data import check_token_ids, load_data_info, summarize_loss, token_id_bounds
-from pretrain.engine.ds_setup import (build_optimizer, grad_norm, load_ds_config, precision_of, reconcile,
+from pretrain.engine.ds_setup import (build_optimizer, engine_config, load_ds_config, precision_of, reconcile,
                                       zero_stage)
 from pretrain.engine.memory_slots import MemoryLayoutError, MemorySlots
 from pretrain.engine.metrics import MetricsWriter, Progress, format_console, peak_memory_gb, peak_tflops
@@ -106,9 +106,6 @@ class Trainer:
         self.ds_config, self.micro, self.accum = reconcile(ds_raw, cfg, self.dp_size, ds_path)
         self.dtype = precision_of(self.ds_config)
         self.zero = zero_stage(self.ds_config)
-        # DeepSpeed reports no gradient norm for plain fp32 data parallelism: the trainer measures it
-        self.own_grad_norm = self.zero == 0 and self.dtype == torch.float32
-        self.last_grad_norm: Optional[float] = None
         self.seg_len = self.family.segment_len
         self.k = cfg.train.bptt_segments
         if cfg.eval.protocol == "sliding":
@@ -142,7 +139,7 @@ class Trainer:
         parallel.seed_rng(cfg.train.seed + 1000 * self.dp_rank)
         if self.zero == 3:
             self._declare_zero3_units()
-        optimizer = build_optimizer(self.model, cfg, self.ds_config)
+        optimizer = build_optimizer(self.model, cfg, self.ds_config, self.ps.get_tensor_model_parallel_group())
         names = {id(p): n for n, p in self.model.named_parameters()}
         # the parameters of each group of the client optimizer, in order (a ZeRO-0 checkpoint's optimizer state is
         # indexed by position; resharding it needs the names); DeepSpeed drops empty groups
@@ -154,9 +151,13 @@ class Trainer:
                                         style=o.schedule, wsd_decay=o.wsd_decay, wsd_shape=o.wsd_shape)
         import deepspeed
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config,
+            model=self.model, optimizer=optimizer, lr_scheduler=sched, config=engine_config(self.ds_config),
             model_parameters=[p for p in self.model.parameters() if p.requires_grad] if optimizer is None else None,
             mpu=parallel.MpuAdapter())
+        if self.dp_size == 1 and self.zero == 0 and self.dtype == torch.float32:
+            # one data-parallel rank: nothing to average, but DeepSpeed would still copy every gradient into a
+            # flat bucket and back after each backward
+            self.engine.enable_backward_allreduce = False
         if cfg.model.checkpoint_activations and self.tp_size > 1:
             self._use_deepspeed_checkpointing(parallel)
 
@@ -189,7 +190,7 @@ class Trainer:
                                       "mode": cfg.log.wandb_mode}, to_dict(cfg))
         if self.resume_record is not None and self.rank == 0:
             self.metrics.write(self.resume_record)
-        nparams = sum(p.numel() for p in self.model.parameters())
+        nparams = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: partitioned
         log(f"run: world {self.info.world_size} (data-parallel {self.dp_size} x tensor-parallel {self.tp_size}), "
             f"ZeRO-{self.zero}, {precision_name(self.dtype)}, "
             f"{nparams * self.tp_size / 1e6:.2f}M parameters, micro-batch {self.micro} x accumulation "
@@ -384,17 +385,14 @@ class Trainer:
             loss = loss + self.cfg.train.aux_loss_weight * aux_mean
         if inject_nan:
             loss = loss * float("nan")
-        finite = pdist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) == 0.0
-        if not finite:
-            # make sure the update is skipped whatever produced the bad loss: every gradient non-finite
-            loss = loss * float("nan")
+        # a bad loss poisons every gradient, so the optimizer (which checks the gradient norm) skips the update on
+        # every rank; no host synchronisation here: the step's finiteness is settled once, in train_step
+        finite = torch.isfinite(loss.detach())
+        loss = loss * torch.where(finite, 1.0, float("nan"))
         self.engine.backward(loss)
-        if self.own_grad_norm and slot == self.accum - 1:  # averaged over data-parallel ranks, not yet clipped
-            self.last_grad_norm = grad_norm(self.model, self.ps.get_tensor_model_parallel_group())
         self.engine.step()
-        if finite:
-            self.memory.commit(slot)
-        return float(nll_sum.detach()), count, (None if aux_mean is None else float(aux_mean.detach())), finite
+        self.memory.commit(slot)   # undone by end_step when the step turns out not finite
+        return nll_sum.detach(), count, (None if aux_mean is None else aux_mean.detach()), finite
 
     def _micro_step_replay(self, batch, slot: int, inject_nan: bool):
         """``_micro_step`` by memory replay backpropagation (``train.mrbp``; MemorySlots.replay_forward): the k
@@ -434,26 +432,36 @@ class Trainer:
             return gas / float(scale)
 
         replay.backward(loss_fn, backward_fn)
-        if self.own_grad_norm and slot == self.accum - 1:
-            self.last_grad_norm = grad_norm(self.model, self.ps.get_tensor_model_parallel_group())
         self.engine.step()
         if finite:
             self.memory.commit(slot)
         return nll_sum, batch.num_scored(), aux_mean, finite
 
     def train_step(self) -> Dict[str, Any]:
+        """One optimizer step over the accumulation slots.  The losses and finiteness flags of the micro-batches
+        stay tensors until the end, where one all-reduce over the data-parallel group (no other host
+        synchronisation than the optimizer's) gives the step's loss and whether it was finite everywhere."""
         t0 = time.time()
         batches = next(self._batches)
         inject = (self.step + 1) in self.cfg.debug.inject_nonfinite and self.rank == 0  # logged, 1-based
         self.memory.begin_step()
-        nll, count, aux_sum, aux_n, finite = 0.0, 0.0, 0.0, 0, True
+        nll, count, aux_sum, aux_n, bad = [], 0.0, [], 0, []
         for slot, mb in enumerate(batches):
             s, c, a, ok = self._micro_step(mb, slot, inject and slot == 0)
-            nll, count, finite = nll + s, count + c, finite and ok
+            nll.append(torch.as_tensor(s, dtype=torch.float64))
+            bad.append(torch.as_tensor(not ok if isinstance(ok, bool) else ~ok, dtype=torch.float64))
+            count += c
             if a is not None:
-                aux_sum, aux_n = aux_sum + a, aux_n + 1
+                aux_sum.append(torch.as_tensor(a, dtype=torch.float64))
+                aux_n += 1
+        local = torch.stack([torch.stack(nll).sum().cpu(), torch.tensor(count, dtype=torch.float64),
+                             (torch.stack(aux_sum).sum().cpu() if aux_sum else torch.zeros((), dtype=torch.float64)),
+                             torch.tensor(float(aux_n), dtype=torch.float64), torch.stack(bad).sum().cpu()])
+        nll, count, aux_sum, aux_n, bad = pdist.all_reduce_sum(local, self.dp_group)
+        if self.tp_size > 1:   # the tensor-parallel ranks of a row compute one loss; agree all the same
+            bad = pdist.all_reduce_max(bad)
+        finite = bad == 0
         self.memory.end_step(finite)  # a skipped step: no slot moves on with a poisoned state
-        nll, count, aux_sum, aux_n = pdist.all_reduce_sum([nll, count, aux_sum, aux_n], self.dp_group)
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
         if finite:
@@ -546,7 +554,6 @@ class Trainer:
         try:
             while self.step < cfg.train.iters:
                 r = self.train_step()
-                window["seconds"] += r["seconds"]
                 window["steps"] += 1
                 if r["finite"]:
                     window["nll"] += r["nll_sum"]
@@ -566,13 +573,16 @@ class Trainer:
                     code = EXIT_NONFINITE
                     break
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.iters:
+                    window["seconds"] = time.perf_counter() - window["start"] - window["excluded"]
                     self._log_window(window)
                     window = self._new_window()
+                t_aside = time.perf_counter()   # evaluation and checkpoints are not training steps' time
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.iters:
                     self._eval_and_log("valid", cfg.eval.iters)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
                         and self.step < cfg.train.iters:
                     self.save("interval")
+                window["excluded"] += time.perf_counter() - t_aside
                 reason = stop.should_stop()
                 if reason is None and cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 \
                         and self.step < cfg.train.iters:
@@ -601,7 +611,10 @@ class Trainer:
 
     @staticmethod
     def _new_window() -> Dict[str, float]:
-        return {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0, "aux": 0.0, "aux_steps": 0}
+        """Sums over the steps between two log lines; ``seconds`` is the wall clock between them (everything a
+        training step costs: data, forward, backward, optimizer, logging), less evaluation and checkpoints."""
+        return {"nll": 0.0, "scored": 0.0, "seconds": 0.0, "steps": 0, "skipped": 0, "aux": 0.0, "aux_steps": 0,
+                "start": time.perf_counter(), "excluded": 0.0}
 
     def _log_window(self, w: Dict[str, float]) -> None:
         steps = max(w["steps"], 1)
@@ -626,7 +639,7 @@ class Trainer:
 
     def _grad_norm(self) -> Optional[float]:
         """The last step's gradient norm before clipping (None after a skipped step)."""
-        g = self.last_grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        g = self.engine.get_global_grad_norm()   # measured by DeepSpeed's optimizer, or by GuardedAdamW
         if g is None:
             return None
         g = float(g)

@@ -63,7 +63,9 @@ def described_parameters(model: nn.Module) -> Dict[str, Tuple[nn.Parameter, Para
 
 
 def full_shape(p: torch.Tensor, meta: ParamMeta, world: int) -> Tuple[int, ...]:
-    shape = list(p.shape)
+    """The shape of parameter ``p`` with every tensor-parallel shard together.  Under ZeRO-3 a partitioned
+    parameter's data is an empty placeholder: its shape is DeepSpeed's ``ds_shape``."""
+    shape = list(getattr(p, "ds_shape", p.shape))
     if meta.shard is not None:
         shape[meta.shard.dim] = sum(meta.shard.sections)
     return tuple(shape)
