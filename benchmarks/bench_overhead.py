@@ -3,6 +3,7 @@
     python benchmarks/bench_overhead.py                       # none, xl, lamemo; 1 and 2 processes; ZeRO 0-3
     python benchmarks/bench_overhead.py --variants xl --nprocs 1 --stages 0 --rounds 3
     python benchmarks/bench_overhead.py --profile                # where a train.py step's time goes, by part
+    python benchmarks/bench_overhead.py --interleaved            # Trainer step and raw step alternated, one process
 
 Both sides run the same run configuration (the preset, ``--micro-batch-size``, the threads per process, dropout,
 fp32, AdamW with its betas, eps, weight-decay groups and learning-rate schedule, gradient clipping at
@@ -52,8 +53,45 @@ def run_args(args, variant: str, threads: int, iters: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ raw step
+class RawStep:
+    """The model's own training step under the run config ``cfg``: ``model(tokens, state, targets)`` with the
+    memory carried and detached, the mean loss's backward, ``clip_grad_norm_`` (foreach) and fused AdamW with the
+    run's hyper-parameters and weight-decay groups, on random tokens held in memory."""
+
+    def __init__(self, cfg):
+        import torch
+
+        from pretrain.engine.ds_setup import param_groups
+        from pretrain.model import build_model
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.model = build_model(cfg.model).train()
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                     eps=o.eps, fused=True)
+        b, n = cfg.train.micro_batch, cfg.model.tgt_len
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(32, 127, (b, 64 * n + 1), generator=g)
+        self.state = self.model.init_state(b)
+        self.i = 0
+
+    def step(self) -> float:
+        import torch
+        n = self.cfg.model.tgt_len
+        j = (self.i % 64) * n
+        self.i += 1
+        t0 = time.perf_counter()
+        out, state = self.model(self.tokens[:, j:j + n], self.state, self.tokens[:, j + 1:j + n + 1])
+        self.state = state.detach()
+        out.nll.float().mean().backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
 def raw(argv) -> None:
-    """The model's own training step under the run config ``argv`` (child process); prints the step times."""
+    """The raw step alone under the run config ``argv`` (child process); prints the step times."""
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
@@ -62,33 +100,48 @@ def raw(argv) -> None:
     tune_cpu_allocator()
     import torch
 
-    from pretrain.engine.ds_setup import param_groups
     from pretrain.engine.run_config import parse_args
-    from pretrain.model import build_model, parallel
+    from pretrain.model import parallel
     cfg, _ = parse_args(rest)
     torch.set_num_threads(cfg.train.threads)
     parallel.initialize(1)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).train()
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            fused=True)
-    b, n = cfg.train.micro_batch, cfg.model.tgt_len
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(32, 127, (b, 64 * n + 1), generator=g)
-    state = model.init_state(b)
-    times = []
-    for i in range(ns.warmup + ns.steps):
-        j = (i % 64) * n
-        t0 = time.perf_counter()
-        out, state = model(tokens[:, j:j + n], state, tokens[:, j + 1:j + n + 1])
-        state = state.detach()
-        out.nll.float().mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    r = RawStep(cfg)
+    times = [r.step() for _ in range(ns.warmup + ns.steps)]
     print(json.dumps({"step_s": times[ns.warmup:]}))
+
+
+def interleaved(args, variant: str) -> dict:
+    """One process: a ``Trainer`` (ZeRO-0, the train.py settings) and the raw step of the same configuration, their
+    steps alternated (so that the machine's drift hits both alike); median ms of each and their ratio."""
+    from pretrain.runtime import tune_cpu_allocator
+    tune_cpu_allocator()
+    from pretrain.engine.run_config import parse_args
+    from pretrain.engine.trainer import Trainer
+    workdir = tempfile.mkdtemp(prefix="bench_overhead_")
+    try:
+        data = make_corpus(workdir)
+        argv = run_args(args, variant, args.threads, 10 ** 6) + [
+            "--data-path", data, "--log.progress", "false", "--log.tensorboard", "false",
+            "--checkpoint.export", "false", "--eval.interval", "0", "--eval.final_splits", "[]"]
+        cfg, _ = parse_args(argv)
+        tr = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero0_fp32.json"))
+        rs = RawStep(cfg)
+        a, b = [], []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            tr.train_step()
+            ta = time.perf_counter() - t0
+            tb = rs.step()
+            if i >= args.warmup:
+                a.append(ta)
+                b.append(tb)
+        tr.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ma, mb = statistics.median(a), statistics.median(b)
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return {"variant": variant, "train_step_ms": 1000 * ma, "raw_ms": 1000 * mb, "overhead": ma / mb - 1,
+            "overhead_of_pairs_median": ratios[len(ratios) // 2] - 1}
 
 
 # ------------------------------------------------------------------------------------------------ train.py
@@ -244,12 +297,29 @@ def main(argv=None):
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--compare-root", default=None,
                    help="also time train.py of this other checkout (e.g. the commit before a change) in every round")
+    p.add_argument("--interleaved", action="store_true",
+                   help="instead: Trainer.train_step and the raw step alternated in one process, per variant")
     p.add_argument("--profile", action="store_true",
                    help="instead: where one process's train.py step spends its time, per variant (cProfile)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "overhead.json"))
     args = p.parse_args(argv)
     if args.steps % args.log_every or args.warmup % args.log_every:
         p.error("--steps and --warmup must be multiples of --log-every")
+    if args.interleaved:
+        import torch
+        torch.set_num_threads(args.threads)
+        rows = [interleaved(args, v) for v in args.variants.split(",")]
+        print("| variant | Trainer.train_step (ms, median) | raw step (ms, median) | overhead | overhead (median of "
+              "pairs) |\n|---|---|---|---|---|")
+        for x in rows:
+            print(f"| {x['variant']} | {x['train_step_ms']:.1f} | {x['raw_ms']:.1f} | {100 * x['overhead']:+.1f}% | "
+                  f"{100 * x['overhead_of_pairs_median']:+.1f}% |")
+        out = args.out.replace(".json", "_interleaved.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}, f, indent=1)
+        print(f"wrote {out}")
+        return
     if args.profile:
         import torch
         torch.set_num_threads(args.threads)
