@@ -278,6 +278,15 @@ def configurations(args):
     return out
 
 
+def write_json(args, suffix: str, payload: dict) -> None:
+    """``payload`` with the settings, to ``--out`` with ``suffix`` before its extension."""
+    out = args.out.replace(".json", f"{suffix}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, **payload}, f, indent=1)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--raw":
@@ -314,11 +323,7 @@ def main(argv=None):
         for x in rows:
             print(f"| {x['variant']} | {x['train_step_ms']:.1f} | {x['raw_ms']:.1f} | {100 * x['overhead']:+.1f}% | "
                   f"{100 * x['overhead_of_pairs_median']:+.1f}% |")
-        out = args.out.replace(".json", "_interleaved.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}, f, indent=1)
-        print(f"wrote {out}")
+        write_json(args, "_interleaved", {"rows": rows})
         return
     if args.profile:
         import torch
@@ -328,11 +333,7 @@ def main(argv=None):
         print("| part (ms per step) | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
         for k in prof[names[0]]:
             print(f"| {k} | " + " | ".join(f"{prof[v][k]:.1f}" for v in names) + " |")
-        out = args.out.replace(".json", "_profile.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "profile": prof}, f, indent=1)
-        print(f"wrote {out}")
+        write_json(args, "_profile", {"profile": prof})
         return
     workdir = tempfile.mkdtemp(prefix="bench_overhead_")
     try:

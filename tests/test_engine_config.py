@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from pretrain.config_base import ConfigError, field_paths
-from pretrain.engine.ds_setup import GuardedAdamW, load_ds_config, precision_of, reconcile
+from pretrain.engine.ds_setup import GuardedAdamW, engine_config, load_ds_config, precision_of, reconcile
 from pretrain.engine.run_config import RunConfig, build_parser, parse_args
 from pretrain.engine.schedule import LRScheduler, lr_at
 
@@ -129,6 +129,18 @@ def test_guarded_adamw_skips_non_finite_updates():
     p.grad = torch.tensor([1.0, float("inf"), 0.0])
     opt.step()
     assert opt.overflow and opt.skipped == 2 and opt._global_grad_norm == float("inf")
+
+
+def test_deepspeed_clips_only_where_the_client_optimizer_does_not():
+    """ZeRO-0 fp32 with the client optimizer: GuardedAdamW clips, DeepSpeed gets gradient_clipping 0 (no second
+    clipping); every other layout keeps DeepSpeed's clipping; the run's own config (saved beside checkpoints) keeps
+    the user's value."""
+    z0 = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.25}
+    assert engine_config(z0)["gradient_clipping"] == 0.0 and z0["gradient_clipping"] == 0.25
+    for ds in ({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.25},
+               {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}, "gradient_clipping": 0.25},
+               {"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW"}, "gradient_clipping": 0.25}):
+        assert engine_config(ds)["gradient_clipping"] == 0.25
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])
