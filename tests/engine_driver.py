@@ -17,6 +17,11 @@ Scenarios:
   whatever layout this launch has); writes the full fp32 weights and Adam moments (gathered over every rank) right
   after the start (``<save>.start.pt``) and at the end (``<save>.final.pt``), and records the validation loss at
   both points, the losses, the full-head memory sums and the consumed tokens.
+* ``stops``: an uninterrupted run of 6 steps, then for every stop kind (``--kinds``: exit interval, SIGTERM,
+  SIGUSR1 -- sent by the last rank to itself --, the wall-time guard, the end of a shorter run) at a step that is
+  a save-interval step (``on``) and one that is not (``between``): a run that stops there and the same command
+  without the stop, which resumes.  Records for each run the losses, the final weights (a hash per rank), memory
+  sums and stream position, every checkpoint saved (tag and meta.json's reason) and where the resume started.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
 Every run is a fresh ``Trainer`` (model, DeepSpeed engine, streams, states); the process group and the
@@ -61,12 +66,37 @@ def memory_full(tr):
     return [{k: float(st[k].double().sum()) for k in st.keys()} for st in (s.tp_gather() for s in tr.memory.states)]
 
 
+def weights_hash(tr):
+    """sha256 of this rank's parameters (every tensor's bytes, in order)."""
+    import hashlib
+    h = hashlib.sha256()
+    for _, p in sorted(tr.model.named_parameters()):
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_saves(tr, extra):
+    """Wrap the checkpoint manager's save: every save of the run as [tag, meta.json's reason]."""
+    saves = extra.setdefault("saves", [])
+    plain = tr.ckpt.save
+
+    def save(engine, step, parts, meta):
+        tag = plain(engine, step, parts, meta)
+        saves.append([tag, meta["reason"]])
+        return tag
+    tr.ckpt.save = save
+
+
 def one_run(argv, ds_config, hook=None):
     from pretrain.engine.run_config import parse_args
     from pretrain.engine.trainer import Trainer
     cfg, _ = parse_args(argv)
     tr = Trainer(cfg, ds_config)
     extra = {}
+    if hook == "stops":
+        record_saves(tr, extra)
+        extra["resumed_from"] = None if tr.resume_record is None else tr.resume_record["from"]
     if hook == "masters":
         before = masters(tr)
     elif hook == "state":
@@ -98,6 +128,8 @@ def one_run(argv, ds_config, hook=None):
         if tr.rank == 0:
             import torch
             torch.save(st, tr.run_dir + ".final.pt")
+    elif hook == "stops":
+        extra.update(weights=weights_hash(tr), stream=tr.stream.state_dict(), stopped=tr.stopped)
     elif hook == "aux":
         delta = (tr.model.embedding.tables[0].weight.detach() - before).flatten()
         extra.update(emb_delta_max=float(delta.max()), emb_delta_min=float(delta.min()),
@@ -122,7 +154,10 @@ def one_run(argv, ds_config, hook=None):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state"], required=True)
+    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops"],
+                   required=True)
+    p.add_argument("--kinds", default="exit_interval,SIGTERM,SIGUSR1,walltime,end",
+                   help="stops: comma-separated stop kinds")
     p.add_argument("--tag", default="run")
     p.add_argument("--source", default=None)
     p.add_argument("--source-zero", default=None)
@@ -167,6 +202,23 @@ def main():
                 src = f"z{args.source_zero or stage}{args.source_precision or args.precision}_{args.source}"
                 load = ["--load", os.path.join(args.workdir, src)]
             results[stage] = one_run(rest + ["--save", save] + load, ds, hook="state")
+            continue
+        if args.scenario == "stops":
+            results[stage] = {"full": one_run(rest + ["--save", base + "_full", "--train-iters", "6"], ds,
+                                              hook="stops")}
+            last = str(dist.get_world_size() - 1 if dist.is_initialized() else 0)
+            for kind in args.kinds.split(","):
+                at = 1 if kind == "walltime" else 3     # the wall-time guard trips at the first step's check
+                stop = {"exit_interval": ["--exit-interval", str(at)],
+                        "walltime": ["--exit-duration-in-mins", "1e-9"],
+                        "end": ["--train-iters", str(at)]}.get(
+                    kind, ["--debug.signal_at", f"[{at}]", "--debug.signal", kind, "--debug.signal_rank", last])
+                for where, interval in (("on", at), ("between", 2)):
+                    save = f"{base}_{kind}_{where}"
+                    common = rest + ["--save", save, "--save-interval", str(interval), "--train-iters", "6"]
+                    results[stage][f"{kind}_{where}"] = {"at": at, "interval": interval,
+                                                         "stopped": one_run(common + stop, ds, hook="stops"),
+                                                         "resumed": one_run(common, ds, hook="stops")}
             continue
         if args.scenario == "aux":
             results[stage] = {w: one_run(rest + ["--save", f"{base}_aux{w}", "--train-iters", "1",

@@ -262,7 +262,7 @@ def _fake_checkpoint(root, step, files=None, latest=True):
     return tag
 
 
-def test_candidates_start_with_latest_and_skip_what_it_names_when_missing(tmp_path):
+def test_candidates_are_newest_first_and_note_what_latest_names_when_missing(tmp_path):
     from pretrain.engine import checkpoint as ckpt
     root = str(tmp_path)
     _fake_checkpoint(root, 2)
@@ -271,7 +271,7 @@ def test_candidates_start_with_latest_and_skip_what_it_names_when_missing(tmp_pa
     assert ckpt.candidates(root) == (["iter_0000004", "iter_0000002"], [])
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("iter_0000002")
-    assert ckpt.candidates(root)[0] == ["iter_0000002", "iter_0000004"]
+    assert ckpt.candidates(root)[0] == ["iter_0000004", "iter_0000002"]   # never older while a newer is complete
     for named, what in (("iter_0000099", "missing"), ("iter_0000006", "incomplete")):
         with open(os.path.join(root, "latest"), "w") as f:
             f.write(named)

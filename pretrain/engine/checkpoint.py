@@ -17,13 +17,18 @@ Layout of a save directory::
 The trainer hands the manager its per-rank parts by name, each with ``state_dict()`` / ``load_state_dict()``
 (torchtitan's ``Stateful`` pattern); global counters go to ``meta.json``.
 
-A checkpoint counts only once ``meta.json`` and then ``latest`` are written, so a run killed while saving resumes
-from the previous one.  A failed write (a full disk) removes the half-written directory and raises
-``CheckpointError`` naming the file and the cause; ``latest`` keeps naming the previous checkpoint.  After a save
-the oldest complete checkpoints beyond ``keep_last`` are deleted, together with incomplete leftovers.
+A checkpoint counts only once its ``meta.json`` is written (after every rank's files, atomically, recording the size
+of each file), so a run killed while saving resumes from the previous one; ``latest`` is written after it.  Each
+step is saved at most once by a run (the trainer joins the reasons that meet at a step into one save); a directory
+of the same step left by an earlier run (interrupted, corrupt or another run's) is removed before the save writes
+anything, so ``meta.json`` describes exactly the files of its own save.  A failed write (a full disk) removes the
+half-written directory and raises ``CheckpointError`` naming the file and the cause; ``latest`` keeps naming the
+previous checkpoint.  After a save the oldest complete checkpoints beyond ``keep_last`` are deleted (``meta.json``
+first), together with incomplete leftovers.
 
-Resuming (``candidates`` / ``verify``): the checkpoint ``latest`` names is used if it is complete and every file
-has the size ``meta.json`` recorded; otherwise the newest complete one is, and the log says why.
+Resuming (``candidates`` / ``verify``): the newest complete checkpoint whose every file has the size ``meta.json``
+recorded is used, whatever ``latest`` names (never an older one while a newer complete one is intact); the log says
+why a newer one was passed over, and when ``latest`` lags behind.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ import os
 import random
 import re
 import shutil
+import signal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+LATEST_BEHIND = "the run stopped before updating latest"   # a note of ``candidates``, not a problem
 TAG_RE = re.compile(r"^iter_(\d+)$")
 META_FORMAT = 2  # 1: written before meta.json recorded the layout, model and file sizes
 DISK_FULL_BYTES = 16 << 20  # less free space than this after a failed write: the disk is full
@@ -96,20 +103,20 @@ def read_meta(load_dir: str, tag: str) -> Dict[str, Any]:
 
 
 def candidates(load_dir: str) -> Tuple[List[str], List[str]]:
-    """(tags to try in order, notes).  The tag ``latest`` names comes first when its checkpoint is complete, then
-    every other complete checkpoint, newest first; a ``latest`` naming a missing or incomplete checkpoint is
-    noted and skipped."""
+    """(tags to try in order, notes).  Every complete checkpoint (``meta.json`` written), newest first: an older
+    checkpoint is never chosen while a newer complete one exists.  ``latest`` only explains: a ``latest`` naming a
+    missing or incomplete checkpoint, or an older one than the newest complete (a run killed after writing a
+    checkpoint's ``meta.json`` and before ``latest``), is noted."""
     tags = complete_tags(load_dir)
     notes = []
     named = read_latest(load_dir)
     if named is not None:
-        if named in tags:
-            tags.remove(named)
-            tags.insert(0, named)
-        else:
+        if named not in tags:
             what = "missing" if not os.path.isdir(os.path.join(load_dir, named)) else \
                 "incomplete (no memtrain/meta.json)"
             notes.append(f"{load_dir}/latest names {named!r}, which is {what}")
+        elif tags[0] != named:
+            notes.append(f"{load_dir}/latest names {named!r}, older than the complete {tags[0]} ({LATEST_BEHIND})")
     return tags, notes
 
 
@@ -132,10 +139,13 @@ def verify(load_dir: str, tag: str, meta: Mapping[str, Any]) -> Optional[str]:
 
 
 def _file_sizes(root: str) -> Dict[str, int]:
+    """relative path -> size in bytes of every file of a checkpoint directory, but meta.json (which records them)
+    and temporary files."""
     out = {}
+    skip = os.path.join(root, "memtrain", "meta.json")
     for base, _, names in os.walk(root):
         for n in names:
-            if ".tmp" in n:
+            if ".tmp" in n or os.path.join(base, n) == skip:
                 continue
             p = os.path.join(base, n)
             out[os.path.relpath(p, root)] = os.path.getsize(p)
@@ -277,6 +287,7 @@ class CheckpointManager:
         self.dp_rank, self.tp_rank = dp_rank, tp_rank
         self.dp_size, self.tp_size = dp_size, tp_size
         self.rank = rank
+        self.kill_at: Optional[str] = None   # fault injection (tests): see _fault
 
     def rank_file(self, root: str, tag: str, dp_rank: Optional[int] = None, tp_rank: Optional[int] = None) -> str:
         dp = self.dp_rank if dp_rank is None else dp_rank
@@ -295,7 +306,16 @@ class CheckpointManager:
         meta = dict(meta, format=META_FORMAT, step=step, tag=tag, dp_size=self.dp_size, tp_size=self.tp_size)
         error: Optional[BaseException] = None
         hint: Optional[str] = None
+        # a directory of this step already there (a save interrupted in an earlier run, a checkpoint that failed its
+        # check and was passed over, another run's): it goes before anything is written, so that the files
+        # meta.json records are exactly this save's (the trainer never saves one of its own steps twice)
+        if self.rank == 0 and os.path.lexists(root):
+            _remove(meta_path(self.save_dir, tag))
+            shutil.rmtree(root, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
         try:
+            self._fault("start")
             engine.save_checkpoint(self.save_dir, tag=tag, client_state={"memtrain": meta}, save_latest=False)
             os.makedirs(os.path.join(root, "memtrain"), exist_ok=True)
             payload = {name: part.state_dict() for name, part in parts.items()}
@@ -303,6 +323,7 @@ class CheckpointManager:
             hint = self.rank_file(self.save_dir, tag)
             _atomic_torch_save(payload, hint)
             hint = None
+            self._fault("rank_files")
         except Exception as e:  # a full disk, a permission problem, a vanished file system
             error = e
             if hint is None:
@@ -319,8 +340,10 @@ class CheckpointManager:
                 meta["files"] = _file_sizes(root)
                 hint = meta_path(self.save_dir, tag)
                 _atomic_write_text(hint, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                self._fault("meta")
                 hint = os.path.join(self.save_dir, "latest")
                 _atomic_write_text(hint, tag)
+                self._fault("latest")
             except Exception as e:
                 error = e
         failed = _agree_any(error is not None)
@@ -342,6 +365,13 @@ class CheckpointManager:
             dist.barrier()
         return tag
 
+    def _fault(self, point: str) -> None:
+        """Fault injection for the tests (``debug.kill_in_save``): this process dies with SIGKILL at ``point`` of
+        the save (``start``: nothing written yet; ``rank_files``: DeepSpeed's and this rank's files written;
+        ``meta``: meta.json written, ``latest`` not yet; ``latest``: before old checkpoints are pruned)."""
+        if self.kill_at == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _discard(self, tag: str) -> None:
         """Remove a half-written checkpoint (never the one ``latest`` names)."""
         if read_latest(self.save_dir) == tag:
@@ -360,8 +390,10 @@ class CheckpointManager:
         keep.add(newest)
         newest_step = step_of(newest)
         for step, name in tags:
-            # incomplete leftovers of older steps go too; a newer incomplete one may be another writer's
+            # incomplete leftovers of older steps go too; a newer incomplete one may be another writer's.  meta.json
+            # goes first, so that a deletion cut short leaves an incomplete directory, never a complete-looking one
             if name not in keep and step <= newest_step:
+                _remove(meta_path(self.save_dir, name))
                 shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
 
     def load_rank_state(self, load_dir: str, tag: str, dp_rank: Optional[int] = None,

@@ -1,7 +1,7 @@
 """Which checkpoint a run resumes from, and whether this run can use it: decided before anything is loaded.
 
-``select_checkpoint`` picks the checkpoint: the one ``latest`` names when it is complete and intact, else the
-newest complete one (saying why).  Intact means every file has the size recorded when it was written and this
+``select_checkpoint`` picks the checkpoint: the newest complete and intact one (never an older one while a newer
+complete one is intact; ``latest`` only explains, and the log says why a newer one was passed over).  Intact means every file has the size recorded when it was written and this
 rank's per-rank file (or the files it needs) can be read; the ranks agree, so one corrupt file anywhere makes
 every rank move on to the previous checkpoint.
 
@@ -145,7 +145,9 @@ def select_checkpoint(load_dir: str, manager: ckpt.CheckpointManager, dp_rank: i
         else:
             plan.stream_parts = parts[(0, 0)].get("stream")
         if rejected:
-            log(f"resume: {'; '.join(rejected)}; falling back to {tag}, the newest complete checkpoint")
+            behind = all(r.endswith(f"({ckpt.LATEST_BEHIND})") for r in rejected)
+            log(f"resume: {'; '.join(rejected)}; {'resuming from' if behind else 'falling back to'} {tag}, the newest "
+                f"complete checkpoint")
         return plan
     if not tags and not rejected:
         raise ConfigError("checkpoint.load", f"{load_dir}: no complete checkpoint to resume from")

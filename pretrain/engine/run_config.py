@@ -192,6 +192,19 @@ class ParallelConfig:
 class DebugConfig:
     inject_nonfinite: List[int] = F([], "fault injection: steps whose loss is made NaN on the first rank (tests the "
                                         "non-finite guard)")
+    signal_at: List[int] = F([], "fault injection: steps at whose end rank debug.signal_rank sends itself "
+                                 "debug.signal (tests preemption)")
+    signal: str = F("SIGTERM", "the signal of debug.signal_at: SIGTERM or SIGUSR1")
+    signal_rank: int = F(0, "the global rank that receives debug.signal_at's signal")
+    kill_in_save: str = F("", "fault injection: die by SIGKILL inside the save of step debug.kill_in_save_step, at "
+                              "start | rank_files | meta | latest (tests interrupted saves)")
+    kill_in_save_step: int = F(0, "the step of debug.kill_in_save")
+
+    def validate(self):
+        if self.signal not in ("SIGTERM", "SIGUSR1"):
+            raise ConfigError("signal", f"must be SIGTERM or SIGUSR1, got {self.signal!r}")
+        if self.kill_in_save not in ("", "start", "rank_files", "meta", "latest"):
+            raise ConfigError("kill_in_save", f"must be start, rank_files, meta or latest, got {self.kill_in_save!r}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -175,6 +176,8 @@ class Trainer:
         self.flops_per_step = 3 * self.model.flops(self.micro, n, self.family.mem_len) * self.accum * self.k
         self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
         self.resume_record: Optional[Dict[str, Any]] = None
+        self.saved_step: Optional[int] = None   # the step this run's run directory already holds a checkpoint of
+        self.stopped: Optional[str] = None      # why train() stopped before train.iters (signal, guard, interval)
         rng_state = self._resume(self.plan) if self.plan is not None else None
 
         # nothing failed: only now is the run directory written
@@ -316,6 +319,8 @@ class Trainer:
             if path is None:
                 raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {plan.where}")
         self.step = plan.step
+        if self.run_dir and os.path.realpath(plan.load_dir) == os.path.realpath(self.run_dir):
+            self.saved_step = plan.step
         self.consumed_tokens = int(meta.get("consumed_tokens", 0))
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
         # the schedule follows this run's options from the update the checkpoint stopped at, whatever the optimizer
@@ -529,13 +534,25 @@ class Trainer:
                 "optimizer_params": self.optimizer_param_names}
 
     def save(self, reason: str) -> Optional[str]:
+        """Checkpoint this step (collective), at most once: a step already saved by this run, or the checkpoint of
+        the run directory this run resumed from, is not written again (``reason`` joins every reason that met at
+        the step, e.g. ``interval + signal SIGTERM``).  Returns the tag, or None when nothing could be written
+        (no run directory, or non-finite weights or memory)."""
         if not self.run_dir:
             return None
+        tag = ckpt.tag_for(self.step)
+        if self.saved_step == self.step:
+            log(f"checkpoint {self.run_dir}/{tag} already holds step {self.step}; not written again ({reason})",
+                self.rank)
+            return tag
         if not self._all_finite():
             log(f"checkpoint at step {self.step} NOT written ({reason}): non-finite weights or memory", self.rank)
             return None
         parts = {"memory": self.memory, "stream": self.stream, "rng": self.rng}
+        d = self.cfg.debug
+        self.ckpt.kill_at = d.kill_in_save if d.kill_in_save and self.step == d.kill_in_save_step else None
         tag = self.ckpt.save(self.engine, self.step, parts, self.checkpoint_meta(reason))
+        self.saved_step = self.step
         log(f"saved checkpoint {self.run_dir}/{tag} ({reason})", self.rank)
         return tag
 
@@ -577,25 +594,35 @@ class Trainer:
                     self._log_window(window)
                     window = self._new_window()
                 t_aside = time.perf_counter()   # evaluation and checkpoints are not training steps' time
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.iters:
+                last = self.step >= cfg.train.iters
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and not last:
                     self._eval_and_log("valid", cfg.eval.iters)
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
-                        and self.step < cfg.train.iters:
-                    self.save("interval")
+                self._debug_signal(stop)
+                # every reason to checkpoint this step, saved once: the interval, a stop (signal, wall-time guard,
+                # exit interval) and the end of training may meet at one step
+                reasons = []
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    reasons.append("interval")
+                stop_reason = stop.should_stop()
+                if stop_reason is None and cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 \
+                        and not last:
+                    stop_reason = f"exit interval {cfg.train.exit_interval}"
+                if last:
+                    reasons = ["end"] + [r for r in reasons if r != "interval"]
+                if stop_reason is not None:
+                    reasons.append(stop_reason)
+                    log(f"stopping at step {self.step}: {stop_reason}", self.rank)
+                if reasons:
+                    self.save(" + ".join(reasons))
                 window["excluded"] += time.perf_counter() - t_aside
-                reason = stop.should_stop()
-                if reason is None and cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 \
-                        and self.step < cfg.train.iters:
-                    reason = f"exit interval {cfg.train.exit_interval}"
-                if reason is not None:
-                    log(f"stopping at step {self.step}: {reason}", self.rank)
-                    self.save(reason)
+                if stop_reason is not None:
+                    self.stopped = stop_reason
                     return EXIT_OK
             if bar is not None:
                 bar.close()
                 bar = _progress = None
             if code == EXIT_OK:
-                self.save("end")
+                self.save("end")   # not written again when the last step saved it (or the run resumed there)
                 for split in cfg.eval.final_splits:
                     self._eval_and_log(split, 0)
                 if cfg.checkpoint.export and self.run_dir:
@@ -608,6 +635,13 @@ class Trainer:
                 bar.close()
             _progress = None
             stop.restore()
+
+    def _debug_signal(self, stop: StopRequest) -> None:
+        """Fault injection for the tests (``debug.signal_at``): this rank sends itself the signal at the end of the
+        step, as a scheduler would (the handler sets the flag; the stop is agreed by every rank)."""
+        d = self.cfg.debug
+        if self.step in d.signal_at and self.rank == d.signal_rank:
+            os.kill(os.getpid(), getattr(signal, d.signal))
 
     @staticmethod
     def _new_window() -> Dict[str, float]:
@@ -673,7 +707,11 @@ def run(argv: Optional[List[str]] = None) -> int:
     try:
         trainer = Trainer(cfg, ds_path)
         code = trainer.train()
-        if trainer.rank == 0 and trainer.run_dir:
+        if trainer.rank == 0 and trainer.run_dir and trainer.stopped is not None:
+            log(f"stopped at step {trainer.step} of {cfg.train.iters} ({trainer.stopped}): checkpoint "
+                f"{trainer.run_dir}/{ckpt.tag_for(trainer.step)}; run the same command again to resume",
+                trainer.rank)
+        elif trainer.rank == 0 and trainer.run_dir:
             log(f"done: logs {trainer.run_dir}/metrics.jsonl, TensorBoard {trainer.run_dir}/tensorboard, "
                 f"checkpoints {trainer.run_dir}/iter_*, plot with: python pretrain/plot.py {trainer.run_dir}",
                 trainer.rank)
