@@ -1,13 +1,15 @@
-"""Generate text from an exported model, carrying the memory while generating.
+"""Generate text from an exported model, every new token predicted with the context training gave it.
 
     python pretrain/generate.py --model runs/lamemo/export --prompt "The history of" --max-new-tokens 200
     python pretrain/generate.py --model runs/lamemo/export --prompt-file prompts.txt --top-p 0.95 --seed 42
 
-The prompt is fed in segments of the training length with the memory carried from one to the next; then
-tokens are sampled one at a time (a segment of length 1), each forward updating the memory: Transformer-XL
-appends the new position, LaMemo also refreshes every memory position with the new token (its look-ahead).
-Sampling: temperature, then top-k, then nucleus (top-p).  Output is decoded with the dataset's tokenizer.
-A prompt file holds one prompt per line (or per blank-line-separated block with --blocks).
+How the model is fed follows from what its state carries (``model.decode_policy``, see ``generate``): a memory
+(Transformer-XL, LaMemo, Compressive, RMT, slots) is carried from segment to segment of the training length as
+in training, the current partial segment re-read for every new token; a model without carried state (mem_len 0,
+absolute positions, fast weights restarted every segment) reads a sliding window of the segment length;
+carried fast weights take one token at a time.  Sampling: temperature, then top-k, then nucleus (top-p).
+Output is decoded with the dataset's tokenizer.  A prompt file holds one prompt per line (or per
+blank-line-separated block with --blocks).
 """
 if __name__ == "__main__":
     import os, signal, sys  # noqa: E401
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-len", type=int_at_least(0, "0 = no memory"), default=None,
                    help="memory length while generating (default: training's)")
     p.add_argument("--segment-len", type=int_at_least(1), default=None,
-                   help="prompt segment length (default: training's)")
+                   help="segment (or sliding window) length the text is read in (default: training's)")
     p.add_argument("--clamp-len", type=bounded(int), default=None,
                    help="clamp relative distances (<= 0: no clamp; default: training's)")
     p.add_argument("--stop-at-eod", action="store_true", help="stop a sample at the end-of-document token")
@@ -86,14 +88,42 @@ def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generato
 def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, generator, mem_len: Optional[int], segment_len: int, clamp_len: Optional[int] = None,
              eod_id: Optional[int] = None, device="cpu") -> List[int]:
-    """Sample up to ``max_new_tokens`` ids after ``prompt_ids``, carrying the memory as the model asks
-    (``model.decode_policy``): ``"token"``: the prompt goes in segments of ``segment_len``, then every new token
-    is a segment of one that updates the state (Transformer-XL appends it, LaMemo also refreshes its memory with
-    it, fast weights write it); ``"segment"``: the state is written only at segment boundaries, so the current
-    partial segment is re-read from the state at its start for every new token, and the state moves on when the
-    segment holds ``segment_len`` tokens."""
+    """Sample up to ``max_new_tokens`` ids (a list of ints, stopping after ``eod_id`` if given) after
+    ``prompt_ids`` (token ids; an empty prompt starts from ``eod_id``, or 0), one sequence, without gradients.
+
+    Every new token is drawn from what the model predicts *with the context it was trained with*: training read
+    the text in segments of ``segment_len`` (tgt_len), each position seeing the earlier positions of its segment
+    plus what the state carried in from before it.  How that context is rebuilt while generating follows from
+    what the state carries (``model.decode_policy_for(mem_len)``, derived from each layer's ``carries``):
+
+    * ``"segment"`` (a memory that carries part of the past: Transformer-XL and LaMemo caches, compressed
+      memory, RMT memory tokens, slots, and hybrids with such layers): the prompt and the output are read in
+      segments aligned at the prompt's first token, the state moving on at segment boundaries exactly as in
+      training; for every new token the current partial segment is re-read from the state at its start.  Each
+      token's distribution is the one of a teacher-forced pass over prompt + output in training segments (what
+      ``evaluate.py --protocol train`` scores).  A token-by-token decode would instead give every token only the
+      ``mem_len`` cached positions, the context of a segment's first position (none with mem_len 0).
+    * ``"window"`` (no state carries anything: mem_len 0, absolute positions, fast weights restarted every
+      segment): every new token's distribution is the prediction at the last position of a pass over the last
+      ``segment_len`` tokens from a fresh state, a sliding window (``evaluate.py --protocol sliding`` with stride
+      1).  Of the contexts training gave (0 to ``segment_len`` - 1 earlier tokens) this is the longest, in the
+      place training had it (the segment's last position, which matters for absolute positions); the segment-
+      aligned reading would restart from a single token at every segment boundary.
+    * ``"token"`` (every layer's state carries all it has read: carried fast weights): the prompt goes in
+      segments of ``segment_len``, then every new token is a segment of one that updates the state, which
+      equals reading whole segments.
+
+    A pass over fewer than ``segment_len`` tokens (a partial segment, a window at the start of the text) is
+    padded to ``segment_len`` with copies of its last token and read at its last real position: causality keeps
+    the padding from every earlier position, and positions counted from the segment's end (absolute positions)
+    then sit where training had them.  ``mem_len`` (None: the model's), ``clamp_len`` (None: the model's)
+    override the model's settings; ``ValueError`` for a ``mem_len`` the model refuses or a ``segment_len`` < 1;
+    ``sample_next``'s errors for bad sampling settings."""
     import torch
+    if segment_len < 1:
+        raise ValueError(f"segment_len must be >= 1, got {segment_len}")
     state = model.init_state(1, mem_len=mem_len, device=device)
+    policy = model.decode_policy_for(state.mem_len)
     ids = list(prompt_ids)
     if not ids:
         ids = [eod_id if eod_id is not None else 0]
@@ -101,20 +131,38 @@ def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: 
     def run(tokens, st, **kw):
         return model(torch.tensor([tokens], dtype=torch.long, device=device), st, clamp_len=clamp_len, **kw)
 
+    def predict(tokens, st):
+        """(log-probabilities [1, V] after the last of ``tokens``, the state after them) from state ``st``; a
+        pass over fewer than segment_len tokens is padded (its state is then not the text's: unused)."""
+        n = len(tokens)
+        out, after = run(tokens + tokens[-1:] * (segment_len - n), st, return_logits=True)
+        return out.logits[:, n - 1, :], after
+
     out_ids: List[int] = []
+
+    def emit(logprobs) -> bool:
+        """Sample the next token into out_ids; True when generation is over."""
+        cur = int(sample_next(logprobs, temperature, top_k, top_p, generator)[0])
+        out_ids.append(cur)
+        return cur == eod_id or len(out_ids) == max_new_tokens
+
     with torch.no_grad():
-        if getattr(model, "decode_policy", "token") == "token":
-            # all prompt tokens but the last build the memory; the last one is the first generation input
+        if max_new_tokens < 1:
+            return out_ids
+        if policy == "token":
+            # all prompt tokens but the last build the state; the last one is the first generation input
             ctx, cur = ids[:-1], ids[-1]
             for s in range(0, len(ctx), segment_len):
                 _, state = run(ctx[s:s + segment_len], state)
-            for _ in range(max_new_tokens):
+            while True:
                 out, state = run([cur], state, return_logits=True)
-                cur = int(sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)[0])
-                out_ids.append(cur)
-                if cur == eod_id:
-                    break
-            return out_ids
+                if emit(out.logits[:, -1, :]):
+                    return out_ids
+                cur = out_ids[-1]
+        if policy == "window":
+            while True:
+                if emit(predict((ids + out_ids)[-segment_len:], state)[0]):
+                    return out_ids
         # segment policy: whole segments of the prompt move the state; the rest (1..segment_len tokens) is the
         # current partial segment
         pos = 0
@@ -122,17 +170,14 @@ def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: 
             _, state = run(ids[pos:pos + segment_len], state)
             pos += segment_len
         buf = ids[pos:]
-        for _ in range(max_new_tokens):
-            out, after = run(buf, state, return_logits=True)
-            cur = int(sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)[0])
-            out_ids.append(cur)
-            if cur == eod_id:
-                break
+        while True:
+            logprobs, after = predict(buf, state)
+            if emit(logprobs):
+                return out_ids
             if len(buf) == segment_len:          # the segment is complete: its state is the next one's
-                state, buf = after, [cur]
+                state, buf = after, [out_ids[-1]]
             else:
-                buf.append(cur)
-    return out_ids
+                buf.append(out_ids[-1])
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ step "4/6 evaluate the exported model on the test split"
 python pretrain/evaluate.py --model "$OUT/run/export" --split test --protocol train --batch-size 8 \
     --output "$OUT/eval_test.json"
 
-step "5/6 generate: the model continues a copy prompt from the test set, memory carried token by token"
+step "5/6 generate: the model continues a copy prompt from the test set, memory carried segment by segment as in training"
 PROMPT=$(python -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['problem'])" "$OUT/corpus/copy_test.jsonl")
 python pretrain/generate.py --model "$OUT/run/export" --prompt "$PROMPT" --max-new-tokens 16 --temperature 0
 

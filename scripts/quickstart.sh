@@ -6,7 +6,7 @@
 #      from step to step) with the deepspeed launcher on 2 CPU processes (ZeRO-2)
 #   3. train the baseline: the same model on the same data without memory (--model.mem_len 0)
 #   4. evaluate both exported models on the validation split in bits per character (the protocol is printed)
-#   5. generate a sample from the memory model, the memory carried through the prompt and every new character
+#   5. generate a sample from the memory model, the memory carried from segment to segment as in training
 #   6. plot both loss curves in one picture, and print a table: bpc with and without memory, tokens/s, files
 # 630 s on a 2-core VM shared with other work (docs/results.md: times, bpc, seeds). Everything goes under $OUT
 # (default runs/quickstart); a second run starts afresh. ITERS=N trains N steps instead of the preset's 500 (a

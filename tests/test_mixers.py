@@ -7,7 +7,10 @@
 * give the same result in one long segment as in short segments with the state carried, where the mechanism
   promises it (``recurrence_exact``);
 * restart reset rows from the initial state, round-trip the state through save/load, and honour detach;
-* replay dropout under activation checkpointing (same loss and gradients as without).
+* replay dropout under activation checkpointing (same loss and gradients as without);
+* generate what the model predicts with the context training gave it (greedy decoding = the teacher-forced
+  argmax), with no memory, a memory shorter than a segment and one longer than the text, under the decode
+  policy that follows from what each layer's state carries (checked against behaviour).
 
 Tensor parallelism (TP 2 = TP 1) for the same cases is in test_model_tp.py; exact resume through the engine in
 test_engine_train.py.  A new mechanism is covered by registering it with its test configs.
@@ -17,6 +20,7 @@ import io
 import pytest
 import torch
 
+from pretrain.config_base import ConfigError
 from pretrain.model import MemoryState, ModelConfig, build_model, parallel, registry
 from test_model_reference import BASE as REF_BASE, compare
 
@@ -206,28 +210,129 @@ def test_activation_checkpointing_replays_dropout(case):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-12, rtol=0)
 
 
-def _by_segment(cfg) -> bool:
-    """Whether generation writes this model's memory only at segment boundaries (without building it)."""
-    specs = cfg.layer_specs()
-    return any(registry.mixer_class(s.mechanism).decode == "segment" for s in specs) or (
-        not cfg.fast_weight.carry_state and any(s.mechanism == "fast_weight" for s in specs)) or \
-        any(registry.mixer_class(m.name).decode == "segment" for m in registry.stack_memories(cfg))
+# Generation also runs on fast weights with absolute positions (lmtool's setting without carry-over, and with it:
+# the recurrence is then exact but positions are counted within the segment).
+GEN_EXTRA = {"delta-absolute": dict(attn_type=24, mem_len=0, fast_weight=dict(positions="absolute")),
+             "delta-absolute-nocarry": dict(attn_type=24, mem_len=0,
+                                            fast_weight=dict(positions="absolute", carry_state=False))}
 
 
-@pytest.mark.parametrize("case", sorted(c for c in CASES if _exact(_cfg(c)) or _by_segment(_cfg(c))))
-def test_greedy_generation_equals_teacher_forcing(case):
-    """Generation advances the memory as the model asks (per token, or only at segment boundaries): greedy
-    decoding gives the tokens that a teacher-forced pass over prompt + output, segment by segment, predicts."""
-    from pretrain.generate import generate
-    cfg = _cfg(case, mem_len=24 if _cfg(case).mem_len else 0)
+def _gen_cfg(case, **kw):
+    return ModelConfig(**{**BASE, **{**CASES, **GEN_EXTRA}[case], **kw})
+
+
+def _valid(case, **kw) -> bool:
+    try:
+        _gen_cfg(case, **kw).validate()
+    except ConfigError:
+        return False
+    return True
+
+
+# Memory settings of the generation tests: none, shorter than a segment (tgt_len 4), longer than the whole text;
+# each where the model accepts it (LaMemo needs a memory; a model without memory layers takes none).
+GEN_MEMORY = (0, 2, 24)
+GEN_CASES = [(case, m) for case in sorted({**CASES, **GEN_EXTRA}) for m in GEN_MEMORY if _valid(case, mem_len=m)]
+
+
+@pytest.mark.parametrize("case, mem_len", GEN_CASES, ids=[f"{c}-mem{m}" for c, m in GEN_CASES])
+def test_decode_policy_follows_what_the_state_carries(case, mem_len):
+    """The decode policy is derived from the mixers' ``carries`` declarations; check them against behaviour:
+    ``window`` exactly when a segment's outputs do not depend on the state carried into it, ``token`` only where
+    one-token segments give what training segments give."""
+    cfg = _gen_cfg(case, mem_len=mem_len)
     model = _model(cfg)
-    assert model.decode_policy == ("segment" if _by_segment(cfg) else "token")
-    prompt = torch.randint(0, BASE["vocab_size"], (6,), generator=torch.Generator().manual_seed(4)).tolist()
-    new = generate(model, prompt, max_new_tokens=9, temperature=0.0, top_k=0, top_p=1.0, generator=None,
-                   mem_len=cfg.mem_len, segment_len=4)
-    seq = torch.tensor([prompt + new])
-    forced = _run(model, seq, 4, cfg.mem_len).argmax(-1)[0]
-    assert new == forced[len(prompt) - 1:len(seq[0]) - 1].tolist()
+    policy = model.decode_policy
+    assert policy == model.decode_policy_for(mem_len) and policy in ("window", "token", "segment")
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(8))
+    _, state = model(tokens[:, :4], model.init_state(2, mem_len=mem_len))
+    carried, _ = model(tokens[:, 4:8], state, return_logits=True)
+    fresh, _ = model(tokens[:, 4:8], model.init_state(2, mem_len=mem_len), return_logits=True)
+    state_matters = (carried.logits - fresh.logits).abs().max().item() > 1e-9
+    assert (policy == "window") == (not state_matters), (policy, model.stack.carries(mem_len))
+    if policy == "token":
+        by_token = _run(model, tokens, 1, mem_len)
+        assert (by_token - _run(model, tokens, 4, mem_len)).abs().max().item() < 1e-6
+
+
+def test_decode_policy_of_a_new_mechanism_follows_its_declared_state():
+    """A mixer or memory that declares nothing about decoding gets its policy from its state entries: none (or
+    only empty ones) -> it carries nothing (a sliding window); a state holding values -> part of the past
+    (segments as in training).  Transformer-XL declares nothing of its own."""
+    from pretrain.model.mixers.base import Mixer, StackMemory, StateEntry
+    from pretrain.model.mixers.xl import XLMixer
+    assert XLMixer.carries is Mixer.carries
+    model = _model(_cfg("xl-0", mem_len=0))
+    assert model.stack.carries(0) == {"layers.0": "nothing", "layers.1": "nothing"}     # a memory of 0 positions
+    assert set(model.stack.carries(3).values()) == {"part"}
+    assert model.decode_policy_for(0) == "window" and model.decode_policy_for(3) == "segment"
+
+    class Stateless(StackMemory):
+        name = "stateless"
+
+    class Summary(StackMemory):
+        name = "summary"
+
+        def initial_state(self, batch_size, mem_len, device, dtype):
+            return {"m": StateEntry(torch.zeros(batch_size, 2, 4, device=device, dtype=dtype), 0)}
+
+    cfg = _cfg("xl-0")
+    assert Stateless(cfg, None, []).carries(5) == "nothing" and Summary(cfg, None, []).carries(0) == "part"
+    with pytest.raises(ValueError, match="LaMemo needs a memory"):
+        _model(_cfg("lamemo-3")).decode_policy_for(0)
+
+
+def _padded(seq, n, seed=11):
+    """``seq`` followed by random tokens up to a whole number of segments of ``n`` (which, by causality, change
+    nothing before them)."""
+    extra = -len(seq) % n
+    return seq + torch.randint(0, BASE["vocab_size"], (extra,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _teacher_forced(model, seq, n, mem_len, policy):
+    """The model's log-probabilities [len(seq), V] after every position of ``seq`` (a list of ids) with the context
+    training gave it: a teacher-forced pass over ``seq`` in training segments of ``n`` with the state carried
+    (the last segment completed with other tokens); for a model whose state carries nothing (``policy``
+    "window"), the training segment that ends at the position (the first segment while fewer than ``n``
+    positions exist): a sliding window."""
+    full = torch.tensor([_padded(seq, n)])
+    if policy != "window":
+        return _run(model, full, n, mem_len)[0, :len(seq)]
+    rows = []
+    for p in range(len(seq)):
+        s = max(0, p - n + 1)
+        o, _ = model(full[:, s:s + n], model.init_state(1, mem_len=mem_len), return_logits=True)
+        rows.append(o.logits[0, p - s])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case, mem_len", GEN_CASES, ids=[f"{c}-mem{m}" for c, m in GEN_CASES])
+def test_greedy_generation_equals_teacher_forcing(case, mem_len, monkeypatch):
+    """Every mechanism, every memory setting (none, shorter than a segment, longer than the text): each new
+    token is drawn from the distribution the model predicts with the context training gave it
+    (``_teacher_forced``), so greedy decoding gives the teacher-forced argmax.  Prompts shorter and longer than a
+    segment (neither a whole number of segments); the output crosses several segment boundaries.  The weights are
+    large enough that the context changes the predictions (checked: else a decode that drops the context would
+    pass)."""
+    import pretrain.generate as gen
+    cfg = _gen_cfg(case, mem_len=mem_len, init_std=0.3)
+    model = _model(cfg)
+    n = cfg.tgt_len
+    seen = []
+    sample_next = gen.sample_next
+    monkeypatch.setattr(gen, "sample_next", lambda lp, *a: seen.append(lp[0]) or sample_next(lp, *a))
+    for length in (2, 6):
+        prompt = torch.randint(0, BASE["vocab_size"], (length,), generator=torch.Generator().manual_seed(4)).tolist()
+        seen.clear()
+        new = gen.generate(model, prompt, max_new_tokens=11, temperature=0.0, top_k=0, top_p=1.0, generator=None,
+                           mem_len=mem_len, segment_len=n)
+        assert len(new) == 11 == len(seen)
+        seq = prompt + new
+        forced = _teacher_forced(model, seq, n, mem_len, model.decode_policy)[length - 1:-1]
+        assert (torch.stack(seen) - forced).abs().max().item() < 1e-6, f"prompt of {length}"
+        assert new == forced.argmax(-1).tolist()
+        alone, _ = model(torch.tensor(seq)[:, None], model.init_state(len(seq), mem_len=mem_len), return_logits=True)
+        assert (alone.logits[length - 1:-1, 0] - forced).abs().max() > 1e-2, "sanity: the context must matter"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -80,11 +80,20 @@ class MemoryLM(nn.Module):
 
     @property
     def decode_policy(self) -> str:
-        """How generation advances the memory: ``"token"`` (every decoded token is a segment of one that updates
-        the state) or ``"segment"`` (some layer writes its memory only when a whole segment is complete: tokens
-        are decoded by re-reading the current partial segment from the state at its start, and the state moves
-        on at segment boundaries, as in training)."""
-        return self.stack.decode
+        """How generation feeds the model with its training memory length (``decode_policy_for(cfg.mem_len)``):
+        ``"window"``, ``"token"`` or ``"segment"``."""
+        return self.decode_policy_for(self.cfg.mem_len)
+
+    def decode_policy_for(self, mem_len: int) -> str:
+        """How generation feeds the model with a memory of ``mem_len`` positions, derived from what every layer's
+        state carries into the next segment (``Stack.decode_policy``): ``"window"`` (no state carries anything:
+        each new token ends a pass over the last segment-length tokens), ``"token"`` (every state carries all it
+        read: one token at a time updates the state) or ``"segment"`` (segments aligned as in training, the
+        partial one re-read).  ``ValueError`` for a negative ``mem_len`` or one a layer refuses (LaMemo without
+        a memory)."""
+        if mem_len < 0:
+            raise ValueError(f"mem_len must be >= 0, got {mem_len}")
+        return self.stack.decode_policy(mem_len)
 
     # -- state ----------------------------------------------------------------------------------------------
     @property

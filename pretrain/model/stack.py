@@ -40,7 +40,7 @@ from torch import nn
 from pretrain.model import parallel
 from pretrain.model.attention import FeedForward, RelBiases
 from pretrain.model.dropout import Dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, SegmentContext, StackMemory, StateEntry
+from pretrain.model.mixers.base import CARRIES, Mixer, MixerOutput, SegmentContext, StackMemory, StateEntry
 from pretrain.model.positions import document_mask, sinusoid
 from pretrain.model.registry import LayerSpec, mixer_class, signature, stack_memories
 from pretrain.model.state import MemoryState
@@ -106,12 +106,37 @@ class Stack(nn.Module):
     def mixers(self) -> List[Mixer]:
         return [layer.mixer for layer in self.layers]
 
-    @property
-    def decode(self) -> str:
-        """How generation advances the state: 'segment' if any layer's memory is written only at segment
-        boundaries, else 'token'."""
-        parts = self.mixers + list(self.memories.values())
-        return "segment" if any(m.decode == "segment" for m in parts) else "token"
+    def carries(self, mem_len: int) -> Dict[str, str]:
+        """What each part's state carries into the next segment with a memory of ``mem_len`` positions
+        (``Mixer.carries``): ``{"layers.<i>": ..., "<memory name>": ...}``.  ``ValueError`` for a value outside
+        ``CARRIES``, or what a part raises for a ``mem_len`` it refuses."""
+        out = {f"layers.{i}": layer.mixer.carries(mem_len) for i, layer in enumerate(self.layers)}
+        out.update({name: mem.carries(mem_len) for name, mem in self.memories.items()})
+        for where, what in out.items():
+            if what not in CARRIES:
+                raise ValueError(f"{where}: carries() returned {what!r}, expected one of {CARRIES}")
+        return out
+
+    def decode_policy(self, mem_len: int) -> str:
+        """How generation feeds this stack with a memory of ``mem_len`` positions, derived from what the state
+        carries (``carries``) so that every new token is predicted with the context training gave it:
+
+        * ``"window"``: no part carries anything (no memory, fast weights restarted every segment, absolute
+          positions...): every new token is the last position of a pass over the last ``segment_len`` tokens
+          from a fresh state (a sliding window: the longest context of training, in the place training had it);
+        * ``"token"``: every part carries all it has read, and no position is counted within the segment
+          (``absolute_positions``): feeding one token at a time equals reading whole segments, so each new token
+          is a segment of one that updates the state (carried fast weights);
+        * ``"segment"``: anything else (a memory of the last ``mem_len`` positions, a summary written at segment
+          ends, hybrids of carried and non-carried layers): the stream is read in segments aligned as in
+          training, the current partial segment re-read from the state at its start for every new token; the
+          prediction is the one of a teacher-forced pass over the text in training segments."""
+        kinds = set(self.carries(mem_len).values())
+        if kinds == {"nothing"}:
+            return "window"
+        if kinds == {"all"} and not self.absolute_positions:
+            return "token"
+        return "segment"
 
     # -- state ----------------------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, mem_len: int, device, dtype) -> MemoryState:

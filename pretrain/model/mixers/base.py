@@ -36,6 +36,19 @@ class StateEntry:
     head_dim: Optional[int] = None
 
 
+# What a layer's (or stack-level memory's) state carries from one segment into the next (``Mixer.carries``).
+CARRIES = ("nothing", "part", "all")
+
+
+def carries_of(part, mem_len: int) -> str:
+    """The default of ``Mixer.carries`` / ``StackMemory.carries``, derived from what ``part`` declares as its
+    state: ``"nothing"`` when no entry of ``part.initial_state(1, mem_len)`` holds a value (no entries, or only
+    empty ones such as a memory of 0 positions), else ``"part"``.  The entries are built on the meta device
+    (no memory, no computation)."""
+    entries = part.initial_state(1, mem_len, torch.device("meta"), torch.float32)
+    return "part" if any(e.init.numel() for e in entries.values()) else "nothing"
+
+
 @dataclasses.dataclass
 class SegmentContext:
     """What every layer of one segment shares, built once before the layer loop.
@@ -93,13 +106,10 @@ class Mixer(nn.Module):
     ``shared_biases``: names of per-head bias vectors [H, d_head] this mixer reads from the stack's shared set
     (one set for all layers unless ``untie_r``: then each layer has its own, ``self.biases``).
     ``ffn_stream``: the name of a row stream that goes through this layer's FFN together with the tokens
-    (LaMemo's memory rows), or None.  ``decode``: how generation advances the state, ``"token"`` (a segment of
-    one token at a time; every token may update the memory) or ``"segment"`` (the memory is written only when a
-    whole segment is complete; tokens inside a segment are decoded by re-running the partial segment from the
-    state at its start)."""
+    (LaMemo's memory rows), or None.  ``carries(mem_len)``: what the layer's state carries from one segment into
+    the next, from which generation's decode policy follows (``Stack.decode_policy``)."""
     mechanism: ClassVar[str] = ""
     ffn_stream: ClassVar[Optional[str]] = None
-    decode: ClassVar[str] = "token"
     # Keys after a query that the stack-level memories' mask edits let it see (RMT's memory rows see the memory
     # tokens after them): relative-position mixers cover distances down to -lookahead.  Set by the stack.
     lookahead: int = 0
@@ -127,6 +137,23 @@ class Mixer(nn.Module):
                       dtype: torch.dtype) -> Dict[str, StateEntry]:
         """This layer's state entries for a fresh stream (also what a per-row reset puts back)."""
         return {}
+
+    def carries(self, mem_len: int) -> str:
+        """What this layer's state carries from one segment into the next, with a memory of ``mem_len`` positions
+        (``CARRIES``; generation's decode policy follows from it, ``Stack.decode_policy``):
+
+        * ``"nothing"``: no state reaches the next segment; the layer reads the current segment only;
+        * ``"part"``: part of what the layer has read (a FIFO of the last ``mem_len`` positions, a summary written
+          at segment ends): its outputs depend on where the segments start;
+        * ``"all"``: all of it, exactly: a stream read in segments cut anywhere (one token at a time included)
+          gives the same outputs (a recurrent state carried on).
+
+        The default is derived from the declared state (``carries_of``): ``"nothing"`` when no entry of
+        ``initial_state(1, mem_len)`` holds a value, else ``"part"`` (the safe answer: generation then reads
+        segments aligned as in training, exact for any causal model); a mechanism whose state carries all it
+        has read says so by overriding this.  Raises what ``initial_state`` raises for a ``mem_len`` the
+        mechanism refuses (``ValueError``)."""
+        return carries_of(self, mem_len)
 
     # -- one segment ----------------------------------------------------------------------------------------
     @classmethod
@@ -165,13 +192,13 @@ class StackMemory(nn.Module):
     Both go through the module call (``memory("begin", ...)``, ``memory("end", ...)``), so that module hooks see
     them (ZeRO-3 gathers the memory's parameters there).
 
-    Its state entries are prefixed ``<name>.``; ``decode`` says whether generation may update it per token.
+    Its state entries are prefixed ``<name>.``; ``carries(mem_len)`` says what it carries from a segment into the
+    next (as ``Mixer.carries``: by default derived from its state entries, so a memory with state is ``"part"``).
     ``split_documents``: documents starting inside a segment cannot share the memory's positions (RMT: every
     document must read its own memory tokens, placed before its first token); the stack then runs each later
     document as a pass of its own from the initial state, which is exactly the rule "a document starting inside
     a segment behaves as if run on its own" (see ``Stack.forward``)."""
     name: ClassVar[str] = ""
-    decode: ClassVar[str] = "token"
     split_documents: ClassVar[bool] = False
 
     def __init__(self, cfg, mp, specs: Sequence[LayerSpec]):
@@ -190,6 +217,10 @@ class StackMemory(nn.Module):
                       dtype: torch.dtype) -> Dict[str, StateEntry]:
         """This memory's state entries for a fresh stream (also what a per-row reset puts back)."""
         return {}
+
+    def carries(self, mem_len: int) -> str:
+        """What this memory's state carries from one segment into the next (``Mixer.carries``)."""
+        return carries_of(self, mem_len)
 
     def begin(self, emb: torch.Tensor, state: Mapping[str, torch.Tensor], ctx: SegmentContext):
         return emb, {}

@@ -209,8 +209,6 @@ class Compressor(nn.Module):
 
 class CompressiveMixer(Mixer):
     mechanism = "compressive"
-    # compressed slots are written at segment ends: generation re-reads the partial segment (exactly as trained)
-    decode = "segment"
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)

@@ -26,7 +26,9 @@ activation recomputation replay the same draw) and uses a fixed projection at ev
 model seed and the layer index (lmtool keeps its last training draw instead).
 
 With ``fast_weight.carry_state: false`` every segment starts from zero fast weights (lmtool's default
-limited-context training); generation then re-reads the current segment token by token.
+limited-context training): the state carries nothing, and generation reads a sliding window of the segment
+length (``pretrain/generate.py``); with it carried, the state carries everything (``carries``: "all") and
+generation feeds one token at a time.
 """
 from __future__ import annotations
 
@@ -57,7 +59,6 @@ class FastWeightMixer(Mixer):
         self.rule = spec.settings["rule"]
         self.feature_map = spec.settings["feature_map"]
         self.attn_norm = spec.settings["attn_norm"] if sec.attn_norm is None else sec.attn_norm
-        self.decode = "token" if sec.carry_state else "segment"
         self.pre_lnorm = cfg.pre_lnorm
         tp = parallel.tp_world_size()
         self.n_head, self.d_head = cfg.n_head // tp, cfg.d_head
@@ -86,6 +87,11 @@ class FastWeightMixer(Mixer):
         if self.attn_norm:
             out["z"] = StateEntry(torch.zeros(B, H, self.d_key, device=device, dtype=sdt), 0, 1)
         return out
+
+    def carries(self, mem_len):
+        """``"all"`` with ``carry_state`` (the recurrence is exact whatever the segment cuts: generation may feed
+        one token at a time), else ``"nothing"`` (every segment starts from zero fast weights)."""
+        return "all" if self.sec.carry_state else "nothing"
 
     # -- feature map ----------------------------------------------------------------------------------------
     def _favor_projection(self, device, dtype):

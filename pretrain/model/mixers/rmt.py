@@ -48,7 +48,6 @@ from pretrain.model.weights import describe
 
 class RMTMemory(StackMemory):
     name = "rmt"
-    decode = "segment"          # the memory is written once per segment: generation re-reads partial segments
     split_documents = True      # every document reads its own memory tokens (see StackMemory)
 
     def __init__(self, cfg, mp, specs):

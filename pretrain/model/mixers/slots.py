@@ -44,8 +44,9 @@ Documents inside a segment (``ctx.reset``): tokens of the segment's first docume
 document; the write stream of a row with a start begins at the fresh slots, attends only to the tokens of the
 row's last document, and is gated against the fresh slots: the memory carried on is that document's alone.
 
-Decoding: the slots are written once per complete segment (``decode = "segment"``): generation re-reads the
-current partial segment from the state at its start and moves the state at segment boundaries.
+Decoding: the slots are written once per complete segment (their state carries a summary, ``carries``: "part"):
+generation re-reads the current partial segment from the state at its start and moves the state at segment
+boundaries.
 """
 from __future__ import annotations
 
@@ -81,7 +82,6 @@ class SlotMixer(Mixer):
     value projections of the slots it reads; ``mem_norm`` before them with pre-LN).  All projections are split
     by heads (the FFNs by their inner dimension) under tensor parallelism."""
     mechanism = "memformer"
-    decode = "segment"
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
@@ -230,7 +230,6 @@ class SlotMemory(StackMemory):
     b_mem [K, d] (init N(0, init_std)), ``norm`` (its LayerNorm), ``gate_fc1`` (W_1 [d, d], b_1), ``gate_fc2``
     (w_2 [1, d], b_2)."""
     name = "slots"
-    decode = "segment"
 
     def __init__(self, cfg, mp, specs):
         super().__init__(cfg, mp, specs)
