@@ -1,6 +1,7 @@
 """MemBART at tensor-parallel size 2 equals size 1 (two gloo processes): the same initial full weights, losses,
 log-probabilities, memory states over three steps carried with backpropagation through them, consolidated
-gradients, generated tokens, and Hugging Face-format weights written from the sharded model."""
+gradients, generated tokens, and Hugging Face-format weights written from the sharded model; with the token table
+tied (BART) and untied (three vocabulary-parallel tables: encoder, decoder, output layer)."""
 import gc
 import os
 import tempfile
@@ -22,8 +23,8 @@ CFG = dict(vocab_size=53, d_model=16, encoder_layers=2, decoder_layers=2, encode
 STEPS = 3
 
 
-def _run(export_dir=None):
-    model = build_membart(MemBartConfig(**CFG)).double().train()
+def _run(export_dir=None, tie=True):
+    model = build_membart(MemBartConfig(**CFG, tie_word_embeddings=tie)).double().train()
     g = torch.Generator().manual_seed(3)
     state = model.init_state(2)
     res = {"weights": model.gather_full_state_dict(), "nll": [], "states": []}
@@ -48,12 +49,12 @@ def _run(export_dir=None):
     return res
 
 
-def _worker(rank, world, port, out_path, export_dir):
+def _worker(rank, world, port, out_path, export_dir, tie):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     parallel.initialize(world)
-    res = _run(export_dir)
+    res = _run(export_dir, tie)
     if rank == 0:
         torch.save(res, out_path)
     gc.collect()
@@ -62,12 +63,13 @@ def _worker(rank, world, port, out_path, export_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_membart_tensor_parallel_2_equals_1():
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_membart_tensor_parallel_2_equals_1(tie):
     parallel.initialize(1)
     with tempfile.TemporaryDirectory() as tmp:
-        ref = _run(os.path.join(tmp, "tp1"))
+        ref = _run(os.path.join(tmp, "tp1"), tie)
         out_path = os.path.join(tmp, "tp2.pt")
-        ctx = mp.start_processes(_worker, args=(2, free_port(), out_path, os.path.join(tmp, "tp2")), nprocs=2,
+        ctx = mp.start_processes(_worker, args=(2, free_port(), out_path, os.path.join(tmp, "tp2"), tie), nprocs=2,
                                  join=False, start_method="spawn")
         deadline = time.time() + 180
         while not ctx.join(timeout=5):
@@ -87,5 +89,8 @@ def test_membart_tensor_parallel_2_equals_1():
     for k, g in ref["grads"].items():
         assert (got["grads"][k] - g).abs().max() < 2e-6, f"gradient of {k}"
     assert ref["grads"]["encoder.memory_bias"].abs().sum() > 0
+    tables = ("shared.weight",) if tie else ("encoder_embed_tokens.weight", "decoder_embed_tokens.weight",
+                                             "lm_head.weight")
+    assert all(ref["grads"][t].abs().sum() > 0 for t in tables), "every token table is trained"
     assert torch.equal(got["tokens"], ref["tokens"]) and torch.equal(got["sampled"], ref["sampled"])
     assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])

@@ -121,11 +121,14 @@ class MemBartFamily(DecoderFamily):
 
     def load_init(self, model, path: str) -> None:
         """A Hugging Face BART / MemBART directory or weights file, or an export of this engine (the same format):
-        the memory keeps its init when the weights have none (a BART checkpoint)."""
-        from pretrain.model.membart_weights import load_hf_weights, read_state_dict
+        the memory keeps its init when the weights have none (a BART checkpoint).  A directory's config.json must
+        agree with the model's config on every field that changes the numerics (``check_hf_config``; ConfigError
+        naming the field otherwise)."""
+        from pretrain.model.membart_weights import check_hf_config, load_hf_weights, read_state_dict, weights_file
+        check_hf_config(path, model.cfg)
         sd = read_state_dict(path)
         bart_into_membart = model.num_slots > 0 and not any("memory_bias" in k for k in sd)
-        load_hf_weights(model, sd, strict=not bart_into_membart)
+        load_hf_weights(model, sd, strict=not bart_into_membart, source=weights_file(path))
 
     def _streams_kw(self, data) -> Dict[str, Any]:
         from data_tools.seq2seq import NoiseConfig, Specials

@@ -5,7 +5,8 @@ Sources: Wu & Yu, "Stateful Memory-Augmented Transformers for Dialogue Modeling"
 Wu et al., "Memformer" (arXiv 2010.06891); parameter layout and details from qywu/memformers
 (``membart_encoder.py``, ``membart_attention.py``); the BART part is Lewis et al. 2019 as Hugging Face's
 ``BartForConditionalGeneration`` computes it (post-LN, learned positions with an offset of 2, ``layernorm_embedding``,
-GELU, biases in every projection, tied input / output embeddings plus ``final_logits_bias``).
+GELU, biases in every projection, tied input / output embeddings plus ``final_logits_bias``; with
+``tie_word_embeddings`` false, transformers' untied layout: separate encoder, decoder and output tables).
 
     model = build_membart(cfg)                          # after parallel.initialize(tp_size)
     state = model.init_state(batch_size)                # MemoryState: slots.mem [B, K, d], zeros
@@ -32,7 +33,8 @@ One time step t (K slots, S source tokens; r_b the row's reset flag; §4.2 of th
 
 Tensor parallelism: heads are split across ranks (fused ``[q; k; v]`` column-parallel projections with their
 biases, row-parallel output projections), the FFNs by their inner dimension, the shared embedding / output layer
-by vocabulary rows (padded; padded logits are -inf; loss: megatron-core's ``vocab_parallel_cross_entropy``).
+by vocabulary rows (padded; padded logits are -inf; loss: megatron-core's ``vocab_parallel_cross_entropy``); so are
+the three tables of an untied model.
 Positions, LayerNorms, ``b_mem``, the gate and the state are replicated.  Every parameter is initialised from
 (seed, name) as a full tensor and cut to the rank's shard (``weights.py``), so every layout starts from the same
 model; ``gather_full_state_dict`` / ``load_full_state_dict`` use layout-independent names, and
@@ -71,12 +73,41 @@ POSITION_OFFSET = 2          # BART's learned positions start at row 2 (fairseq'
 MASKED = -1e30               # additive mask value: finite, so a row with every key masked stays finite
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# The feed-forward activations by their transformers ACT2FN names, each computed with the same operations as
+# transformers (so fp64 results agree to rounding); membart_config.ACTIVATIONS lists the same names.
+ACTIVATION_FNS = {
+    "gelu": F.gelu,
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_new": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "linear": lambda x: x,
+}
+
+
 def _activation(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_new":
-        return lambda x: F.gelu(x, approximate="tanh")
-    return F.relu
+    """The activation ``name`` (a key of ACTIVATION_FNS; the config's validation refuses others)."""
+    return ACTIVATION_FNS[name]
 
 
 def _norm(d: int) -> nn.LayerNorm:
@@ -287,7 +318,7 @@ class UpdateGate(nn.Module):
 
 class Embeddings(nn.Module):
     """Learned positions (``embed_positions``, ``max_position_embeddings + 2`` rows, BART's offset of 2) and
-    ``layernorm_embedding`` of one side; the token table is the model's ``shared`` one."""
+    ``layernorm_embedding`` of one side; the token table is the model's (``MemBart.token_table``)."""
 
     def __init__(self, cfg: MemBartConfig):
         super().__init__()
@@ -391,8 +422,22 @@ class MemBart(nn.Module):
         self.cfg = cfg
         mp = parallel.model_parallel_config()
         V = cfg.vocab_size
-        self.shared = VocabParallelEmbedding(math.ceil(V / tp) * tp, cfg.d_model, init_method=_no_init, config=mp)
-        describe(self.shared, "weight", "weight", ShardSpec(0, (V,)))
+
+        def table() -> VocabParallelEmbedding:
+            t = VocabParallelEmbedding(math.ceil(V / tp) * tp, cfg.d_model, init_method=_no_init, config=mp)
+            describe(t, "weight", "weight", ShardSpec(0, (V,)))
+            return t
+
+        # token tables [V, d] split by vocabulary rows: tied, one ``shared`` table for the encoder's and the decoder's
+        # inputs and the output layer (BART); untied, ``encoder_embed_tokens``, ``decoder_embed_tokens`` and
+        # ``lm_head`` (transformers' BART with tie_word_embeddings false)
+        self.tied = cfg.tie_word_embeddings
+        if self.tied:
+            self.shared = table()
+        else:
+            self.encoder_embed_tokens = table()
+            self.decoder_embed_tokens = table()
+            self.lm_head = table()
         # Hugging Face's final_logits_bias (zeros in BART's checkpoints; a frozen parameter so that it is saved,
         # loaded and sharded with the weights, and never trained)
         self.final_logits_bias = nn.Parameter(torch.empty(math.ceil(V / tp)), requires_grad=False)
@@ -410,7 +455,18 @@ class MemBart(nn.Module):
     # -- state ----------------------------------------------------------------------------------------------
     @property
     def _param(self) -> torch.Tensor:
-        return self.shared.weight
+        return self.token_table("encoder").weight
+
+    def token_table(self, role: str) -> VocabParallelEmbedding:
+        """This rank's shard of the token table of ``role``: ``"encoder"`` / ``"decoder"`` (the inputs) or
+        ``"output"`` (the output layer's weight); all three are ``shared`` when tied.  Raises ValueError on another
+        role."""
+        if role not in ("encoder", "decoder", "output"):
+            raise ValueError(f"role must be encoder, decoder or output, got {role!r}")
+        if self.tied:
+            return self.shared
+        return {"encoder": self.encoder_embed_tokens, "decoder": self.decoder_embed_tokens,
+                "output": self.lm_head}[role]
 
     def init_state(self, batch_size: int, mem_len: Optional[int] = None,
                    device: Optional[torch.device] = None) -> MemoryState:
@@ -450,9 +506,10 @@ class MemBart(nn.Module):
             return self.checkpoint_fn(parallel.replay_rng(fn), *args)
         return fn(*args)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, d] (times sqrt(d) with ``scale_embedding``)."""
-        e = self.shared(ids)
+    def embed_tokens(self, ids: torch.Tensor, side: str = "encoder") -> torch.Tensor:
+        """[B, L] int64 ids -> [B, L, d] in the parameters' dtype from ``side``'s table (``"encoder"`` or
+        ``"decoder"``; the same one when tied), times sqrt(d) with ``scale_embedding``."""
+        e = self.token_table(side)(ids)
         return e * self.embed_scale if self.embed_scale != 1.0 else e
 
     def _encoder_mask(self, key_ok: torch.Tensor, K: int, dtype) -> torch.Tensor:
@@ -486,7 +543,7 @@ class MemBart(nn.Module):
             if tuple(attention_mask.shape) != (B, S):
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {(B, S)}")
             key_ok = attention_mask.to(tokens.device).bool()
-        x = self.encoder.embed(self.embed_tokens(tokens))
+        x = self.encoder.embed(self.embed_tokens(tokens, "encoder"))
         x = dropout(x, cfg.dropout, self.training)
         K = self.num_slots
         m = m0 = None
@@ -527,7 +584,7 @@ class MemBart(nn.Module):
         it advances by T, with a cache; else from 0) over the encoder output."""
         B, T = decoder_input.shape
         start = cache.length if cache is not None else 0
-        y = self.decoder.embed(self.embed_tokens(decoder_input), start)
+        y = self.decoder.embed(self.embed_tokens(decoder_input, "decoder"), start)
         y = dropout(y, self.cfg.dropout, self.training)
         causal = None
         if T > 1:
@@ -554,9 +611,9 @@ class MemBart(nn.Module):
                             self._cross_mask(enc))
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary columns of ``h W_emb^T + final_logits_bias`` for ``h`` [..., d], in fp32 (fp64 for
-        fp64 weights), padded rows -inf."""
-        w = self.shared.weight
+        """This rank's vocabulary columns of ``h W_out^T + final_logits_bias`` for ``h`` [..., d] (``W_out`` the token
+        table, or ``lm_head`` when untied), in fp32 (fp64 for fp64 weights), padded rows -inf."""
+        w = self.token_table("output").weight
         x = copy_to_tensor_model_parallel_region(h) if parallel.tp_world_size() > 1 else h
         out = F.linear(x, w, self.final_logits_bias.to(w.dtype))
         out = out.to(score_dtype(out.dtype))
