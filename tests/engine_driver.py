@@ -24,6 +24,10 @@ Scenarios:
   sums and stream position, every checkpoint saved (tag and meta.json's reason) and where the resume started.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
+* ``grads``: one optimizer step per layout of ``--layouts`` (a JSON list of ``{"name", "zero", "args"}``, the
+  args added to the common ones), with the auxiliary loss ``0.5 * mean(h ** 2)`` added (``patch_aux_mean_square``):
+  records the step's logged loss, auxiliary loss, scored targets and gradient norm, and (ZeRO-0) the gradient the
+  optimizer received, written by the first rank to ``<workdir>/<name>.grad.pt``.
 Every run is a fresh ``Trainer`` (model, DeepSpeed engine, streams, states); the process group and the
 megatron-core parallel state are kept between runs, which is what lets one launch cover several runs.
 """
@@ -152,12 +156,60 @@ def one_run(argv, ds_config, hook=None):
     return out
 
 
+def one_step(argv, ds_config, grad_path=None):
+    """One ``train_step`` of a fresh trainer (no checkpoint, no log line); with ``grad_path`` (ZeRO-0, where the
+    optimizer is the client one and every rank holds whole gradients) the first rank saves the gradient the
+    optimizer is handed (after DeepSpeed's accumulation and data-parallel reduction), flattened in parameter
+    order, as float64."""
+    import torch
+    from pretrain.engine.run_config import parse_args
+    from pretrain.engine.trainer import Trainer
+    cfg, _ = parse_args(argv)
+    tr = Trainer(cfg, ds_config)
+    patch_aux_mean_square(tr)
+    seen = {}
+    if grad_path is not None:
+        opt = tr.engine.optimizer
+        plain = opt.step
+
+        def step(*args, **kwargs):
+            seen["grad"] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double()
+                                      .flatten() for p in tr.model.parameters()])
+            return plain(*args, **kwargs)
+        opt.step = step
+    rec = tr.train_step()
+    if grad_path is not None and tr.rank == 0:
+        torch.save(seen["grad"], grad_path)
+    out = {"loss": rec["loss"], "scored": rec["scored"], "grad_norm": rec["grad_norm"], "finite": rec["finite"],
+           "aux_loss": rec["aux_loss"], "grad": grad_path if grad_path is not None else None,
+           "dp_size": tr.dp_size}
+    tr.close()
+    del tr
+    gc.collect()
+    return out
+
+
+def patch_aux_mean_square(tr, scale=0.5):
+    """Make the mechanism return the auxiliary loss ``scale * mean(h ** 2)`` over its segment's output (rows,
+    positions, width): a per-segment mean over every row and position, which depends on the weights through every
+    row (a real one, Compressive's reconstruction loss, is a mean over the positions that compressed)."""
+    mech = tr.model.stack
+    plain = mech.forward
+
+    def forward(*args, **kwargs):
+        h, state, aux = plain(*args, **kwargs)
+        extra = scale * h.float().pow(2).mean()
+        return h, state, extra if aux is None else aux + extra
+    mech.forward = forward
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops"],
+    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops", "grads"],
                    required=True)
     p.add_argument("--kinds", default="exit_interval,SIGTERM,SIGUSR1,walltime,end",
                    help="stops: comma-separated stop kinds")
+    p.add_argument("--layouts", default="[]", help="grads: JSON list of {name, zero, args}")
     p.add_argument("--tag", default="run")
     p.add_argument("--source", default=None)
     p.add_argument("--source-zero", default=None)
@@ -173,7 +225,12 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import torch.distributed as dist
     results = {}
-    for stage in [int(s) for s in args.zero.split(",")]:
+    if args.scenario == "grads":
+        for lay in json.loads(args.layouts):
+            ds = os.path.join(root, "ds_configs", f"zero{lay['zero']}_{args.precision}.json")
+            grad = os.path.join(args.workdir, f"{lay['name']}.grad.pt") if int(lay["zero"]) == 0 else None
+            results[lay["name"]] = one_step(rest + lay["args"], ds, grad)
+    for stage in ([] if args.scenario == "grads" else [int(s) for s in args.zero.split(",")]):
         ds = os.path.join(root, "ds_configs", f"zero{stage}_{args.precision}.json")
         base = os.path.join(args.workdir, f"z{stage}")
         if args.scenario == "losses":

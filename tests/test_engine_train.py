@@ -1,4 +1,5 @@
 """The training engine end to end: exact resume, tensor parallelism, signals, non-finite steps, memory at work,
+gradient accumulation that weighs scored tokens (one step's gradient under every split of its rows),
 and what a run leaves behind (metrics, TensorBoard, export, evaluation, generation, plot).
 
 Multi-process cases run 2 gloo processes under torchrun (or DeepSpeed's launcher) on a random free port with
@@ -347,3 +348,80 @@ def test_invalid_configurations_fail_at_start_up_naming_the_field(copy_data, tmp
     assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-1000:]
     assert f"config field '{message}'" in r.stderr, r.stderr[-1000:]
     assert not os.path.exists(tmp_path / "r" / "latest")
+
+
+def _hand_masked_copy(tmp_path):
+    """The copy task's tokens with a hand-made loss mask on the training split: read as 4 stripes of 16 targets
+    per step, the rows of step 1 score 0, 3 (in the first 8 targets), 16 and 5 (in the last 8) targets."""
+    import numpy as np
+    from data_tools.indexed import IndexedDataset, bin_path
+    prefix = str(tmp_path / "copy")
+    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
+                    "--segment-multiple", "8", "--train-size", "64", "--valid-size", "4", "--test-size", "4",
+                    "--seed", "5", "--output-prefix", prefix], check=True, capture_output=True, timeout=120)
+    tokens = IndexedDataset(prefix + "_train")
+    mask = np.memmap(bin_path(prefix + "_train.mask"), dtype=IndexedDataset(prefix + "_train.mask").dtype,
+                     mode="r+")
+    assert mask.size == tokens.num_tokens
+    stripe = (tokens.num_tokens - 1) // 4 // 16 * 16      # OrderedStream's stripe length (align token, 4 stripes)
+    mask[:] = 0
+    for row, targets in enumerate([[], [2, 3, 5], range(16), range(9, 14)]):
+        for t in targets:                                 # target t of a row is token begin + 1 + t
+            mask[row * stripe + 1 + t] = 1
+    mask.flush()
+    return prefix, [0, 3, 16, 5]
+
+
+def test_one_step_has_the_same_gradient_however_its_rows_are_split(tmp_path):
+    """Gradient accumulation weighs scored tokens, not micro-batches: one step over the same 4 rows of 16
+    targets, which score 0, 3, 16 and 5 targets, gives the same gradient (1e-6) and logged loss as one
+    micro-batch of 4, as 2 x 2, 1 x 4, over 2 data-parallel ranks (2 x 1, 1 x 2), through 2 BPTT segments of 8
+    and by memory replay (train.mrbp), and under ZeRO-2 the same gradient norm.
+
+    The BPTT split is exact for Transformer-XL with mem_len >= the segment length: the second of 2 segments of
+    8 attends to the first through the memory (carried with its gradient) at the relative distances it has in
+    one segment of 16, and an empty memory is masked, so k = 2 x 8 and k = 1 x 16 compute the same function of
+    the same 16 tokens per row.  An auxiliary loss (0.5 * mean of the stack's output squared, per segment) is
+    added: averaged over segments and micro-batches of equal rows it is the same under every split too."""
+    import torch
+    data, per_row = _hand_masked_copy(tmp_path)
+    common = ["--data-path", data, "--model.attn_type", "0", "--model.n_layer", "2", "--model.d_model", "32",
+              "--model.n_head", "2", "--model.d_head", "16", "--model.d_inner", "64", "--model.mem_len", "16",
+              "--model.dropout", "0.0", "--data.reset_memory", "true", "--train-iters", "1", "--log.progress",
+              "false", "--checkpoint.export", "false", "--eval.final_splits", "[]", "--eval.interval", "0",
+              "--log.tensorboard", "false", "--train.aux_loss_weight", "1", "--log.peak_tflops", "1"]
+
+    def lay(name, micro, accum, k, zero=0, mrbp=False):
+        return {"name": name, "zero": zero,
+                "args": ["--micro-batch-size", str(micro), "--train.grad_accum", str(accum),
+                         "--train.bptt_segments", str(k), "--model.tgt_len", str(16 // k)]
+                + (["--train.mrbp", "true"] if mrbp else [])}
+
+    def run(nproc, layouts):
+        out = tmp_path / f"grads{nproc}.json"
+        args = [os.path.join(ROOT, "tests", "engine_driver.py"), "--scenario", "grads", "--layouts",
+                json.dumps(layouts), "--workdir", str(tmp_path), "--out", str(out), "--"] + common
+        if nproc == 1:
+            r = subprocess.run([PY] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        else:
+            r = torchrun(nproc, args)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return json.loads(out.read_text())[0]
+
+    res = run(1, [lay("m4a1", 4, 1, 1), lay("m2a2", 2, 2, 1), lay("m1a4", 1, 4, 1), lay("m1a4k2", 1, 4, 2),
+                  lay("m1a4k2mrbp", 1, 4, 2, mrbp=True)])
+    res.update(run(2, [lay("dp2m2a1", 2, 1, 1), lay("dp2m1a2k2", 1, 2, 2), lay("dp2m1a2k2mrbp", 1, 2, 2, mrbp=True),
+                       lay("dp2m1a2zero2", 1, 2, 1, zero=2)]))
+    ref = res.pop("m4a1")
+    g0 = torch.load(ref["grad"])
+    assert ref["scored"] == sum(per_row) and ref["finite"] and math.isfinite(ref["loss"])
+    assert g0.norm() > 0 and abs(g0.norm() - ref["grad_norm"]) <= 1e-6 * ref["grad_norm"]
+    for name, r in res.items():
+        assert r["scored"] == ref["scored"] and r["finite"], name
+        assert abs(r["loss"] - ref["loss"]) <= 1e-6 * ref["loss"], (name, r["loss"], ref["loss"])
+        assert abs(r["aux_loss"] - ref["aux_loss"]) <= 1e-6 * ref["aux_loss"], (name, r["aux_loss"], ref["aux_loss"])
+        assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-6 * ref["grad_norm"], (name, r["grad_norm"], ref)
+        if r["grad"] is not None:
+            g = torch.load(r["grad"])
+            assert float((g - g0).abs().max()) <= 1e-6 * float(g0.abs().max()), (name, float((g - g0).abs().max()))
+    assert res["dp2m2a1"]["dp_size"] == 2 and res["m1a4"]["dp_size"] == 1

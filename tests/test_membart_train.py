@@ -70,6 +70,55 @@ def test_rollout_weights_and_the_weighted_loss():
     assert set(seg.model_inputs()) == {"tokens", "targets", "attention_mask", "reset"}
 
 
+def test_weighted_rollout_loss_is_the_same_however_the_rows_are_split():
+    """With MemBART's step weights the loss is sum_j w_j * mean_j, mean_j step j's mean NLL over the scored targets
+    of the whole global batch: micro-batches (or ranks) normalised over the global counts (``loss_counts`` summed,
+    ``normalize_over``) add up, through the engine's sum / C, to the same loss for every split of the rows, with a
+    micro-batch that scores nothing at step 0 and one that scores nothing at all.  Each part normalised over its
+    own counts (as before) gives another loss."""
+    import dataclasses
+    from pretrain.engine.batch import Seq2SeqBatch, rollout_weights
+    B, W, H = 4, 5, 3
+    w = rollout_weights(H)
+    mask = torch.ones(B, H * W)
+    mask[0, :W] = 0             # rows 0 and 1: nothing scored at step 0
+    mask[1, :W + 2] = 0
+    mask[2, 2 * W + 1:] = 0
+    mask[3] = 0                 # row 3: nothing scored
+    nll = torch.rand(B, H * W, generator=torch.Generator().manual_seed(0)) * 4
+
+    def part(rows):
+        z = lambda dt: torch.zeros(len(rows), H * W, dtype=dt)  # noqa: E731
+        return Seq2SeqBatch(tokens=z(torch.long), targets=z(torch.long), loss_mask=mask[rows], reset=torch.zeros(
+            len(rows), dtype=torch.bool), source_mask=z(torch.bool) | True, step_resets=torch.zeros(
+            len(rows), H, dtype=torch.bool), step_in_episode=torch.zeros(len(rows), H, dtype=torch.long),
+            step_weights=w)
+
+    def summed(parts, global_counts):
+        counts = torch.stack([p.loss_counts() for _, p in parts]).sum(0).tolist()
+        total = 0.0
+        for rows, p in parts:
+            q = p.normalize_over(counts) if global_counts else p
+            s = sum(float(seg.masked_nll_sum(nll[rows][:, j * W:(j + 1) * W]))
+                    for j, seg in enumerate(q.segments(H)))
+            total += s / sum(counts) if global_counts else s / p.num_scored() / len(parts)
+        return total
+
+    cols = [slice(j * W, (j + 1) * W) for j in range(H)]
+    ref = float(sum(wj * (nll[:, c] * mask[:, c]).sum() / mask[:, c].sum() for wj, c in zip(w, cols)))
+    splits = [[[0, 1, 2, 3]], [[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0], [1], [2], [3]]]
+    for split in splits:
+        parts = [(rows, part(rows)) for rows in split]
+        assert part(split[0]).loss_counts().shape == (H,)
+        assert summed(parts, True) == pytest.approx(ref, rel=1e-6), split
+    # normalised per part, the loss depends on the split
+    parts = [(rows, part(rows)) for rows in [[0, 1], [2, 3]]]
+    assert abs(summed(parts, False) - ref) > 1e-2 * ref
+    # without step weights: one group, every scored target alike, nothing to normalise
+    plain = dataclasses.replace(part([0, 1, 2, 3]), step_weights=None)
+    assert plain.loss_counts().tolist() == [float(mask.sum())] and plain.normalize_over([1.0]) is plain
+
+
 def _rollout(k=3, seed=0):
     """A Seq2SeqBatch rollout of k steps from a small document corpus written here (a reset inside the rollout)."""
     import tempfile

@@ -86,6 +86,22 @@ class Batch:
         """Scored targets in the batch (the loss is averaged over these)."""
         return float(self.loss_mask.sum())
 
+    def loss_counts(self) -> torch.Tensor:
+        """float64 [G] on the batch's device: the scored targets of each of the batch's G loss groups, the counts
+        its loss is normalised by.  A language model's batch has one group (every scored target alike, G = 1);
+        a weighted rollout (``Seq2SeqBatch``) one per time step.  The training loop sums these over every
+        micro-batch of a step and every data-parallel rank, before any forward, and hands the sum back through
+        ``normalize_over``."""
+        return self.loss_mask.sum().double().reshape(1)
+
+    def normalize_over(self, counts: List[float]) -> "Batch":
+        """This batch scored as a part of a larger batch whose loss groups hold ``counts`` scored targets
+        (``loss_counts`` summed over the step's micro-batches and data-parallel ranks): afterwards, the sum of
+        ``masked_nll_sum`` over every segment of every part, divided by ``sum(counts)``, is the loss of the
+        whole, however it is cut into parts.  A language model's loss is a plain sum over scored targets, so
+        its batch is returned as it is."""
+        return self
+
     def segment(self, j: int, k: int) -> "Batch":
         """Segment ``j`` of ``k`` equal segments (positions ``[j T/k, (j+1) T/k)``).  ``reset`` belongs to the
         first segment: the memory is reset before the unroll, never in its middle.  Raises ValueError when ``T``
@@ -136,15 +152,20 @@ class Seq2SeqBatch(Batch):
     evaluation's per-turn groups); ``step_weights`` the H loss weights of the rollout (None: every scored token
     alike).
 
-    The unroll is one segment per time step (``train.bptt_segments`` = H).  With weights, the rollout's loss is
-    MemBART's ``sum_j w_j * mean_j`` (``mean_j`` the mean NLL over step j's scored targets): segment j's
-    ``masked_nll_sum`` is its NLL sum times ``w_j * C / n_j`` (``C`` the rollout's scored targets, ``n_j`` step
-    j's), so the training loop's ``sum / C`` is that loss with no special case."""
+    The unroll is one segment per time step (``train.bptt_segments`` = H).  With weights, the loss is MemBART's
+    ``sum_j w_j * mean_j`` (``mean_j`` the mean NLL over step j's scored targets): segment j's ``masked_nll_sum``
+    is its NLL sum times ``w_j * C / n_j`` (``C`` the scored targets of all steps, ``n_j`` step j's), so the
+    training loop's ``sum / C`` is that loss with no special case.  ``C`` and ``n_j`` count the rollout itself,
+    or, after ``normalize_over(counts)``, the step's whole global batch (``counts``: n_j summed over every
+    micro-batch and data-parallel rank, ``C = sum(counts)``): ``mean_j`` is then step j's mean over the global
+    batch, and the loss is the same however the rows are cut into micro-batches and ranks."""
     source_mask: Optional[torch.Tensor] = None
     step_resets: Optional[torch.Tensor] = None
     step_in_episode: Optional[torch.Tensor] = None
     step_weights: Optional[List[float]] = None
     rollout_scored: Optional[float] = None      # C, set on the segments of a weighted rollout
+    step_scored: Optional[float] = None         # n_j, set on the segments of a weighted rollout
+    norm_counts: Optional[List[float]] = None   # the n_j to normalise by (normalize_over); None: the rollout's own
 
     def __post_init__(self):
         super().__post_init__()
@@ -158,6 +179,8 @@ class Seq2SeqBatch(Batch):
             raise ValueError(f"{self.length} columns do not hold {self.horizon} time steps")
         if self.step_weights is not None and len(self.step_weights) != self.horizon:
             raise ValueError(f"{len(self.step_weights)} step weights for a rollout of {self.horizon} steps")
+        if self.norm_counts is not None and len(self.norm_counts) != self.horizon:
+            raise ValueError(f"{len(self.norm_counts)} step counts for a rollout of {self.horizon} steps")
 
     @property
     def horizon(self) -> int:
@@ -189,11 +212,30 @@ class Seq2SeqBatch(Batch):
             return self
         W = self.length // k
         sl = slice(j * W, (j + 1) * W)
+        weighted = self.step_weights is not None
+        counts = None
+        if weighted:
+            counts = self.norm_counts if self.norm_counts is not None else self.loss_counts().tolist()
         return Seq2SeqBatch(tokens=self.tokens[:, sl], targets=self.targets[:, sl], loss_mask=self.loss_mask[:, sl],
                             reset=self.step_resets[:, j], source_mask=self.source_mask[:, sl],
                             step_resets=self.step_resets[:, j:j + 1], step_in_episode=self.step_in_episode[:, j:j + 1],
-                            step_weights=None if self.step_weights is None else [self.step_weights[j]],
-                            rollout_scored=None if self.step_weights is None else self.num_scored())
+                            step_weights=[self.step_weights[j]] if weighted else None,
+                            rollout_scored=float(sum(counts)) if weighted else None,
+                            step_scored=float(counts[j]) if weighted else None)
+
+    def loss_counts(self) -> torch.Tensor:
+        """float64 [H]: the scored targets of each time step, with step weights (each step's mean is taken over
+        its own targets); [1], the rollout's, without (every scored target alike)."""
+        if self.step_weights is None:
+            return super().loss_counts()
+        return self.loss_mask.reshape(self.rows, self.horizon, -1).sum((0, 2)).double()
+
+    def normalize_over(self, counts: List[float]) -> "Seq2SeqBatch":
+        """With step weights: this rollout with each step's mean taken over ``counts[j]`` targets (step j's scored
+        targets in the whole global batch) and ``C = sum(counts)``; without: itself (see ``Batch``)."""
+        if self.step_weights is None:
+            return self
+        return dataclasses.replace(self, norm_counts=[float(c) for c in counts])
 
     def model_inputs(self) -> Dict[str, torch.Tensor]:
         """One time step's inputs: the source (``tokens``), ``targets``, the source's ``attention_mask`` and the
@@ -205,10 +247,12 @@ class Seq2SeqBatch(Batch):
                 "reset": self.step_resets[:, 0]}
 
     def masked_nll_sum(self, nll: torch.Tensor) -> torch.Tensor:
+        """On a segment of a weighted rollout: the NLL sum over the scored targets times ``w_j * C / n_j`` (a
+        step no target of which is scored contributes 0); otherwise the plain sum (fp32 scalar)."""
         total = (nll.float() * self.loss_mask).sum()
         if self.step_weights is None or self.rollout_scored is None:
             return total
-        n = max(self.num_scored(), 1.0)
+        n = max(self.step_scored if self.step_scored is not None else self.num_scored(), 1.0)
         return total * (self.step_weights[0] * self.rollout_scored / n)
 
     def row_groups(self) -> Optional[torch.Tensor]:

@@ -5,10 +5,14 @@ its batch class; the loop below is the same for both.  One optimizer step = ``gr
 micro-batch becomes a ``Batch`` (``batch.py``: the
 model's inputs, the segments of the unroll, the loss mask, the reset flags) and runs through its slot's memory
 (``MemorySlots``, ``memory_slots.py``: one memory state per accumulation slot, reset at document starts, unrolled
-over ``train.bptt_segments`` segments, committed, rolled back after a non-finite step).  The loss is the mean NLL
-over the scored targets plus ``train.aux_loss_weight`` times the mechanism's auxiliary loss when it has one.  A
-micro-batch whose loss is not finite on any rank poisons the step: the update is skipped (see ``ds_setup``) and
-every slot keeps the state it had before the step.
+over ``train.bptt_segments`` segments, committed, rolled back after a non-finite step).  The loss of a step is the
+NLL per scored target of the global batch (every micro-batch, data-parallel rank and segment: the scored targets
+are counted and all-reduced before the forward, and each micro-batch's loss is scaled so that DeepSpeed's
+averaging over accumulation steps and ranks gives exactly that gradient; ``_loss_scale``) plus
+``train.aux_loss_weight`` times the mechanism's auxiliary loss averaged over the global batch's micro-batches,
+when it has one; so the gradient does not depend on how the rows are split (docs/training.md, "The loss of a step
+and gradient accumulation").  A micro-batch whose loss is not finite on any rank poisons the step: the update is
+skipped (see ``ds_setup``) and every slot keeps the state it had before the step.
 
 Start-up checks everything it can before it writes or loads anything: the data (every split's files and token
 ids, ``data.py``), the configuration, and the checkpoint to resume from (chosen, verified and compared with this
@@ -29,7 +33,7 @@ import random
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +54,17 @@ from pretrain.engine.schedule import LRScheduler
 from pretrain.engine.signals import StopRequest
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
+
+
+class LossScale(NamedTuple):
+    """How the micro-batch losses of one step are scaled (``Trainer._loss_scale``): ``scored`` the scored targets
+    of the global batch (N); ``nll_div`` what each micro-batch's NLL sum is divided by (``N / (gas * R)``, 1 when
+    N is 0); ``aux_mul`` the factor of its auxiliary-loss term besides ``train.aux_loss_weight`` (``R / dp``: 1
+    unless DeepSpeed sums gradients over the ranks)."""
+    scored: float
+    nll_div: float
+    aux_mul: float
+
 
 _progress: Optional[Progress] = None  # the active progress display of this process (log() prints around it)
 
@@ -370,12 +385,40 @@ class Trainer:
         return rng_state
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _micro_step(self, mb, slot: int, inject_nan: bool):
-        """Forward + backward of one micro-batch; returns (nll sum, scored tokens, aux loss or None, finite
+    def _loss_scale(self, batches: List[Any]) -> Tuple[List[Any], LossScale]:
+        """The step's batches normalised over the global batch, and the factors of their losses.
+
+        The scored targets of every loss group (``Batch.loss_counts``) are summed over this rank's micro-batches
+        and, with one all-reduce, over the data-parallel group: ``N`` scored targets in the global batch (every
+        micro-batch, every rank, every segment of the unroll).  DeepSpeed turns the micro-batch losses ``L_i``
+        into the gradient ``(1 / (gas * R)) * sum_i dL_i`` (sum over the step's micro-batches ``i`` on every rank):
+        ``engine.backward`` divides each loss by ``gas``, the gradient reduction divides by ``R``, the data-parallel
+        size (``dp``) when it averages (DeepSpeed's default, ZeRO 0-3 alike), 1 when it sums
+        (``gradient_allreduce_op: sum``) or does not run (one rank).  With
+        ``L_i = S_i / (N / (gas * R)) + w * a_i * R / dp`` (``S_i`` the micro-batch's NLL sum over its scored
+        targets, ``a_i`` its auxiliary loss averaged over the unroll's segments, ``w`` = ``train.aux_loss_weight``)
+        the gradient is that of ``sum_i S_i / N + w * mean_i a_i``: the NLL per scored target of the global
+        batch, plus the auxiliary loss averaged over the global batch's micro-batches (all of which have the same
+        rows and segments), whatever the split into micro-batches, ranks and (for the NLL) segments.  Megatron's
+        ``calculate_per_token_loss`` gets the same by summing gradients and scaling them by ``1 / N`` after the
+        reduction; the counts are known here before any forward (the step's micro-batches are fetched together),
+        so the losses are scaled instead.  When every micro-batch scores the same count ``c`` (plain LM data),
+        ``N / (gas * R) = c`` exactly and the loss is ``S_i / c`` as without any normalisation."""
+        local = torch.stack([b.loss_counts() for b in batches]).sum(0).cpu()
+        counts = pdist.all_reduce_sum(local.tolist(), self.dp_group)
+        batches = [b.normalize_over(counts) for b in batches]
+        total = float(sum(counts))
+        gas = self.engine.gradient_accumulation_steps()
+        reduced = self.dp_size if getattr(self.engine, "gradient_average", True) else 1
+        return batches, LossScale(scored=total, nll_div=total / (gas * reduced) if total > 0 else 1.0,
+                                  aux_mul=reduced / self.dp_size)
+
+    def _micro_step(self, batch, slot: int, inject_nan: bool, scale: LossScale):
+        """Forward + backward of one micro-batch (a ``Batch`` normalised by ``_loss_scale``, whose ``scale`` it
+        takes); returns (nll sum over its scored targets, aux loss averaged over its segments or None, finite
         everywhere)."""
-        batch = self.family.make_batch(mb, self.device)
         if self.cfg.train.mrbp:
-            return self._micro_step_replay(batch, slot, inject_nan)
+            return self._micro_step_replay(batch, slot, inject_nan, scale)
         outs = self.memory.unroll(slot, batch, self.engine)
         nll_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         aux = []
@@ -383,11 +426,10 @@ class Trainer:
             nll_sum = nll_sum + seg.masked_nll_sum(out.nll)
             if out.aux_loss is not None:
                 aux.append(out.aux_loss.float())
-        count = batch.num_scored()
-        loss = nll_sum / max(count, 1.0)
+        loss = nll_sum / scale.nll_div
         aux_mean = torch.stack(aux).mean() if aux else None  # per segment, averaged over the unroll
         if aux_mean is not None and self.cfg.train.aux_loss_weight:
-            loss = loss + self.cfg.train.aux_loss_weight * aux_mean
+            loss = loss + (self.cfg.train.aux_loss_weight * scale.aux_mul) * aux_mean
         if inject_nan:
             loss = loss * float("nan")
         # a bad loss poisons every gradient, so the optimizer (which checks the gradient norm) skips the update on
@@ -397,28 +439,28 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         self.memory.commit(slot)   # undone by end_step when the step turns out not finite
-        return nll_sum.detach(), count, (None if aux_mean is None else aux_mean.detach()), finite
+        return nll_sum.detach(), (None if aux_mean is None else aux_mean.detach()), finite
 
-    def _micro_step_replay(self, batch, slot: int, inject_nan: bool):
+    def _micro_step_replay(self, batch, slot: int, inject_nan: bool, scale: LossScale):
         """``_micro_step`` by memory replay backpropagation (``train.mrbp``; MemorySlots.replay_forward): the k
         segments forward without a graph, then one ``engine.backward`` per segment, last first, each carrying the
         state gradient to the segment before.  Only the last call is a gradient-accumulation boundary (gradients
-        of the others are not reduced across ranks yet)."""
+        of the others are not reduced across ranks yet).  Each segment's loss is its share of ``_micro_step``'s
+        (``S_seg / nll_div + w * aux_mul * a_seg / k``), so the gradients are the same."""
         replay = self.memory.replay_forward(slot, batch, self.engine)
-        count = max(batch.num_scored(), 1.0)
         k = len(replay.segs)
-        w = self.cfg.train.aux_loss_weight
+        w = self.cfg.train.aux_loss_weight * scale.aux_mul
         nll_sum = sum(float(seg.masked_nll_sum(out.nll)) for seg, out in replay.outs)
         auxes = [float(out.aux_loss) for _, out in replay.outs if out.aux_loss is not None]
         aux_mean = sum(auxes) / len(auxes) if auxes else None
-        value = nll_sum / count + (w * aux_mean if aux_mean is not None and w else 0.0)
+        value = nll_sum / scale.nll_div + (w * aux_mean if aux_mean is not None and w else 0.0)
         if inject_nan:
             value = float("nan")
         finite = pdist.all_reduce_max(0.0 if math.isfinite(value) else 1.0) == 0.0
         poison = 1.0 if finite else float("nan")     # a bad step: every gradient non-finite, the update skipped
 
         def loss_fn(seg, out):
-            loss = seg.masked_nll_sum(out.nll) / count
+            loss = seg.masked_nll_sum(out.nll) / scale.nll_div
             if out.aux_loss is not None and w:
                 loss = loss + w * out.aux_loss.float() / k
             return loss * poison
@@ -433,36 +475,39 @@ class Trainer:
             finally:
                 if not last:
                     self.engine._is_gradient_accumulation_boundary = None   # back to DeepSpeed's own count
-            scale = getattr(self.engine.optimizer, "cur_scale", None) or 1.0  # fp16 loss scale (1: fp32, bf16)
-            return gas / float(scale)
+            scale_ = getattr(self.engine.optimizer, "cur_scale", None) or 1.0  # fp16 loss scale (1: fp32, bf16)
+            return gas / float(scale_)
 
         replay.backward(loss_fn, backward_fn)
         self.engine.step()
         if finite:
             self.memory.commit(slot)
-        return nll_sum, batch.num_scored(), aux_mean, finite
+        return nll_sum, aux_mean, finite
 
     def train_step(self) -> Dict[str, Any]:
-        """One optimizer step over the accumulation slots.  The losses and finiteness flags of the micro-batches
+        """One optimizer step over the accumulation slots.  The step's micro-batches are fetched together, their
+        scored targets counted over the data-parallel group (``_loss_scale``: the loss is per scored target of the
+        global batch), then each runs forward and backward.  The losses and finiteness flags of the micro-batches
         stay tensors until the end, where one all-reduce over the data-parallel group (no other host
-        synchronisation than the optimizer's) gives the step's loss and whether it was finite everywhere."""
+        synchronisation than the optimizer's) gives the step's loss (NLL sum / scored targets of the global
+        batch) and whether it was finite everywhere."""
         t0 = time.time()
-        batches = next(self._batches)
+        batches, scale = self._loss_scale([self.family.make_batch(mb, self.device) for mb in next(self._batches)])
         inject = (self.step + 1) in self.cfg.debug.inject_nonfinite and self.rank == 0  # logged, 1-based
         self.memory.begin_step()
-        nll, count, aux_sum, aux_n, bad = [], 0.0, [], 0, []
-        for slot, mb in enumerate(batches):
-            s, c, a, ok = self._micro_step(mb, slot, inject and slot == 0)
+        nll, aux_sum, aux_n, bad = [], [], 0, []
+        for slot, batch in enumerate(batches):
+            s, a, ok = self._micro_step(batch, slot, inject and slot == 0, scale)
             nll.append(torch.as_tensor(s, dtype=torch.float64))
             bad.append(torch.as_tensor(not ok if isinstance(ok, bool) else ~ok, dtype=torch.float64))
-            count += c
             if a is not None:
                 aux_sum.append(torch.as_tensor(a, dtype=torch.float64))
                 aux_n += 1
-        local = torch.stack([torch.stack(nll).sum().cpu(), torch.tensor(count, dtype=torch.float64),
+        local = torch.stack([torch.stack(nll).sum().cpu(),
                              (torch.stack(aux_sum).sum().cpu() if aux_sum else torch.zeros((), dtype=torch.float64)),
                              torch.tensor(float(aux_n), dtype=torch.float64), torch.stack(bad).sum().cpu()])
-        nll, count, aux_sum, aux_n, bad = pdist.all_reduce_sum(local, self.dp_group)
+        nll, aux_sum, aux_n, bad = pdist.all_reduce_sum(local, self.dp_group)
+        count = scale.scored
         if self.tp_size > 1:   # the tensor-parallel ranks of a row compute one loss; agree all the same
             bad = pdist.all_reduce_max(bad)
         finite = bad == 0
