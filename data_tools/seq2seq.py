@@ -429,7 +429,7 @@ class Seq2SeqStream:
         self._step = epoch * self.steps_per_epoch + k_new
         msg = (f"seq2seq stream: layout changed ({what}); policy {policy!r}: epoch {epoch} resumes at step "
                f"{k_new}/{self.steps_per_epoch}; reset the memory of every row")
-        logger.warning(msg)
+        logger.info(msg)   # returned too: the caller shows it once
         return {"policy": policy, "changed": changed, "step": self._step, "epoch": epoch, "reset_memory": True,
                 "message": msg}
 

@@ -498,7 +498,7 @@ class OrderedStream:
         message = (f"ordered stream: layout changed ({what}); policy {policy!r}: epoch {epoch} resumes at "
                    f"step {k_new}/{self.steps_per_epoch} of the new layout (was {k_old}/{old_spe}), stream "
                    f"step {self._step}; reset the memory state of every row")
-        logger.warning(message)
+        logger.info(message)   # returned too: the caller shows it once (the trainer on its first rank)
         return {"policy": policy, "changed": changed, "step": self._step, "epoch": epoch, "reset_memory": True,
                 "message": message}
 

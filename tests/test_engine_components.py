@@ -386,3 +386,10 @@ def test_memory_replay_backprop_equals_backprop_through_the_unroll(case):
     assert any(g is not None and g.abs().sum() > 0 for g in g1)
     for a, c in zip(g1, g2):
         assert (a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-10, rtol=1e-8))
+
+
+def test_a_log_window_without_scored_tokens_says_so_instead_of_nan():
+    from pretrain.engine.metrics import format_console
+    line = format_console({"step": 3, "total": 9, "loss": None, "scored": 0, "lr": 1e-3, "skipped": 0})
+    assert line.startswith("step 3/9 | no scored tokens |") and "nan" not in line
+    assert "no scored tokens" not in format_console({"step": 3, "loss": None, "scored": 0, "skipped": 1})

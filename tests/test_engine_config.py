@@ -233,3 +233,20 @@ def test_slurm_variables_map_to_torch_distributed(monkeypatch):
     env.update(RANK="0", SLURM_PROCID="3")
     pdist.map_slurm_env()
     assert env["RANK"] == "0"
+
+
+def test_checks_on_values_the_data_decides_use_the_datas_values(tmp_path):
+    """The decoder LM's vocabulary is the data's: adaptive-softmax cutoffs are checked against it, not against the
+    preset's vocab_size (xl_tiny: 256), at parse time as at start-up."""
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(700)) + "\n")
+    prefix = str(tmp_path / "words")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", "preprocess.py"), "--input", str(text),
+                    "--tokenizer", "words", "--output-prefix", prefix, "--no-progress"], check=True,
+                   capture_output=True, timeout=120)
+    base = ["--config", "xl_tiny", "--data-path", prefix, "--model.adaptive", "true"]
+    cfg, _ = parse_args(base + ["--model.cutoffs", "[300,600]"])
+    assert cfg.model.cutoffs == [300, 600] and cfg.model.vocab_size == 256   # the trainer adopts the data's
+    with pytest.raises(ConfigError, match=r"inside \(0, vocab_size=70\d\)") as e:
+        parse_args(base + ["--model.cutoffs", "[300,2000]"])
+    assert e.value.field == "model.cutoffs[1]"

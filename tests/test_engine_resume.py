@@ -136,6 +136,7 @@ def test_a_changed_micro_batch_needs_a_resume_policy_and_rewrites_nothing_before
     r = ok(train(copy_data, run, "--train-iters", "6", "--micro-batch-size", "4",
                  "--data.resume_policy", "restart_epoch"))
     assert "reset: memory states (the stream layout changed)" in r.stdout and "resumed from" in r.stdout
+    assert (r.stdout + r.stderr).count("layout changed (micro_batch 2 -> 4)") == 1   # said once
     assert [x["step"] for x in records(run)][-2:] == [5, 6]
 
 

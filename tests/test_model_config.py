@@ -10,6 +10,7 @@ from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config, parallel
 from pretrain.model.membart_config import is_membart_preset
 from pretrain.model.model_config import CONFIG_DIR
+from pretrain.model.registry import FastWeightConfig
 
 PRESETS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
                  if not is_membart_preset(p))           # the encoder-decoder presets: tests/test_membart.py
@@ -138,3 +139,15 @@ def test_full_parameter_shapes_read_zero3_placeholders():
         p.data = torch.empty(0)
     assert {n: full_shape(p, m, 1) for n, (p, m) in described_parameters(model).items()} == plain
     assert any(len(s) == 2 for s in plain.values())
+
+
+def test_the_delta_rule_on_elu_features_without_sum_norm_is_refused_wherever_it_is():
+    """It is NaN from its first forward (|phi(k)|^2 ~ d_head > 2); the sum rule, FAVOR+ and DPFP start inside the
+    rule's bound and are accepted."""
+    fw = dict(sum_norm=False)
+    for kw in (dict(attn_type=24, mem_len=0), dict(attn_type=44, mem_len=0), dict(n_layer=4, layers="delta*3,xl")):
+        with pytest.raises(ConfigError, match="cannot train the delta rule on ELU[+]1") as e:
+            ModelConfig(**kw, fast_weight=FastWeightConfig(**fw)).validate()
+        assert e.value.field == "fast_weight.sum_norm"
+    for code in (4, 25, 26):
+        ModelConfig(attn_type=code, mem_len=0, fast_weight=FastWeightConfig(**fw)).validate()

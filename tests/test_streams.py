@@ -171,12 +171,13 @@ def test_layout_change_policies(ragged, caplog):
         new.load_state_dict(state)
     assert new.position == 0  # an error leaves the stream untouched
 
-    with caplog.at_level(logging.WARNING, logger="data_tools.streams"):
+    with caplog.at_level(logging.INFO, logger="data_tools.streams"):
         info = new.load_state_dict(state, policy="restart_epoch")
     assert info["reset_memory"] and info["changed"] == {"dp_size": [2, 4]}
     assert new.position == new.steps_per_epoch  # epoch 1, step 0 of the new layout
     assert new.get(new.position).epoch == 1 and new.get(new.position).reset.all()
-    assert "restart_epoch" in caplog.text and "reset the memory" in caplog.text
+    assert "restart_epoch" in caplog.text and "reset the memory" in info["message"]
+    assert all(r.levelno < logging.WARNING for r in caplog.records)   # the caller shows the message, once
 
     info = new.load_state_dict(state, policy="proportional")
     assert info["step"] == new.steps_per_epoch + (5 * new.steps_per_epoch) // spe_old

@@ -85,6 +85,8 @@ def format_console(rec: Dict[str, Any]) -> str:
     parts = [f"step {rec['step']}/{rec.get('total', '?')}"]
     if rec.get("loss") is not None:
         parts.append(f"loss {rec['loss']:.4f}")
+    elif rec.get("scored") == 0 and not rec.get("skipped"):
+        parts.append("no scored tokens")
     if "lr" in rec:
         parts.append(f"lr {rec['lr']:.2e}")
     if rec.get("grad_norm") is not None:

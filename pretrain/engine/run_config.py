@@ -8,6 +8,7 @@ runs once at start-up and names the offending field.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -397,8 +398,29 @@ def resolve(args: argparse.Namespace, argv_order: Sequence[str], cls: Optional[t
 
     for target, value in sorted(overrides, key=lambda tv: last_mention(tv[0])):
         set_field(cfg, target, value)
-    validate(cfg)
+    checked = as_the_data_decides(cfg)
+    if checked is not None:
+        validate(checked)
     return cfg
+
+
+def as_the_data_decides(cfg: RunConfig) -> Optional[RunConfig]:
+    """A copy of ``cfg`` with the values the data decides put in, for validation: the decoder LM's vocabulary size
+    is the tokenizer's (``family.adopt_vocab``, from the training split's ``.json``), so a check that depends on it
+    (adaptive-softmax cutoffs inside the vocabulary, ...) holds the data's value, as the trainer does at start-up,
+    not the preset's.  ``cfg`` itself when it names no data; None when its data cannot be read: the trainer
+    reports the data first and then validates everything."""
+    if not cfg.data.path:
+        return cfg
+    from pretrain.engine.data import load_data_info
+    from pretrain.engine.family import family_for
+    try:
+        data = load_data_info(cfg.data.path)
+    except (ConfigError, OSError, ValueError):
+        return None
+    out = copy.deepcopy(cfg)
+    family_for(out).adopt_vocab(data, lambda message: None)
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> tuple:

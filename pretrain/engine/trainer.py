@@ -699,7 +699,9 @@ class Trainer:
         steps = max(w["steps"], 1)
         dt = max(w["seconds"], 1e-9)
         rec = {"kind": "train", "step": self.step, "total": self.cfg.train.iters,
-               "loss": w["nll"] / w["scored"] if w["scored"] else float("nan"),  # per scored token
+               # per scored token; null for a window without any (a loss mask scoring nothing: no loss to report)
+               "loss": w["nll"] / w["scored"] if w["scored"] else None,
+               "scored": int(w["scored"]),
                "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": self._grad_norm(),
                "tokens_per_s": self.tokens_per_step * steps / dt,

@@ -133,9 +133,13 @@ class _ModelFields:
                                          "use attn_type 0 with mem_len 0 for none")
         if self.same_length and self.mem_len == 0:
             raise ConfigError("same_length", "needs a memory (mem_len > 0): each query sees mem_len keys")
-        for name in registry.sections():                # each mechanism section validates its own fields
+        for name in registry.sections():                # each mechanism section validates its own fields, and
+            section = getattr(self, name)               # (validate_layers) against the layers of its mechanism
+            mine = [s for s in specs if registry.mechanism(s.mechanism).section == name]
             try:
-                getattr(self, name).validate()
+                section.validate()
+                if mine and hasattr(section, "validate_layers"):
+                    section.validate_layers(mine)
             except ConfigError as e:
                 raise ConfigError(f"{name}.{e.field}", str(e).split(": ", 1)[-1]) from None
         sinusoid = [s for s in specs if s.settings.get("sinusoid")]

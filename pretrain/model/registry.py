@@ -293,6 +293,21 @@ class FastWeightConfig:
         if self.impl not in ("auto", "chunk", "naive", "fused"):
             raise ConfigError("impl", f"must be auto, chunk, naive or fused, got {self.impl!r}")
 
+    def validate_layers(self, specs) -> None:
+        """ConfigError for a setting the layers ``specs`` (this section's) cannot train with: the delta rule on
+        ELU+1 features without sum normalisation.  The update W += beta k' (v - W^T k')^T contracts only while
+        beta |k'|^2 <= 2 (Schlag et al. 2021, §4.2: phi(k) is sum-normalised for stability); ELU+1 is 1 at 0 in
+        every dimension, so |phi(k)|^2 is about d_head for the small keys of a fresh model and the recurrence
+        diverges within its first segment (NaN at step 1, measured at d_head 32).  FAVOR+ (|phi(0)|^2 = 2) and
+        DPFP (phi(0) = 0) start inside the bound and are left to the user."""
+        bad = sorted({s.code for s in specs if s.settings.get("rule") == "delta"
+                      and s.settings.get("feature_map") == "elu"})
+        if bad and not self.sum_norm:
+            raise ConfigError("sum_norm", f"false cannot train the delta rule on ELU+1 features (attn_type "
+                                          f"{', '.join(map(str, bad))}): |phi(k)|^2 is about d_head, beyond the "
+                                          f"rule's bound beta |phi(k)|^2 <= 2, and the fast weights diverge (NaN "
+                                          f"from the first step); keep sum_norm true")
+
 
 def _fw(rule: str, fmap: str, attn_norm: bool) -> Variant:
     return Variant(f"{rule}_{fmap}" + ("_norm" if attn_norm and rule == "delta" else ""),
