@@ -52,18 +52,44 @@ _ms_seconds() {
     fi
 }
 
-# The latest complete checkpoint of $RUN_DIR as "TAG<TAB>REASON<TAB>STEP" (nothing when there is none).
+# The newest complete checkpoint of $RUN_DIR (iter_N with a readable memtrain/meta.json), the one the trainer
+# resumes from whatever `latest` names, as "TAG<TAB>REASON<TAB>STEP<TAB>WRITTEN" (WRITTEN: meta.json's mtime in ns,
+# which tells a new save of a step from an older one); nothing when there is none.
 _ms_latest() {
     "$PYTHON" - "$RUN_DIR" <<'PY'
-import json, os, sys
+import json, os, re, sys
 d = sys.argv[1]
 try:
-    tag = open(os.path.join(d, "latest")).read().strip()
-    meta = json.load(open(os.path.join(d, tag, "memtrain", "meta.json")))
+    tags = [n for n in os.listdir(d) if re.fullmatch(r"iter_\d+", n)]
 except OSError:
     sys.exit(0)
-print(f"{tag}\t{meta.get('reason', '')}\t{meta.get('step', '')}")
+for tag in sorted(tags, key=lambda n: int(n[5:]), reverse=True):
+    path = os.path.join(d, tag, "memtrain", "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        written = os.stat(path).st_mtime_ns
+    except (OSError, ValueError):
+        continue
+    print(f"{tag}\t{meta.get('reason', '')}\t{meta.get('step', '')}\t{written}")
+    break
 PY
+}
+
+# Whether a checkpoint's reason asks for a requeue: the trainer stopped early on a signal or the wall-time guard.
+# A step saves once with every reason that met there, joined by " + " ("interval + signal SIGUSR1"); a part
+# "signal ..." or "exit duration ..." asks for a requeue, unless a part "end" says the training finished.
+_ms_wants_requeue() {
+    local rest=$1 part want=1
+    while [ -n "$rest" ]; do
+        part=${rest%% + *}
+        if [ "$part" = "$rest" ]; then rest=""; else rest=${rest#* + }; fi
+        case $part in
+            end) return 1 ;;
+            signal\ *|exit\ duration\ *) want=0 ;;
+        esac
+    done
+    return $want
 }
 
 _ms_on_signal() {
@@ -161,7 +187,9 @@ memtrain_main() {
     _ms_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME), restart $RESTART: $NNODES nodes (${HOSTS[*]}), $NPROC_PER_NODE processes per node, world size $WORLD_SIZE (data-parallel $DP_SIZE x tensor-parallel $TP), $DEVICE"
     _ms_log "launcher $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT, run directory $RUN_DIR"
     _ms_log "wall-time guard: $left left -> --exit-duration-in-mins $guard (0 = off; margin $EXIT_MARGIN_MINS min)"
-    if [ -n "$(_ms_latest)" ]; then _ms_log "resuming: $RUN_DIR has checkpoint $(_ms_latest | cut -f1)"; fi
+    local before
+    before=$(_ms_latest)
+    if [ -n "$before" ]; then _ms_log "resuming: $RUN_DIR has checkpoint $(cut -f1 <<< "$before")"; fi
 
     export MEMTRAIN_LAUNCHER=$LAUNCHER MEMTRAIN_RDZV=$TORCHRUN_RDZV MEMTRAIN_NPROC=$NPROC_PER_NODE
     export MEMTRAIN_NNODES=$NNODES MEMTRAIN_PYTHON=$PYTHON MEMTRAIN_RDZV_ID="$SLURM_JOB_ID-$RESTART"
@@ -204,23 +232,27 @@ memtrain_main() {
 
     local latest tag reason step
     latest=$(_ms_latest)
-    IFS=$'\t' read -r tag reason step <<< "$latest"
+    IFS=$'\t' read -r tag reason step _ <<< "$latest"
     if [ "$rc" -ne 0 ]; then
         _ms_log "training failed with exit status $rc${tag:+ (latest checkpoint $tag, $reason)}; not requeued"
         return "$rc"
     fi
-    case $reason in
-        signal*|exit\ duration*)
-            if [ "$REQUEUE" != 1 ]; then
-                _ms_log "saved $tag ($reason); REQUEUE=$REQUEUE: not requeued, resubmit with RUN_DIR=$RUN_DIR to continue"
-            elif [ "$RESTART" -ge "$MAX_REQUEUES" ]; then
-                _ms_log "saved $tag ($reason); restart $RESTART reached MAX_REQUEUES=$MAX_REQUEUES: not requeued"
-            else
-                _ms_log "saved $tag at step $step ($reason): requeueing job $SLURM_JOB_ID (restart $((RESTART + 1))); it resumes from $RUN_DIR/$tag"
-                scontrol requeue "$SLURM_JOB_ID" || { _ms_log "scontrol requeue failed"; return 1; }
-            fi ;;
-        *) _ms_log "done${tag:+: latest checkpoint $tag ($reason)}" ;;
-    esac
+    if [ -n "$tag" ] && [ "$latest" = "$before" ] && _ms_wants_requeue "$reason"; then
+        # the run saved nothing (it resumed at or past --train-iters, or its save was refused): the reason is the
+        # previous run's, and a requeue would only start the same run again
+        _ms_log "no new checkpoint since $tag ($reason); not requeued"
+        return 0
+    fi
+    if ! _ms_wants_requeue "$reason"; then
+        _ms_log "done${tag:+: latest checkpoint $tag ($reason)}"
+    elif [ "$REQUEUE" != 1 ]; then
+        _ms_log "saved $tag ($reason); REQUEUE=$REQUEUE: not requeued, resubmit with RUN_DIR=$RUN_DIR to continue"
+    elif [ "$RESTART" -ge "$MAX_REQUEUES" ]; then
+        _ms_log "saved $tag ($reason); restart $RESTART reached MAX_REQUEUES=$MAX_REQUEUES: not requeued"
+    else
+        _ms_log "saved $tag at step $step ($reason): requeueing job $SLURM_JOB_ID (restart $((RESTART + 1))); it resumes from $RUN_DIR/$tag"
+        scontrol requeue "$SLURM_JOB_ID" || { _ms_log "scontrol requeue failed"; return 1; }
+    fi
     return 0
 }
 

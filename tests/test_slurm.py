@@ -416,6 +416,7 @@ class Signalled(Scenario):
     """After 3 steps: ``scancel --batch --signal=USR1``, what ``#SBATCH --signal=B:USR1@300`` sends before the
     time limit.  The requeued job is then released (see ``release``)."""
     signalled = False
+    held_since = None   # when the test first saw the requeued job held (PENDING, reason BeginTime)
 
     def act(self):
         if not self.signalled and self.job.steps_logged() >= 3:
@@ -423,7 +424,7 @@ class Signalled(Scenario):
             assert r.returncode == 0, r.stderr
             self.signalled = True
         elif self.signalled:
-            release(self.job)
+            self.held_since = release(self.job, self.held_since)
 
 
 class WallTime(Scenario):
@@ -457,12 +458,24 @@ def _environ(pid) -> list:
         return []
 
 
-def release(job) -> None:
-    """Slurm holds a requeued batch job about two minutes (BeginTime) before it may start again; the test
-    makes it eligible at once, as an administrator would with the same command."""
+RELEASE_AFTER = 1.5  # seconds
+
+
+def release(job, held_since):
+    """Slurm holds a requeued batch job about two minutes (BeginTime: the credential lifetime) before it may start
+    again; the test makes it eligible sooner, as an administrator would with the same command, but not in the
+    second of the requeue: the requeue revokes the job's credentials on its nodes up to that second (whole
+    seconds), so a batch job launched in the same second is refused ("Job N already killed, do not launch batch
+    job"; slurmctld: "Killing non-startable batch JobId=N: Job credential revoked") and fails with exit code 1.
+    Returns when the hold was first seen (None while the job is not held)."""
     st = job.state()
-    if st.startswith("PENDING") and "BeginTime" in st:
+    if not (st.startswith("PENDING") and "BeginTime" in st):
+        return None
+    if held_since is None:
+        return time.time()
+    if time.time() - held_since >= RELEASE_AFTER:   # the requeue happened before the hold was seen
         job.slurm.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+    return held_since
 
 
 @pytest.fixture(scope="module")
@@ -579,6 +592,34 @@ def _bash(script, **env):
 def test_time_left_parsing(text, seconds):
     r = _bash(f'source slurm/common.sh; _ms_seconds "{text}"')
     assert r.returncode == 0 and r.stdout.strip() == str(seconds)
+
+
+@pytest.mark.parametrize("reason,requeue", [
+    ("signal SIGUSR1", True), ("signal SIGTERM", True), ("exit duration 0.2 min reached", True),
+    # a step saves once, with every reason that met there
+    ("interval + signal SIGUSR1", True), ("interval + exit duration 0.2 min reached", True),
+    ("end + signal SIGUSR1", False), ("end + exit duration 0.2 min reached", False),
+    ("end", False), ("interval", False), ("exit interval 100", False), ("interval + exit interval 100", False),
+    ("", False)])
+def test_requeue_follows_the_reasons_of_the_save(reason, requeue):
+    r = _bash(f'source slurm/common.sh; if _ms_wants_requeue "{reason}"; then echo yes; else echo no; fi')
+    assert r.returncode == 0 and r.stdout.strip() == ("yes" if requeue else "no"), r.stderr
+
+
+def test_the_scripts_read_the_checkpoint_the_trainer_resumes_from(tmp_path):
+    """The newest complete checkpoint, whatever ``latest`` names (a run stopped between a checkpoint's meta.json
+    and ``latest``), never an incomplete one (no meta.json: a save cut short)."""
+    for step, reason in ((10, "interval"), (12, "interval + signal SIGUSR1"), (14, None)):
+        d = tmp_path / f"iter_{step:07d}" / "memtrain"
+        d.mkdir(parents=True)
+        if reason:
+            (d / "meta.json").write_text(json.dumps({"step": step, "reason": reason}))
+    (tmp_path / "latest").write_text("iter_0000010")
+    r = _bash("source slurm/common.sh; _ms_latest", RUN_DIR=str(tmp_path), PYTHON=PY)
+    assert r.returncode == 0 and r.stdout.split("\t")[:3] == ["iter_0000012", "interval + signal SIGUSR1", "12"], \
+        r.stdout + r.stderr
+    r = _bash("source slurm/common.sh; _ms_latest", RUN_DIR=str(tmp_path / "none"), PYTHON=PY)
+    assert r.returncode == 0 and r.stdout == ""
 
 
 def test_outside_slurm_the_scripts_refuse_with_a_clear_message():
