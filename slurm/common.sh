@@ -76,16 +76,17 @@ for tag in sorted(tags, key=lambda n: int(n[5:]), reverse=True):
 PY
 }
 
-# Whether a checkpoint's reason asks for a requeue: the trainer stopped early on a signal or the wall-time guard.
+# Whether a checkpoint's reason asks for a requeue: the trainer stopped on a signal or the wall-time guard.
 # A step saves once with every reason that met there, joined by " + " ("interval + signal SIGUSR1"); a part
-# "signal ..." or "exit duration ..." asks for a requeue, unless a part "end" says the training finished.
+# "signal ..." or "exit duration ..." asks for a requeue, also with "end" ("end + signal SIGTERM": the last step was
+# saved but the stop came before the final evaluation and export, which the requeued job runs without training or
+# saving again; its unchanged checkpoint then ends the chain, see "no new checkpoint" below).
 _ms_wants_requeue() {
     local rest=$1 part want=1
     while [ -n "$rest" ]; do
         part=${rest%% + *}
         if [ "$part" = "$rest" ]; then rest=""; else rest=${rest#* + }; fi
         case $part in
-            end) return 1 ;;
             signal\ *|exit\ duration\ *) want=0 ;;
         esac
     done

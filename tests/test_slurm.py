@@ -598,7 +598,7 @@ def test_time_left_parsing(text, seconds):
     ("signal SIGUSR1", True), ("signal SIGTERM", True), ("exit duration 0.2 min reached", True),
     # a step saves once, with every reason that met there
     ("interval + signal SIGUSR1", True), ("interval + exit duration 0.2 min reached", True),
-    ("end + signal SIGUSR1", False), ("end + exit duration 0.2 min reached", False),
+    ("end + signal SIGUSR1", True), ("end + exit duration 0.2 min reached", True),
     ("end", False), ("interval", False), ("exit interval 100", False), ("interval + exit interval 100", False),
     ("", False)])
 def test_requeue_follows_the_reasons_of_the_save(reason, requeue):
