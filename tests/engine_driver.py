@@ -16,7 +16,10 @@ Scenarios:
   ``z{--source-zero or stage}{--source-precision or precision}_{--source}`` when ``--source`` is given (under
   whatever layout this launch has); writes the full fp32 weights and Adam moments (gathered over every rank) right
   after the start (``<save>.start.pt``) and at the end (``<save>.final.pt``), and records the validation loss at
-  both points, the losses, the full-head memory sums and the consumed tokens.
+  both points, the losses, the full-head memory sums and the consumed tokens.  With ``--zero3-linear`` every run of
+  the launch computes ``torch.nn.functional.linear`` as a ZeRO-3 engine does (DeepSpeed's
+  ``zero3_linear_wrap``, which a ZeRO-3 engine installs for the rest of its process): a ZeRO 0-2 run then
+  computes what ZeRO-3 computes from the same state.
 * ``stops``: an uninterrupted run of 6 steps, then for every stop kind (``--kinds``: exit interval, SIGTERM,
   SIGUSR1 -- sent by the last rank to itself --, the wall-time guard, the end of a shorter run) at a step that is
   a save-interval step (``on``) and one that is not (``between``): a run that stops there and the same command
@@ -216,6 +219,8 @@ def main():
     p.add_argument("--source-precision", default=None)
     p.add_argument("--zero", default="0", help="comma-separated ZeRO stages")
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--zero3-linear", action="store_true",
+                   help="every run uses DeepSpeed's ZeRO-3 replacement of torch.nn.functional.linear")
     p.add_argument("--stop-at", type=int, default=3)
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
@@ -224,6 +229,10 @@ def main():
     rest = [a for a in args.rest if a != "--"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import torch.distributed as dist
+    if args.zero3_linear:
+        import torch.nn.functional as F
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+        F.linear = zero3_linear_wrap
     results = {}
     if args.scenario == "grads":
         for lay in json.loads(args.layouts):
