@@ -186,15 +186,20 @@ def set_field(cfg, path: str, value: Any) -> None:
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
         valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
         raise ConfigError(path, f"unknown field (valid here: {valid})")
+    tp = _hints(type(obj))[name]
     if isinstance(value, str):
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        value = value if parsed is None and value.strip().lower() not in ("null", "none", "~", "") else parsed
-        if isinstance(value, str) and value.strip().lower() == "none":
-            value = None
-    tp = _hints(type(obj))[name]
+        # "null", "none", "~" mean None for a field that takes None; a string field keeps them as text
+        # (fast_weight.positions: none)
+        nullable = tp is Any or (typing.get_origin(tp) in (Union, types.UnionType)
+                                 and type(None) in typing.get_args(tp))
+        if value.strip().lower() in ("null", "none", "~", ""):
+            value = None if nullable else value
+        elif parsed is not None:
+            value = parsed
     setattr(obj, name, _coerce(value, tp, path))
 
 

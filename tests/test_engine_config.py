@@ -27,6 +27,15 @@ def test_megatron_names_and_field_overrides(tmp_path):
     assert cfg.optim.lr == pytest.approx(2e-3)                         # the last mention wins
 
 
+def test_none_on_the_command_line():
+    """"none" / "null" is None for a field that takes None, and text for a string field whose value it is
+    (fast_weight.positions: none, the carried fast weights' setting)."""
+    cfg, _ = parse_args(["--model.fast_weight.positions", "none", "--model.fast_weight.attn_norm", "none",
+                         "--model.d_embed", "null"])
+    assert cfg.model.fast_weight.positions == "none"
+    assert cfg.model.fast_weight.attn_norm is None and cfg.model.d_embed is None
+
+
 def test_the_last_mention_wins_in_either_order():
     cfg, _ = parse_args(["--optim.lr", "2e-3", "--lr", "1e-3"])
     assert cfg.optim.lr == pytest.approx(1e-3)

@@ -350,7 +350,10 @@ class ReferenceLM:
             o = torch.einsum("bhde,bhd->bhe", W, qt) / math.sqrt(dh)
             if attn_norm:
                 z = z + kt
-                o = o / ((z * qt).sum(-1, keepdim=True) + sec.eps)
+                den = (z * qt).sum(-1, keepdim=True)
+                if spec.settings["scale"] == "scores":      # 4/5/6: 1/sqrt(dh) on the scores, inside the norm
+                    den = den / math.sqrt(dh)
+                o = o / (den + sec.eps)
             outs.append(o)
         a = torch.stack(outs, 1)                                                      # [B, N, H, dh]
         out = self.ffn(self.attn_out(x, a, l, norm="norm", out="out.weight"), l)

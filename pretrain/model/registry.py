@@ -263,7 +263,9 @@ register(Mechanism(
 class FastWeightConfig:
     """Options of the fast-weight layers (``model.fast_weight``); the rule and feature map come from each
     layer's attn_type (4/5/6, 34/35/36: sum rule; 24/25/26: delta rule; 44/45/46: delta rule with attention
-    normalisation; x4 ELU+1, x5 FAVOR+, x6 DPFP)."""
+    normalisation; x4 ELU+1, x5 FAVOR+, x6 DPFP).  4/5/6 and 34/35/36 differ in where 1/sqrt(d_head) applies
+    (the scores or the normalised output; docs/model.md, "The fast-weight toolkit's attn_type codes").  The
+    toolkit's sum-rule layers do not sum-normalise their features: reproduce them with ``sum_norm: false``."""
     performer_proj_dim: int = F(16, "FAVOR+ random features m (feature size 2m)")
     dpfp_nu: int = F(2, "DPFP roll count nu (feature size 2 nu d_head)")
     sum_norm: bool = F(True, "divide phi(k), phi(q) by their sum before the rule (lmtool: crucial for stability)")
@@ -309,16 +311,24 @@ class FastWeightConfig:
                                           f"from the first step); keep sum_norm true")
 
 
-def _fw(rule: str, fmap: str, attn_norm: bool) -> Variant:
-    return Variant(f"{rule}_{fmap}" + ("_norm" if attn_norm and rule == "delta" else ""),
-                   {"rule": rule, "feature_map": fmap, "attn_norm": attn_norm})
+def _fw(rule: str, fmap: str, attn_norm: bool, scale: str = "output") -> Variant:
+    """A fast-weight code: its rule, feature map, default attention normalisation, and where the factor
+    1/sqrt(d_head) applies: ``"output"`` (on the normalised output: the toolkit's CUDA-path layers 24-26, 34, 35,
+    44-46) or ``"scores"`` (on the scores phi(q) . phi(k), inside the attention normalisation, where it cancels but
+    for eps: the toolkit's pure-PyTorch linear attention 4/5/6).  docs/model.md maps the toolkit's codes."""
+    name = f"{rule}_{fmap}" + ("_norm" if attn_norm and rule == "delta" else "") + \
+        ("_scaled" if rule == "sum" and scale == "output" else "")
+    return Variant(name, {"rule": rule, "feature_map": fmap, "attn_norm": attn_norm, "scale": scale})
 
 
 register(Mechanism(
     name="fast_weight",
     implementation="pretrain.model.mixers.fast_weight:FastWeightMixer",
     description="fast-weight layers (linear transformers): sum rule or delta rule, ELU+1 / FAVOR+ / DPFP",
-    variants={4: _fw("sum", "elu", True), 5: _fw("sum", "favor", True), 6: _fw("sum", "dpfp", True),
+    # 4/5/6: the toolkit's pure-PyTorch linear attention (LinearMultiHeadAttn, PerformerMultiHeadAttn,
+    # DPFPMultiHeadAttn); 34/35/36: its sum rule through the CUDA kernel (the output scaled after normalising)
+    variants={4: _fw("sum", "elu", True, "scores"), 5: _fw("sum", "favor", True, "scores"),
+              6: _fw("sum", "dpfp", True, "scores"),
               34: _fw("sum", "elu", True), 35: _fw("sum", "favor", True), 36: _fw("sum", "dpfp", True),
               24: _fw("delta", "elu", False), 25: _fw("delta", "favor", False), 26: _fw("delta", "dpfp", False),
               44: _fw("delta", "elu", True), 45: _fw("delta", "favor", True), 46: _fw("delta", "dpfp", True)},
@@ -326,7 +336,7 @@ register(Mechanism(
              "delta_norm": 44},
     section="fast_weight",
     section_class=FastWeightConfig,
-    test_configs=({"attn_type": 24, "mem_len": 0}, {"attn_type": 4, "mem_len": 0},
+    test_configs=({"attn_type": 24, "mem_len": 0}, {"attn_type": 4, "mem_len": 0}, {"attn_type": 34, "mem_len": 0},
                   {"attn_type": 25, "mem_len": 0}, {"attn_type": 46, "mem_len": 0}),
     recurrence_exact=True,
 ))

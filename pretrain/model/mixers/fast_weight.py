@@ -15,9 +15,13 @@ One segment of N tokens, per head, with phi the feature map (ELU+1, FAVOR+ or DP
 3. sum rule:   W_t = W_{t-1} + k'_t v_t^T;
    delta rule: vbar_t = W_{t-1}^T k'_t,  W_t = W_{t-1} + beta_t k'_t (v_t - vbar_t)^T  (remove and insert);
    y_t = W_t^T q'_t (the query reads the *updated* W);
-4. with attention normalisation y_t is divided by (z_t . q'_t + eps), z_t = z_{t-1} + k'_t (the output only,
-   not the retrieval vbar);
-5. out = LN(x + Dropout(W_o (y / sqrt(dh)))) (pre-LN: x + ...), then the layer's FFN.
+4. y_t is scaled by 1/sqrt(dh); with attention normalisation it is divided by (z_t . q'_t + eps),
+   z_t = z_{t-1} + k'_t (the output only, not the retrieval vbar), where the scale applies either to the
+   normalised output (``y_t / sqrt(dh) / (z_t . q'_t + eps)``: every code but 4/5/6, the toolkit's CUDA-path
+   layers) or to the scores inside the normalisation (``(y_t / sqrt(dh)) / (z_t . q'_t / sqrt(dh) + eps)``, the
+   factor cancelling but for eps: 4/5/6, the toolkit's pure-PyTorch linear attention ``LinearMultiHeadAttn`` and
+   its FAVOR+ / DPFP twins); the two differ by sqrt(dh) in the scale of the layer's output;
+5. out = LN(x + Dropout(W_o y)) (pre-LN: x + ...), then the layer's FFN.
 
 Positions: none by default (order comes from the recurrence; the state is carried), or the absolute sinusoid
 added to the embeddings (``fast_weight.positions: absolute``, lmtool's default without carry-over).
@@ -59,6 +63,7 @@ class FastWeightMixer(Mixer):
         self.rule = spec.settings["rule"]
         self.feature_map = spec.settings["feature_map"]
         self.attn_norm = spec.settings["attn_norm"] if sec.attn_norm is None else sec.attn_norm
+        self.scale_scores = spec.settings.get("scale") == "scores"
         self.pre_lnorm = cfg.pre_lnorm
         tp = parallel.tp_world_size()
         self.n_head, self.d_head = cfg.n_head // tp, cfg.d_head
@@ -137,7 +142,10 @@ class FastWeightMixer(Mixer):
         new = {"fw": s_new}
         if self.attn_norm:
             z, z_new = fw_ops.key_sum(kf, initial=state["z"] if carry else None, reset=ctx.reset)
-            o = o / ((z * qf).sum(-1, keepdim=True) + self.sec.eps)
+            den = (z * qf).sum(-1, keepdim=True)
+            if self.scale_scores:                               # 4/5/6: the scaled scores are normalised
+                den = den / math.sqrt(dh)
+            o = o / (den + self.sec.eps)
             new["z"] = z_new
         o = o.to(x.dtype).transpose(1, 2).reshape(B, N, hd)
         h = dropout_add(x, row_linear(o, self.out), self.p, self.training)
