@@ -166,6 +166,9 @@ class Trainer:
         sched = lambda opt: LRScheduler(opt, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_iters, total=total,
                                         style=o.schedule, wsd_decay=o.wsd_decay, wsd_shape=o.wsd_shape)
         import deepspeed
+        # a ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the process (DeepSpeed's
+        # memory-efficient linear, which rounds before adding the bias in bf16); close() puts it back
+        self._functional_linear = torch.nn.functional.linear
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=sched, config=engine_config(self.ds_config),
             model_parameters=[p for p in self.model.parameters() if p.requires_grad] if optimizer is None else None,
@@ -738,9 +741,14 @@ class Trainer:
                 f"{rec['loss']:.4f} | {metric} {rec[metric]:.4f}{acc}", self.rank)
 
     def close(self) -> None:
+        """Close the metrics writers and undo what the engine changed in this process (torch's ``linear`` after
+        ZeRO-3), so that a later run or evaluation in the same process computes as it would alone."""
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        linear = getattr(self, "_functional_linear", None)
+        if linear is not None and torch.nn.functional.linear is not linear:
+            torch.nn.functional.linear = linear
 
 
 def run(argv: Optional[List[str]] = None) -> int:
