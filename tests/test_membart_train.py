@@ -260,8 +260,11 @@ def test_train_config_errors(text_data):
     cfg, _ = parse_args(args + ["--eval.protocol", "xl"])
     with pytest.raises(ConfigError, match="eval.protocol"):
         family_for(cfg).check()
-    cfg, _ = parse_args(args + ["--model.vocab_size", "256", "--model.pad_token_id", "1", "--model.bos_token_id",
-                                "0", "--model.eos_token_id", "2", "--model.decoder_start_token_id", "2",
-                                "--model.forced_eos_token_id", "2", "--model.mask_token_id", "3"])
+    small = ["--model.vocab_size", "256", "--model.pad_token_id", "1", "--model.bos_token_id", "0",
+             "--model.eos_token_id", "2", "--model.decoder_start_token_id", "2", "--model.forced_eos_token_id", "2",
+             "--model.mask_token_id", "3"]
+    with pytest.raises(ConfigError, match="257 ids, more than the model's 256"):   # at parse time, with the data
+        parse_args(args + small)
+    cfg, _ = parse_args(MEMBART + small)                                           # and by the family at start-up
     with pytest.raises(ConfigError, match="257 ids, more than the model's 256"):
         family_for(cfg).adopt_vocab(load_data_info(text_data), print)

@@ -140,8 +140,12 @@ class Trainer:
                                            self.dp_size, self.tp_size, self.rank)
         self.plan = self._plan_resume()
 
-        # model, optimizer, schedule, DeepSpeed; --seed governs the weights too (as in Megatron)
+        # model, optimizer, schedule, DeepSpeed; --seed governs the weights and every generator a checkpoint
+        # records (Python's, numpy's, torch's, as Megatron's _set_random_seed), so that the checkpoint of a resumed
+        # run holds what the uninterrupted run's holds
         cfg.model.seed = cfg.train.seed
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model()
         self.universal_dir: Optional[str] = None
