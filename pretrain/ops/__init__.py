@@ -7,6 +7,10 @@ hold every fast path equal to the reference, gradients included.
 * ``fast_weight``: the sum rule (linear attention) and the delta rule of fast-weight programmers
   (Schlag, Irie, Schmidhuber, ICML 2021), with a carried state and in-segment document resets.
 * ``feature_maps``: the feature maps phi applied to keys and queries before those rules.
+* ``gated_delta``: the gated delta rule of Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025) with a carried
+  state and in-segment resets; on CUDA flash-linear-attention's kernel when fla-core imports.
+* ``short_conv``: the short causal depthwise convolution of linear-recurrent layers, with a carried state of
+  the last W - 1 inputs and in-segment resets.
 * ``rel_attention``: attention with Transformer-XL relative positions over [memory ; segment] (XL's and
   LaMemo's), returning the log-sum-exp beside the output.
 * ``kernels``: building and loading the fused CUDA kernels of ``csrc/`` that the folders above bind as
