@@ -1,115 +1,125 @@
 """ARMT's associative memory op (pretrain/ops/associative).
 
-The oracle is a transcription of the authors' math, in their einsum notation, from
+The oracle here (:func:`phi_of_vector`, :class:`LoopMemory`) is an independent loop form of the equations of
+the authors' model, as README.md beside the op states them: explicit Python loops over batch row, head and
+memory token / query, one vector at a time, with dot products, outer products and matrix-vector products.
+The source of those equations (of the maths, not of any code here) is
 RodkinIvan/associative-recurrent-memory-transformer, ``modeling_amt/language_modeling.py``:
 
-* branch main, commit aa145de (single head): ``DPFP`` lines 15-24, ``associate`` lines 64-78, ``update_mem``
-  lines 94-129, ``zero_mem`` lines 132-136;
-* branch experimental, commits a62eea3 / 4587ca0 (heads, L2-normalised phi, no eps in |phi|^2 of gamma).
+* branch main, commit aa145de (single head): the DPFP feature map lines 8-24 (nu = 3, line 36), the read
+  lines 64-78, the write lines 94-129 (batched over the memory tokens, gamma correction, first segment), the
+  zero state lines 132-136;
+* branch experimental, commits a62eea3 / 4587ca0: heads split before phi, L2-normalised phi, and no eps in
+  the |phi|^2 of gamma.
 
-It works on the projected tensors (the outputs of their ``W_mq``, ``W_mk``, ``W_mv`` and ``sigmoid(W_mb .)``);
-everything runs in fp64.  Properties: associative recall of keys orthogonal after phi, overwrite by the delta
-rule, gradients to the initial state (gradcheck), a zero state reads zero, bad shapes raise.
+The oracle works on the projected tensors (what the layer's W_q, W_k, W_v and sigmoid(W_b .) give); everything
+runs in fp64.  Properties: equality to the oracle over 4 segments (reads, A, z, gradients), associative recall of
+keys orthogonal after phi, overwrite by the delta rule, gradients to the initial state (gradcheck), a zero state
+reads zero, bad shapes raise.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.ops import feature_maps as fm
 from pretrain.ops.associative import (associative_read, associative_update, feature_dim, feature_map,
                                       zero_state)
 
 F64 = torch.float64
-r = F.relu
+EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
-def authors_dpfp(x, nu):
-    """``DPFP.__call__`` (main, lines 20-24)."""
-    x = torch.cat([r(x), r(-x)], dim=-1)
-    x_rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
-    x_repeat = torch.cat([x] * nu, dim=-1)
-    return x_repeat * x_rolled
+def phi_of_vector(x, nu, normalize=False):
+    """DPFP of ONE vector x [Dk] from its definition: x~ = [relu x; relu -x] (2Dk entries), and for
+    j = 1..nu the block x~ * roll(x~, j), where roll(x~, j)[i] = x~[(i - j) mod 2Dk]; the nu blocks are
+    concatenated in order of j.  With ``normalize`` the result is divided by its Euclidean length (a zero
+    result, possible for nu = 1, stays zero)."""
+    assert x.dim() == 1
+    x_tilde = torch.cat([torch.clamp(x, min=0), torch.clamp(-x, min=0)])
+    n = x_tilde.shape[0]
+    blocks = []
+    for j in range(1, nu + 1):
+        shifted = x_tilde[torch.tensor([(i - j) % n for i in range(n)])]
+        blocks.append(x_tilde * shifted)
+    out = torch.cat(blocks)
+    if normalize and torch.count_nonzero(out) > 0:
+        out = out / torch.sqrt(torch.dot(out, out))
+    return out
 
 
-class AuthorsMain:
-    """State handling and math of ``AssociativeLayerWrapper`` on main (one head, nu = 3, eps 1e-5)."""
+class LoopMemory:
+    """The memory of one layer: a matrix A[b][h] [Dphi, Dv] and a vector z[b][h] [Dphi] per batch row and
+    head, kept as separate tensors and updated with per-vector arithmetic only.
 
-    def __init__(self, d_mem, d_model, nu=3, correction=True):
-        self.nu, self.correction = nu, correction
-        self.W_mem = torch.zeros(1, 2 * nu * d_mem, d_model, dtype=F64)      # zero_mem, lines 134-135
-        self.z = torch.zeros(1, 2 * nu * d_mem, dtype=F64)
-        self.first_seg = True
+    read:   o = A^T phi(q) / (z . phi(q) + eps)
+    write:  for every memory token i, against the state BEFORE the segment (A_old, z_old):
+              d_i = z_old . phi_i + eps,  vbar_i = A_old^T phi_i / d_i,
+              gamma_i = clip(1 - d_i / (|phi_i|^2 + eps'), 0, 1) (detached; 1 with correction off),
+            and a fresh row (first segment of its document) uses vbar_i = 0, gamma_i = 1 and a zero old state;
+            then A = A_old + sum_i outer(phi_i, beta_i (v_i - vbar_i)),  z = z_old + sum_i gamma_i phi_i.
+    eps' = eps, or 0 with the normalised phi."""
 
-    def associate(self, q):                                                  # lines 69-76, q = W_mq(h)
-        mq = authors_dpfp(q, self.nu)
-        num = torch.einsum('ijk,ikt->ijt', mq, self.W_mem)
-        denom = torch.einsum("ik,ijk->ij", self.z, mq)[..., None] + 1e-5
-        return num / denom
+    def __init__(self, B, H, Dk, Dv, nu=3, correction=True, normalize=False, A0=None, z0=None):
+        self.B, self.H, self.nu = B, H, nu
+        self.correction, self.normalize = correction, normalize
+        width = 2 * nu * Dk
+        self.A = [[torch.zeros(width, Dv, dtype=F64) if A0 is None else A0[b, h] for h in range(H)]
+                  for b in range(B)]
+        self.z = [[torch.zeros(width, dtype=F64) if z0 is None else z0[b, h] for h in range(H)] for b in range(B)]
 
-    def update_mem(self, k, new_mv, mb):                                     # lines 99-127, k = W_mk(m)
-        mk = authors_dpfp(k, self.nu)
-        if not self.first_seg:
-            num = torch.einsum('ijk,ikt->ijt', mk, self.W_mem)
-            denom = torch.einsum("ij,ikj->ik", self.z, mk)[..., None] + 1e-5
-            prev_mv = num / denom
-            if self.correction:
-                new_info_coef = 1 - denom / (torch.linalg.norm(mk, dim=-1) ** 2 + 1e-5)[..., None]
-                new_info_coef = torch.clip(new_info_coef, 0, 1).detach()
-            else:
-                new_info_coef = 1
-        else:
-            prev_mv = torch.zeros_like(new_mv)
-            new_info_coef = 1
-        mv = new_mv - prev_mv
-        self.W_mem = self.W_mem + torch.einsum('ijk,ijt,ij->ikt', mk, mv, mb)
-        self.z = self.z + (new_info_coef * mk).sum(dim=1)
-        self.first_seg = False
+    def phi(self, x):
+        return phi_of_vector(x, self.nu, self.normalize)
 
+    def read(self, q):
+        """q [B, H, T, Dk] -> [B, H, T, Dv], one query vector at a time."""
+        rows = []
+        for b in range(self.B):
+            heads = []
+            for h in range(self.H):
+                outs = []
+                for t in range(q.shape[2]):
+                    f = self.phi(q[b, h, t])
+                    outs.append(torch.mv(self.A[b][h].T, f) / (torch.dot(self.z[b][h], f) + EPS))
+                heads.append(torch.stack(outs))
+            rows.append(torch.stack(heads))
+        return torch.stack(rows)
 
-class AuthorsExperimental:
-    """The multi-head wrapper of the experimental branch (a62eea3 heads, 4587ca0 normalised phi): tensors
-    already split into heads, ``[b, h, n, d]``; beta ``[b, h, n]`` (no gating)."""
+    def write(self, k, v, beta, fresh=False):
+        """k [B, H, M, Dk], v [B, H, M, Dv], beta [B, H, M] (or [B, H, M, Dv]); fresh: bool or list per row."""
+        fresh_rows = [fresh] * self.B if isinstance(fresh, bool) else list(fresh)
+        for b in range(self.B):
+            for h in range(self.H):
+                A_old, z_old = self.A[b][h], self.z[b][h]
+                if fresh_rows[b]:
+                    A_old, z_old = torch.zeros_like(A_old), torch.zeros_like(z_old)
+                dA, dz = torch.zeros_like(A_old), torch.zeros_like(z_old)
+                for i in range(k.shape[2]):
+                    f = self.phi(k[b, h, i])
+                    if fresh_rows[b]:
+                        v_bar, gamma = torch.zeros(A_old.shape[1], dtype=F64), 1.0
+                    else:
+                        d = torch.dot(z_old, f) + EPS
+                        v_bar = torch.mv(A_old.T, f) / d
+                        gamma = 1.0
+                        if self.correction:
+                            denom = torch.dot(f, f) + (0.0 if self.normalize else EPS)
+                            gamma = torch.clamp(1 - d / denom, 0.0, 1.0).detach()
+                    dA = dA + torch.outer(f, beta[b, h, i] * (v[b, h, i] - v_bar))
+                    dz = dz + gamma * f
+                self.A[b][h], self.z[b][h] = A_old + dA, z_old + dz
 
-    def __init__(self, H, dk_head, dv_head, nu=3, correction=True):
-        self.nu, self.correction = nu, correction
-        self.W_mem = torch.zeros(1, H, 2 * nu * dk_head, dv_head, dtype=F64)
-        self.z = torch.zeros(1, H, 2 * nu * dk_head, dtype=F64)
-        self.first_seg = True
-
-    def associate(self, q):
-        mq = F.normalize(authors_dpfp(q, self.nu), dim=-1, p=2.0)
-        num = torch.einsum('ihjk,ihkt->ihjt', mq, self.W_mem)
-        denom = torch.einsum("ihk,ihjk->ihj", self.z, mq)[..., None] + 1e-5
-        return num / denom
-
-    def update_mem(self, k, new_mv, mb):
-        mk = F.normalize(authors_dpfp(k, self.nu), dim=-1, p=2.0)
-        if not self.first_seg:
-            num = torch.einsum('ihjk,ihkt->ihjt', mk, self.W_mem)
-            denom = torch.einsum("ihj,ihkj->ihk", self.z, mk)[..., None] + 1e-5
-            prev_mv = num / denom
-            if self.correction:
-                new_info_coef = (1 - denom / (torch.linalg.norm(mk, dim=-1) ** 2)[..., None])
-                new_info_coef = torch.clip(new_info_coef, 0, 1).detach()
-            else:
-                new_info_coef = 1
-        else:
-            prev_mv = torch.zeros_like(new_mv)
-            new_info_coef = 1
-        mv = new_mv - prev_mv
-        self.W_mem = self.W_mem + torch.einsum('ihjk,ihjt,ihj->ihkt', mk, mv, mb)
-        self.z = self.z + (new_info_coef * mk).sum(dim=-2)
-        self.first_seg = False
+    def state(self):
+        return (torch.stack([torch.stack(row) for row in self.A]), torch.stack([torch.stack(row) for row in self.z]))
 
 
-def segments(n, B=2, H=1, M=3, T=5, Dk=4, Dv=6, seed=0, requires_grad=False):
+def segments(n, B=2, H=1, M=3, T=5, Dk=4, Dv=6, seed=0, requires_grad=False, gating=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         seg = dict(k=torch.randn(B, H, M, Dk, generator=g, dtype=F64),
                    v=torch.randn(B, H, M, Dv, generator=g, dtype=F64),
-                   beta=torch.sigmoid(torch.randn(B, H, M, generator=g, dtype=F64)),
+                   beta=torch.sigmoid(torch.randn(*((B, H, M, Dv) if gating else (B, H, M)), generator=g,
+                                                  dtype=F64)),
                    q=torch.randn(B, H, T, Dk, generator=g, dtype=F64))
         if requires_grad:
             for t in seg.values():
@@ -120,64 +130,59 @@ def segments(n, B=2, H=1, M=3, T=5, Dk=4, Dv=6, seed=0, requires_grad=False):
 
 # ------------------------------------------------------------------------------------- equal to the oracle
 @pytest.mark.parametrize("nu", [1, 2, 3, 4])
-def test_dpfp_is_the_authors(nu):
-    x = torch.randn(3, 5, 7, dtype=F64)
-    assert torch.equal(fm.dpfp(x, nu), authors_dpfp(x, nu))
-    assert torch.equal(feature_map(x, nu), authors_dpfp(x, nu))
+def test_dpfp_matches_definition(nu):
+    x = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(nu), dtype=F64)
+    x[0, 0, :3] = 0                                                        # exact zeros: relu's kink
+    x[0, 1] = torch.tensor([1.0, -1.0] * 3 + [1.0])                        # alternating signs: phi = 0 at nu = 1
+    loop = torch.stack([torch.stack([phi_of_vector(x[a, c], nu) for c in range(5)]) for a in range(3)])
+    assert torch.equal(fm.dpfp(x, nu), loop)
+    assert torch.equal(feature_map(x, nu), loop)
+    loop_n = torch.stack([torch.stack([phi_of_vector(x[a, c], nu, True) for c in range(5)]) for a in range(3)])
+    torch.testing.assert_close(feature_map(x, nu, normalize=True), loop_n, rtol=1e-14, atol=1e-15)
     assert feature_dim(7, nu) == 2 * nu * 7
 
 
-@pytest.mark.parametrize("correction", [True, False])
-def test_main_branch_segments(correction):
-    """Four segments (read before the write in each, as the layer does) equal the authors' single-head code:
-    reads, A, z, and the gradients of a loss on the reads with respect to every input."""
-    segs = segments(4, H=1, requires_grad=True)
-    B, Dk, Dv = 2, 4, 6
-    ours_loss, theirs_loss = 0.0, 0.0
-    auth = AuthorsMain(Dk, Dv, correction=correction)
-    A, z = zero_state(B, 1, Dk, Dv, dtype=F64)
-    for s, seg in enumerate(segs):
-        o = associative_read(A, z, seg["q"])
-        theirs = auth.associate(seg["q"][:, 0]) if s > 0 else torch.zeros(B, 5, Dv, dtype=F64)
-        torch.testing.assert_close(o[:, 0], theirs, rtol=1e-12, atol=1e-12)
-        A, z = associative_update(A, z, seg["k"], seg["v"], seg["beta"], correction=correction,
-                                  first_segment=(s == 0))
-        auth.update_mem(seg["k"][:, 0], seg["v"][:, 0], seg["beta"][:, 0])
-        torch.testing.assert_close(A[:, 0], auth.W_mem.expand(B, -1, -1), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(z[:, 0], auth.z.expand(B, -1), rtol=1e-12, atol=1e-12)
-        w = torch.linspace(-1, 1, Dv, dtype=F64)
-        ours_loss = ours_loss + (o[:, 0] * w).sin().sum()
-        theirs_loss = theirs_loss + (theirs * w).sin().sum()
-    leaves = [t for seg in segs for t in seg.values()]
-    g_ours = torch.autograd.grad(ours_loss + (A.sum() + z.sum()) * 0.1, leaves, allow_unused=True)
-    g_theirs = torch.autograd.grad(theirs_loss + (auth.W_mem.sum() + auth.z.sum()) * 0.1, leaves,
-                                   allow_unused=True)
-    for a, b in zip(g_ours, g_theirs):
-        if b is None:                      # the first segment's query: the authors skip that read
-            assert a is None or torch.count_nonzero(a) == 0
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_experimental_branch_heads_normalised():
-    """H = 2 heads with L2-normalised phi equal the experimental branch's multi-head code."""
-    B, H, Dk, Dv = 2, 2, 3, 4
-    segs = segments(3, B=B, H=H, Dk=Dk, Dv=Dv, seed=1)
-    auth = AuthorsExperimental(H, Dk, Dv)
+@pytest.mark.parametrize("H,correction,normalize,gating", [
+    (1, True, False, False),           # main branch
+    (1, False, False, False),          # main branch, --no_correction
+    (2, True, True, False),            # experimental branch: heads, normalised phi
+    (2, True, False, True),            # per-channel beta
+])
+def test_segments_equal_loop_oracle(H, correction, normalize, gating):
+    """Four segments (read before the write in each, as the layer does) equal the loop oracle: reads, A, z,
+    and the gradients of a loss on the reads and the final state with respect to every input."""
+    B, Dk, Dv, T = 2, 4, 6, 5
+    segs = segments(4, B=B, H=H, Dk=Dk, Dv=Dv, T=T, requires_grad=True, gating=gating)
+    kw = dict(correction=correction, normalize=normalize)
+    oracle = LoopMemory(B, H, Dk, Dv, **kw)
     A, z = zero_state(B, H, Dk, Dv, dtype=F64)
+    w = torch.linspace(-1, 1, Dv, dtype=F64)
+    ours_loss, oracle_loss = 0.0, 0.0
     for s, seg in enumerate(segs):
-        o = associative_read(A, z, seg["q"], normalize=True)
-        if s > 0:
-            torch.testing.assert_close(o, auth.associate(seg["q"]), rtol=1e-12, atol=1e-12)
-        A, z = associative_update(A, z, seg["k"], seg["v"], seg["beta"], normalize=True, first_segment=(s == 0))
-        auth.update_mem(seg["k"], seg["v"], seg["beta"])
-        torch.testing.assert_close(A, auth.W_mem.expand(B, -1, -1, -1), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(z, auth.z.expand(B, -1, -1), rtol=1e-12, atol=1e-12)
+        o = associative_read(A, z, seg["q"], normalize=normalize)
+        o_ref = oracle.read(seg["q"])
+        torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+        if s == 0:
+            assert torch.count_nonzero(o) == 0                            # the zero state reads 0
+        A, z = associative_update(A, z, seg["k"], seg["v"], seg["beta"], first_segment=(s == 0), **kw)
+        oracle.write(seg["k"], seg["v"], seg["beta"], fresh=(s == 0))
+        A_ref, z_ref = oracle.state()
+        torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+        ours_loss = ours_loss + (o * w).sin().sum()
+        oracle_loss = oracle_loss + (o_ref * w).sin().sum()
+    leaves = [t for seg in segs for t in seg.values()]
+    g_ours = torch.autograd.grad(ours_loss + (A.sum() + z.sum()) * 0.1, leaves)
+    g_oracle = torch.autograd.grad(oracle_loss + (A_ref.sum() + z_ref.sum()) * 0.1, leaves)
+    for a, b in zip(g_ours, g_oracle):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(torch.count_nonzero(g) > 0 for g in g_ours[4:])            # every later segment's input matters
 
 
 def test_first_segment_rows_and_general_formula():
-    """A bool [B] first_segment equals running each row with the bool flag; rows flagged ignore their state.
-    Without the flag a zero state differs from the authors' first-segment branch only in z (gamma < 1)."""
+    """A bool [B] first_segment equals the oracle with those rows fresh (their A, z ignored) and the others
+    written from a random state, and equals running each row with the bool flag.  Without the flag a zero
+    state differs from the first-segment branch only in z (gamma < 1)."""
     B, H, Dk, Dv = 3, 2, 3, 4
     seg = segments(1, B=B, H=H, Dk=Dk, Dv=Dv, seed=2)[0]
     g = torch.Generator().manual_seed(3)
@@ -185,6 +190,11 @@ def test_first_segment_rows_and_general_formula():
     z0 = torch.rand(B, H, 2 * 3 * Dk, generator=g, dtype=F64)
     fresh = torch.tensor([True, False, True])
     A1, z1 = associative_update(A0, z0, seg["k"], seg["v"], seg["beta"], first_segment=fresh)
+    oracle = LoopMemory(B, H, Dk, Dv, A0=A0, z0=z0)
+    oracle.write(seg["k"], seg["v"], seg["beta"], fresh=fresh.tolist())
+    A_ref, z_ref = oracle.state()
+    torch.testing.assert_close(A1, A_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z1, z_ref, rtol=1e-12, atol=1e-12)
     for b in range(B):
         Ab, zb = associative_update(A0[b:b + 1], z0[b:b + 1], seg["k"][b:b + 1], seg["v"][b:b + 1],
                                     seg["beta"][b:b + 1], first_segment=bool(fresh[b]))

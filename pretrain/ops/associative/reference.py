@@ -74,21 +74,23 @@ def associative_update(A: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: tor
     if fresh is not None:
         A = A * (1 - fresh)
         z = z * (1 - fresh[..., 0])
-    denom = torch.einsum("bhf,bhmf->bhm", z, phi)[..., None] + eps        # [B, H, M, 1]
-    vbar = torch.einsum("bhmf,bhfv->bhmv", phi, A) / denom                # [B, H, M, Dv]
+    # per (b, h), phi [M, Dphi] holds phi_i as its rows: each sum over i below is one matrix product
+    d = phi @ z.unsqueeze(-1) + eps                                       # [B, H, M, 1]   z . phi_i + eps
+    vbar = (phi @ A) / d                                                  # [B, H, M, Dv]  A^T phi_i / d_i
     if correction:
-        gamma = 1 - denom / (phi.pow(2).sum(-1, keepdim=True) + (0.0 if normalize else eps))
-        gamma = gamma.clamp(0, 1)
+        sq_norm = (phi * phi).sum(dim=-1, keepdim=True)                   # [B, H, M, 1]   |phi_i|^2
+        gamma = torch.clamp(1 - d / (sq_norm + (0.0 if normalize else eps)), min=0.0, max=1.0)
         if detach_gamma:
             gamma = gamma.detach()
     else:
-        gamma = torch.ones_like(denom)
+        gamma = torch.ones_like(d)
     if fresh is not None:
         vbar = vbar * (1 - fresh)                                         # exactly 0 already (A = 0)
         gamma = gamma * (1 - fresh) + fresh
-    b = beta[..., None] if beta.dim() == 3 else beta                      # [B, H, M, 1] or [B, H, M, Dv]
-    A_new = A + torch.einsum("bhmf,bhmv->bhfv", phi, b * (v - vbar))
-    z_new = z + (gamma * phi).sum(dim=2)
+    strength = beta.unsqueeze(-1) if beta.dim() == 3 else beta            # [B, H, M, 1] or [B, H, M, Dv]
+    phi_t = phi.transpose(-2, -1)                                         # [B, H, Dphi, M]
+    A_new = A + phi_t @ (strength * (v - vbar))                           # sum_i phi_i (beta_i (v_i - vbar_i))^T
+    z_new = z + (phi_t @ gamma).squeeze(-1)                               # sum_i gamma_i phi_i
     return A_new, z_new
 
 
@@ -105,6 +107,6 @@ def associative_read(A: torch.Tensor, z: torch.Tensor, q: torch.Tensor, *, nu: i
     out_dtype = q.dtype
     A, z, q = (t.to(dt) for t in (A, z, q))
     phi = feature_map(q, nu, normalize)                                   # [B, H, T, Dphi]
-    num = torch.einsum("bhtf,bhfv->bhtv", phi, A)
-    denom = torch.einsum("bhf,bhtf->bht", z, phi)[..., None] + eps
-    return (num / denom).to(out_dtype)
+    numer = phi @ A                                                       # [B, H, T, Dv]  A^T phi(q_t)
+    denom = phi @ z.unsqueeze(-1) + eps                                   # [B, H, T, 1]   z . phi(q_t) + eps
+    return (numer / denom).to(out_dtype)
