@@ -15,7 +15,7 @@ from pretrain import evaluate, evaluate_memory  # noqa: E402
 from pretrain.engine.context import recl  # noqa: E402
 from test_commands import TEXT, _export, one_line_error, run_main  # noqa: E402
 
-SMALL = TEXT[:6000]  # valid split: 600 characters, 75 segments of 8
+SMALL = TEXT[:4000]  # valid split: 400 characters, 50 segments of 8
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,52 @@ def test_bad_input_names_the_flag(exports, capsys, tmp_path):
     capsys.readouterr()
     rc, _, err = run_main(evaluate_memory, base + ["--model", other, "--split", "valid"], capsys)
     assert rc == 2 and one_line_error(err, "evaluate_memory.py", f"--model {other}: its data's tokenizer"), err
+
+
+MECHANISMS = ["fast_weight-24", "rmt-k2", "slots-51", "compressive-60", "hybrid-delta-xl", "hybrid-delta-nocarry"]
+
+
+@pytest.mark.parametrize("case", MECHANISMS)
+def test_protocol_for_state_carrying_mechanisms(exports, case):
+    """The protocol against per-segment loops (batch of one, state reset by hand) for fast weights, RMT, slots,
+    Compressive and hybrids; c = all against the evaluation loop's carry protocol."""
+    from data_tools.streams import EvalStream
+    from pretrain.engine.batch import Batch
+    from pretrain.engine.context import context_losses
+    from pretrain.engine.evaluation import streamed_eval
+    from pretrain.model import ModelConfig, build_model, parallel
+    from test_mixers import BASE, CASES
+    if not parallel.is_initialized():
+        parallel.initialize(1)
+    kw = dict(CASES["hybrid-delta3-xl"], n_layer=2, layers="delta,xl") if case == "hybrid-delta-xl" else CASES[case]
+    meta = json.load(open(exports["data"] + "_train.json"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**BASE, **kw, "vocab_size": meta["vocab_size"]})).double().eval()
+    N = model.cfg.tgt_len
+    stream = EvalStream(exports["data"] + "_valid", seq_len=N, num_streams=1)
+    fwd = lambda t, s, y, **k: model(t, s, y, **k)  # noqa: E731
+    res = context_losses(fwd, model, stream, [0, 2 * N, "all"], device=torch.device("cpu"), batch_size=7)
+    mean = lambda r: r["nll"].sum() / r["mask"].sum()  # noqa: E731
+    carry = streamed_eval(fwd, model, stream, device=torch.device("cpu"))
+    assert abs(mean(res["all"]) - carry["loss"]) < 1e-6 and res["all"]["mask"].sum() == carry["tokens"]
+
+    def one(k):
+        mb = stream.get(k)
+        return Batch(tokens=torch.from_numpy(mb.tokens.astype(np.int64)),
+                     targets=torch.from_numpy(mb.targets.astype(np.int64)),
+                     loss_mask=torch.from_numpy(mb.loss_mask.astype(np.float32)), reset=torch.zeros(1, dtype=bool))
+    with torch.no_grad():
+        for c in (0, 2 * N):
+            nll = 0.0
+            for k in range(len(stream)):
+                state = model.init_state(1)
+                for w in range(max(0, k - c // N), k + 1):
+                    b = one(w)
+                    out, state = model(b.tokens, state, b.targets)
+                nll += float((out.nll.double() * b.loss_mask.double()).sum())
+            assert abs(nll / res[c]["mask"].sum() - mean(res[c])) < 1e-9, c
+    spread = [mean(res[c]) for c in (0, 2 * N, "all")]
+    if case == "hybrid-delta-nocarry":
+        assert max(spread) - min(spread) < 1e-9
+    else:
+        assert max(spread) - min(spread) > 1e-7
