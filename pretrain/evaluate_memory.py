@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RECL: fractions of the hardest tokens compared (Dai et al.'s r)")
     p.add_argument("--recl-threshold", type=_positive, default=0.01,
                    help="RECL: the least relative perplexity reduction that counts as a gain")
+    p.add_argument("--max-segments", type=int_at_least(0, "0 = all"), default=0,
+                   help="score only the first segments of the split (0 = all; the carried pass then equals "
+                        "evaluate.py --protocol carry --max-steps)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="segments scored in parallel")
     p.add_argument("--threads", type=int_at_least(0, "0 = all cores"), default=0,
                    help="torch CPU threads (0 = all cores)")
@@ -205,7 +208,7 @@ def _run(args) -> int:
                                   f"{', '.join(map(str, sorted(set(tgts))))}: use multiples of {step})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    models, per_token = [], {}
+    models, per_token, masks = [], {}, []
     for (path, _, meta, data), name in zip(infos, names):
         try:
             model, cfg, _, meta = load_exported(path, device=device, dropout=0.0, dropatt=0.0)
@@ -222,7 +225,8 @@ def _run(args) -> int:
             bar.update(done - bar.done)
         try:
             losses = context_losses(lambda t, s, y, **kw: model(t, s, y, **kw), model, stream, contexts,
-                                    device=device, batch_size=args.batch_size, progress=progress)
+                                    device=device, batch_size=args.batch_size,
+                                    max_segments=args.max_segments, progress=progress)
         except (IndexedDatasetError, TokenizerError, ValueError) as e:
             return fail(PROG, str(e) if os.path.basename(prefix) in str(e) else f"{prefix}: {e}")
         finally:
@@ -233,7 +237,7 @@ def _run(args) -> int:
             rows.append({"context": c, **summarize_loss(s["loss"], data0.metric), "scored_tokens": s["tokens"],
                          "by_position": s["by_position"]})
         per_token[name] = {c: losses[c]["nll"].reshape(-1)[:targets] for c in contexts if c != "all"}
-        mask = losses[contexts[0]]["mask"].reshape(-1)[:targets]
+        masks.append(losses[contexts[0]]["mask"].reshape(-1)[:targets])
         models.append({"name": name, "model": os.path.abspath(path), "tgt_len": cfg.tgt_len, "mem_len": cfg.mem_len,
                        "attn_type": cfg.attn_type, "decode_policy": getattr(model, "decode_policy", None),
                        "results": rows})
@@ -241,6 +245,9 @@ def _run(args) -> int:
     numeric = [c for c in contexts if c != "all"]
     recl_out = None
     if len(models) > 1 and len(numeric) > 1:
+        common = min(len(m) for m in masks)  # --max-segments with different tgt_len: the tokens all scored
+        per_token = {n: {c: v[:common] for c, v in d.items()} for n, d in per_token.items()}
+        mask = masks[0][:common]
         recl_out = {"threshold": args.recl_threshold, "unit": "relative perplexity reduction per step (Dai et al. "
                     "2019: g = (exp f(c,c) - exp f(c,c')) / exp f(c,c))", "contexts": numeric,
                     "by_r": {str(r): recl(per_token, numeric, r=r, threshold=args.recl_threshold, mask=mask)
@@ -288,7 +295,8 @@ def _print(result: dict) -> None:
             print(f"  {label:<14} " + " ".join("   -" if v is None else f"{conv(v):.3f}" for v in vals))
     if result["recl"]:
         rc = result["recl"]
-        print(f"RECL (Dai et al. 2019 §4.3; gain threshold {rc['threshold']} {rc['unit']}; tokens)")
+        print(f"RECL in tokens of history (Dai et al. 2019 §4.3 and appendix; r: fraction of the hardest tokens; "
+              f"a step counts when it reduces the relative perplexity by >= {rc['threshold']})")
         for r, per in rc["by_r"].items():
             print(f"  r = {r}: " + ", ".join(f"{n} {'>=' if v['lower_bound'] else ''}{v['recl']}"
                                                for n, v in per.items()))

@@ -26,9 +26,9 @@ def exports(tmp_path_factory):
                             "--output-prefix", str(tmp / "data" / "c"), "--no-progress"]) == 0
     prefix = str(tmp / "data" / "c")
     out = {"dir": tmp, "data": prefix}
-    for key, attn, mem in (("xl", 0, 8), ("lamemo", 3, 8), ("nomem", 0, 0)):
+    for seed, (key, attn, mem) in enumerate((("xl", 0, 8), ("lamemo", 3, 8), ("nomem", 0, 0))):
         (tmp / key).mkdir()
-        out[key] = _export(tmp / key, prefix, attn, mem, seed=1)
+        out[key] = _export(tmp / key, prefix, attn, mem, seed=seed + 1)
     return out
 
 
@@ -202,3 +202,17 @@ def test_protocol_for_state_carrying_mechanisms(exports, case):
         assert max(spread) - min(spread) < 1e-9
     else:
         assert max(spread) - min(spread) > 1e-7
+
+
+def test_max_segments_equals_max_steps(exports, capsys, tmp_path):
+    rc, _, err = run_main(evaluate, ["--model", exports["xl"], "--split", "valid", "--protocol", "carry",
+                                     "--max-steps", "5", "--no-progress", "--output", tmp_path / "c.json"], capsys)
+    assert rc == 0, err
+    rc, out, err = run_main(evaluate_memory, ["--model", exports["xl"], "--split", "valid", "--contexts", "0,all",
+                                              "--max-segments", "5", "--no-progress", "--output", tmp_path / "m.json"],
+                            capsys)
+    assert rc == 0, err
+    carry, mem = json.loads((tmp_path / "c.json").read_text()), json.loads((tmp_path / "m.json").read_text())
+    assert mem["models"][0]["results"][-1]["scored_tokens"] == carry["scored_tokens"] == 40
+    assert abs(_bpc(mem, mem["models"][0]["name"], "all") - carry["bpc"]) < 1e-6
+    assert mem["recl"] is None and "RECL" not in out  # one model: no group to compare with

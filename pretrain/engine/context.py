@@ -45,14 +45,15 @@ def _rows(stream: EvalStream, blocks: Sequence[int], device) -> Batch:
 
 @torch.no_grad()
 def context_losses(forward: Callable, model, stream: EvalStream, contexts: Sequence[Context], *, device,
-                   batch_size: int = 8, progress: Optional[Callable[[int, int], None]] = None
-                   ) -> Dict[Context, Dict[str, np.ndarray]]:
+                   batch_size: int = 8, max_segments: int = 0,
+                   progress: Optional[Callable[[int, int], None]] = None) -> Dict[Context, Dict[str, np.ndarray]]:
     """Per-target losses of ``model`` with each history in ``contexts`` (multiples of the stream's ``seq_len``,
     or "all").  ``stream``: an ``EvalStream`` with one stream.  Returns context -> {"nll": float64 [blocks, N],
-    "mask": float64 [blocks, N]} (row k = segment k; mask 0 past the stream's end and on unscored targets)."""
+    "mask": float64 [blocks, N]} (row k = segment k; mask 0 past the stream's end and on unscored targets).
+    ``max_segments`` > 0 scores only the stream's first segments (as ``streamed_eval``'s ``max_steps``)."""
     if stream.num_streams != 1:
         raise ValueError("context_losses reads one stream")
-    N, K = stream.seq_len, len(stream)
+    N, K = stream.seq_len, len(stream) if max_segments <= 0 else min(max_segments, len(stream))
     for c in contexts:
         if c != "all" and (int(c) < 0 or int(c) % N):
             raise ValueError(f"history {c} is not a multiple of the segment length {N}")
