@@ -218,10 +218,12 @@ def _run(args) -> int:
             return fail(PROG, f"--model {path}: the data's vocabulary ({data0.vocab_size} ids) is larger than the "
                               f"model's ({cfg.vocab_size}): evaluate on data made with the model's tokenizer")
         stream = EvalStream(prefix, seq_len=cfg.tgt_len, num_streams=1, pad_id=data0.pad_id)
-        bar = Progress(PROG, f"{name}, {args.split}", 1, unit="segments", enabled=not args.no_progress)
+        bar = None
 
         def progress(done, total):
-            bar.total = total
+            nonlocal bar
+            if bar is None:
+                bar = Progress(PROG, f"{name}, {args.split}", total, unit="segments", enabled=not args.no_progress)
             bar.update(done - bar.done)
         try:
             losses = context_losses(lambda t, s, y, **kw: model(t, s, y, **kw), model, stream, contexts,
@@ -230,7 +232,8 @@ def _run(args) -> int:
         except (IndexedDatasetError, TokenizerError, ValueError) as e:
             return fail(PROG, str(e) if os.path.basename(prefix) in str(e) else f"{prefix}: {e}")
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         rows = []
         for c in contexts:
             s = summarize(losses[c])
