@@ -1,6 +1,6 @@
 """The relative-attention op (pretrain/ops/rel_attention): its reference is exactly the mixers' arithmetic.
 
-The Transformer-XL and LaMemo mixers compute their attention with ``attention.py`` (biased queries, the
+The Transformer-XL and LaMemo mixers compute their attention with ``pretrain/model/modules/attention.py`` (biased queries, the
 position term realigned by ``positions.skew``, masked fp32 scores, softmax with log-normalisers) and the
 masks of ``positions.py``; the op's reference computes the same from its definition (a gathered position row
 per pair, the visibility rule of ``common.py``), with the frames the mixers pass on their fused path
@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from pretrain.model.attention import attend, biased, masked_scores, position_scores
+from pretrain.model.modules.attention import attend, biased, masked_scores, position_scores
 from pretrain.model.mixers.lamemo import lookahead_frame
 from pretrain.model.mixers.xl import xl_frame
 from pretrain.model.positions import (causal_mask, document_mask, lookahead_distances, lookahead_mask,

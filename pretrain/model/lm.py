@@ -18,7 +18,7 @@ from torch import nn
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel, weights
-from pretrain.model.attention import layer_norm
+from pretrain.model.modules.norm import layer_norm
 from pretrain.model.dropout import Dropout
 from pretrain.model.embeddings import AdaptiveEmbedding, AdaptiveSoftmax, cluster_bounds, cluster_dims
 from pretrain.model.model_config import ModelConfig

@@ -59,7 +59,8 @@ from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tenso
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel, weights
-from pretrain.model.attention import _no_init, column_linear, column_parallel, row_linear, row_parallel, score_dtype
+from pretrain.model.modules.attention import score_dtype
+from pretrain.model.modules.linear import _no_init, column_linear, column_parallel, row_linear, row_parallel
 from pretrain.model.dropout import dropout
 from pretrain.model.embeddings import _log_softmax, _pad_mask
 from pretrain.model.membart_config import MemBartConfig

@@ -13,7 +13,7 @@ A layer of the stack (``stack.py``) is a mixer followed by the feed-forward bloc
   tokens (LaMemo's refreshed memory rows; a mixer that does not know a row stream passes it through);
 * counts its forward FLOPs (``flops``) and says how many rows its layer's FFN processes (``ffn_rows``).
 
-Positions and frames: see ``positions.py``; layouts and precision: see ``attention.py``.
+Positions and frames: see ``positions.py``; layouts and precision: see ``modules/attention.py``.
 """
 from __future__ import annotations
 
