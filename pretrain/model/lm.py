@@ -4,8 +4,8 @@
     state = model.init_state(batch_size)
     out, state = model(tokens, state, targets)     # out.nll [B, N] fp32; state: the memory after the segment
 
-The memory state is an explicit value (``state.py``); each layer's mixer (``mixers/``, chosen per layer through
-``registry.py``) decides what its part of it holds; the stack (``stack.py``) runs the layers.
+The memory state is an explicit value (``state.py``); each layer's mixer (``mechanisms/<name>/``, chosen per
+layer through ``registry.py``) decides what its part of it holds; the stack (``stack.py``) runs the layers.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ _paths_logged = set()
 
 
 def attention_path(mixer, q: torch.Tensor, ctx) -> str:
-    """``"fused"`` when the relative attention of ``mixer`` (a Mixer with ``attn``, an ``AttentionProjections``) runs the fused CUDA kernel
-    (queries ``q`` [H, B, R, dh], ``ctx`` the SegmentContext): when this layer's relative attention runs the fused CUDA kernel
+    """``"fused"`` when the relative attention of ``mixer`` (a Mixer with ``attn``, its AttentionProjections;
+    queries ``q`` [H, B, R, dh], ``ctx`` the SegmentContext) runs the fused CUDA kernel
     (``pretrain.ops.rel_attention``, ``impl="fused"``), else ``"reference"`` (the mixers' own computation,
     unchanged; always on CPU).  The fused kernel needs CUDA tensors, the kernels built (``pretrain.ops.kernels``;
     ``MEMTRAIN_FUSED_OPS=0`` switches it off), no attention dropout in training, no stack-level mask edits

@@ -41,7 +41,7 @@ import contextlib
 import torch
 
 from pretrain.model import parallel
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
 from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
                                               masked_scores, position_scores, score_dtype)
 from pretrain.model.modules.memory import keep_last
@@ -143,7 +143,7 @@ class LaMemoMixer(Mixer):
         q, k, val = attn.heads(attn.norm(c) if self.pre_lnorm else c)
         r = attn.position_keys(pos)                                  # [H, (K+1+ahead) + look-ahead, dh]
         P = K + 1 + self.lookahead                                   # the causal part's distances
-        fused = attention_path(self, q, ctx) == "fused"              # the fused CUDA kernel (rel_attention.attention_path)
+        fused = attention_path(self, q, ctx) == "fused"              # the fused CUDA kernel (attention_path)
         # current tokens: XL relative attention over [memory ; segment]
         qx = q[:, :, M:]
         if fused:                                                    # (never with RMT's mask edits: P = K + 1)

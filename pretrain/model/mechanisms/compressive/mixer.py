@@ -3,7 +3,7 @@
 gating of the residual connections (Parisotto et al. 2019, "Stabilizing Transformers for Reinforcement
 Learning", GTrXL, §3.2).
 
-Variants (``model.compressive.memory_layers`` resolves attn_type 60 into 61 / 62 per layer, ``registry.py``):
+Variants (``model.compressive.memory_layers`` resolves attn_type 60 into 61 / 62 per layer, ``__init__.py``):
 
 * 60 ``compressed``: Transformer-XL relative attention over [cmem ; mem ; segment];
 * 61 ``memory``:     over [mem ; segment] (Transformer-XL; no compressed memory);
@@ -69,7 +69,7 @@ from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                            reduce_from_tensor_model_parallel_region)
 
 from pretrain.model.dropout import dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
 from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
                                               masked_scores, position_scores, score_dtype)
 from pretrain.model.modules.linear import row_linear

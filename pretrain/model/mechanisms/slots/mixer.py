@@ -59,7 +59,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel
 from pretrain.model.dropout import dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, StackMemory, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StackMemory, StateEntry
 from pretrain.model.modules.attention import (AttentionProjections, RelBiases, biased, layer_biases,
                                               position_scores, score_dtype)
 from pretrain.model.modules.ffn import FeedForward

@@ -44,7 +44,7 @@ import torch
 
 from pretrain.model import parallel
 from pretrain.model.dropout import dropout_add
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
 from pretrain.model.modules.linear import column_linear, column_parallel, row_linear, row_parallel
 from pretrain.model.modules.norm import layer_norm
 from pretrain.model.parallel import ShardSpec

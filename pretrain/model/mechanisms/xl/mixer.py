@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import parallel
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
 from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
                                               masked_scores, position_scores)
 from pretrain.model.modules.linear import head_param
