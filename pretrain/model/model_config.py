@@ -8,14 +8,12 @@ tensor-parallel size).  No torch here: configs are read before anything heavy is
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from pretrain.config_base import ConfigError, F, from_dict, load_preset, validate
+from pretrain.config_base import ConfigError, F, from_dict
 from pretrain.model import registry
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from pretrain.model.presets import CONFIG_DIR, build_config, preset_data, preset_path, replace  # noqa: F401
 
 @dataclass
 class _ModelFields:
@@ -189,19 +187,10 @@ def _add_mechanism_sections(cls):
 ModelConfig = _add_mechanism_sections(ModelConfig)
 
 
-def _preset_path(name: str) -> str:
-    if os.path.exists(name):
-        return name
-    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if not os.path.exists(candidate):
-        raise ConfigError("config", f"{name}: no such file or preset in {CONFIG_DIR}")
-    return candidate
-
-
 def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> ModelConfig:
     """The ``model:`` mapping of a preset (a name in pretrain/configs or a path), validated."""
-    path = _preset_path(path_or_name)
-    data = load_preset(path, _preset_path)
+    path = preset_path(path_or_name)
+    data = preset_data(path)
     if "model" not in data:
         raise ConfigError("model", f"{path}: no top-level 'model:' mapping")
     section = dict(data["model"] or {})
@@ -209,17 +198,4 @@ def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> Mo
     if arch != "decoder":
         raise ConfigError("model.arch", f"{path}: an encoder-decoder preset (arch {arch!r}); load it with "
                                         f"pretrain.model.membart_config.load_membart_config")
-    section.update(overrides or {})
-    try:
-        cfg = from_dict(ModelConfig, section, "model")
-        validate(cfg, "model")
-    except ConfigError as e:
-        raise ConfigError(e.field, f"{path}: {str(e).split(': ', 1)[-1]}") from None
-    return cfg
-
-
-def replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    """A copy of ``cfg`` with ``changes`` applied (validated)."""
-    out = dataclasses.replace(cfg, **changes)
-    out.validate()
-    return out
+    return build_config(ModelConfig, section, path, overrides)
