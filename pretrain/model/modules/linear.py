@@ -68,3 +68,12 @@ def head_param(module: nn.Module, name: str, n_head_full: int, shape_tail, init:
     shape.insert(head_dim, n_head_full // tp)
     module.register_parameter(name, nn.Parameter(torch.empty(shape)))
     describe(module, name, init, ShardSpec(head_dim, (n_head_full,)))
+
+
+def replicated_linear(d_in: int, d_out: int) -> nn.Linear:
+    """A plain ``nn.Linear(d_in, d_out)`` with bias, replicated under tensor parallelism (small gates acting on
+    d_model vectors), described for the model's init: weight ``weight`` (normal init_std), bias zeros."""
+    lin = nn.Linear(d_in, d_out)
+    describe(lin, "weight", "weight")
+    describe(lin, "bias", "zeros")
+    return lin

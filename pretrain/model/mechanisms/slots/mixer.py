@@ -63,7 +63,7 @@ from pretrain.model.mixer import Mixer, MixerOutput, StackMemory, StateEntry
 from pretrain.model.modules.attention import (AttentionProjections, RelBiases, biased, layer_biases,
                                               position_scores, score_dtype)
 from pretrain.model.modules.ffn import FeedForward
-from pretrain.model.modules.linear import column_parallel
+from pretrain.model.modules.linear import column_parallel, replicated_linear
 from pretrain.model.modules.norm import layer_norm
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.positions import NEG_INF, causal_distances, causal_mask, sinusoid
@@ -244,11 +244,8 @@ class SlotMemory(StackMemory):
         self.memory_bias = nn.Parameter(torch.empty(K, d))
         describe(self, "memory_bias", "weight")
         self.norm = layer_norm(d)
-        self.gate_fc1 = nn.Linear(d, d)
-        self.gate_fc2 = nn.Linear(d, 1)
-        for lin in (self.gate_fc1, self.gate_fc2):
-            describe(lin, "weight", "weight")
-            describe(lin, "bias", "zeros")
+        self.gate_fc1 = replicated_linear(d, d)
+        self.gate_fc2 = replicated_linear(d, 1)
         self.p = cfg.dropout
 
     def initial_state(self, batch_size, mem_len, device, dtype):
