@@ -22,7 +22,9 @@ The registry imports every folder's ``__init__`` (``discover``, run once at impo
 * ``aliases``: short names usable in a layer pattern instead of codes (``"delta"`` for 24);
 * ``section``: the config dataclass of its own options (``model.<section>``), with its own ``validate()``;
 * ``implementation``: ``"module:Class"`` of the mixer; ``reference``: ``"module:attribute"`` of its fp64
-  reference hook (``pretrain/model/reference.py`` runs every layer through its mechanism's hook);
+  reference hook (``pretrain/model/reference.py`` runs every layer through its mechanism's hook); a target
+  starting with ``.`` is relative to the folder (``".mixer:XLMixer"``), and a mixer's reference defaults to
+  ``".reference:layer"``;
 * test and benchmark metadata: the small configs the registry-driven test matrix runs
   (``test_configs``; an optional ``label`` key names the case), whether a longer segment equals recurrence over
   shorter ones (``recurrence_exact``), and for a stack-level memory its benchmark variants (``bench_configs``).
@@ -44,6 +46,7 @@ aliases, ``entry*k`` repeating an entry, the whole list repeated to fill ``n_lay
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -96,9 +99,19 @@ def discover(package: str = MECHANISMS_PACKAGE) -> List[Mechanism]:
         if declared is None:
             raise ImportError(f"{module.__name__}: a mechanism folder must declare MECHANISMS, a tuple of "
                               f"Mechanism (see pretrain/model/registry.py)")
-        found += list(declared)
+        found += [_resolved(m, module.__name__) for m in declared]
     found.sort(key=lambda m: (m.order, m.name))
     return [register(m) for m in found]
+
+
+def _resolved(mech: Mechanism, package: str) -> Mechanism:
+    """``mech`` with its ``implementation`` and ``reference`` made absolute: a target starting with ``.`` is
+    relative to the folder's package (``".mixer:XLMixer"``); a mixer without a ``reference`` gets the
+    convention ``".reference:layer"``."""
+    def absolute(target: Optional[str]) -> Optional[str]:
+        return f"{package}{target}" if target and target.startswith(".") else target
+    reference = mech.reference or (".reference:layer" if mech.kind == "mixer" else None)
+    return dataclasses.replace(mech, implementation=absolute(mech.implementation), reference=absolute(reference))
 
 
 def mechanisms(kind: Optional[str] = None) -> Dict[str, Mechanism]:

@@ -20,7 +20,8 @@ class Mechanism:
     """One registered mechanism (see ``registry.py`` for the fields' meaning).
 
     ``implementation`` and ``reference`` are ``"module:attribute"`` strings, imported only when a model or the
-    fp64 reference is built (the registry stays torch-free).  ``reference`` names, for a mixer, a function
+    fp64 reference is built (the registry stays torch-free); a leading ``.`` makes the module relative to the
+    mechanism's folder, and a mixer's ``reference`` defaults to ``".reference:layer"`` (``registry.discover``).  ``reference`` names, for a mixer, a function
     ``(ref, l, x, mem, seg) -> (x, state)`` that runs layer ``l`` in ``pretrain.model.reference.ReferenceLM``
     ``ref``; for a stack-level memory, a class ``(ref, cfg)`` with ``begin(x, memory) -> x`` and ``end(x, out) ->
     x`` (and optionally ``allowed(n, m)``: the attention pattern it imposes, bool [n, m + n], or None).

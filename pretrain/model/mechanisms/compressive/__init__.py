@@ -76,8 +76,7 @@ _CT = {"sinusoid": True}
 
 MECHANISM = Mechanism(
     name="compressive",
-    implementation="pretrain.model.mechanisms.compressive.mixer:CompressiveMixer",
-    reference="pretrain.model.mechanisms.compressive.reference:layer",
+    implementation=".mixer:CompressiveMixer",
     order=70,
     description="Compressive Transformer: XL memory plus a compressed memory of what leaves it",
     variants={60: Variant("compressed", {**_CT, "memory": True, "compressed": True}),   # [cmem ; mem ; segment]

@@ -74,8 +74,7 @@ def _fw(rule: str, fmap: str, attn_norm: bool, scale: str = "output") -> Variant
 
 MECHANISM = Mechanism(
     name="fast_weight",
-    implementation="pretrain.model.mechanisms.fast_weight.mixer:FastWeightMixer",
-    reference="pretrain.model.mechanisms.fast_weight.reference:layer",
+    implementation=".mixer:FastWeightMixer",
     order=30,
     description="fast-weight layers (linear transformers): sum rule or delta rule, ELU+1 / FAVOR+ / DPFP",
     # 4/5/6: the toolkit's pure-PyTorch linear attention (LinearMultiHeadAttn, PerformerMultiHeadAttn,

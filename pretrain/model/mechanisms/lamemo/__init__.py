@@ -8,8 +8,7 @@ _LAMEMO = {"memory": True, "sinusoid": True}
 
 MECHANISM = Mechanism(
     name="lamemo",
-    implementation="pretrain.model.mechanisms.lamemo.mixer:LaMemoMixer",
-    reference="pretrain.model.mechanisms.lamemo.reference:layer",
+    implementation=".mixer:LaMemoMixer",
     order=20,
     description="LaMemo look-ahead memory: memory rows refreshed by attending to their right context",
     variants={3: Variant("disentangled", _LAMEMO),      # causal look-ahead, |distance|, a future position bias

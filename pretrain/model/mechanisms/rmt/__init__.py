@@ -30,8 +30,8 @@ MECHANISM = Mechanism(
     name="rmt",
     kind="stack",
     enabled=lambda cfg: cfg.rmt.num_mem_tokens > 0,
-    implementation="pretrain.model.mechanisms.rmt.memory:RMTMemory",
-    reference="pretrain.model.mechanisms.rmt.reference:RMTReference",
+    implementation=".memory:RMTMemory",
+    reference=".reference:RMTReference",
     order=60,
     description="Recurrent Memory Transformer: K memory tokens read before the segment, written after it by the "
                 "last layer, fed to the next segment's first layer",

@@ -28,8 +28,7 @@ def _has_slot_layers(cfg) -> bool:
 
 MEMFORMER = Mechanism(
     name="memformer",
-    implementation="pretrain.model.mechanisms.slots.mixer:SlotMixer",
-    reference="pretrain.model.mechanisms.slots.reference:layer",
+    implementation=".mixer:SlotMixer",
     order=40,
     description="Memformer slot layer: tokens read the memory slots (and the segment, XL relative positions); in "
                 "a writing layer (50) the slots' write stream attends to itself and the segment's tokens",
@@ -44,8 +43,8 @@ SLOTS = Mechanism(
     name="slots",
     kind="stack",
     enabled=_has_slot_layers,
-    implementation="pretrain.model.mechanisms.slots.mixer:SlotMemory",
-    reference="pretrain.model.mechanisms.slots.reference:SlotsReference",
+    implementation=".mixer:SlotMemory",
+    reference=".reference:SlotsReference",
     order=50,
     description="Memformer memory slots: biased-normalisation forgetting m_0 = LN((1-r) M + b_mem) below the "
                 "layers, the update gate M' = a m_L + (1-a) m_0 above them",

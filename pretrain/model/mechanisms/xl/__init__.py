@@ -7,8 +7,7 @@ from pretrain.model.spec import Mechanism, Variant
 
 MECHANISM = Mechanism(
     name="xl",
-    implementation="pretrain.model.mechanisms.xl.mixer:XLMixer",
-    reference="pretrain.model.mechanisms.xl.reference:layer",
+    implementation=".mixer:XLMixer",
     order=10,
     description="Transformer-XL segment recurrence: attention over [cached layer inputs ; segment]",
     variants={0: Variant("rel", {"memory": True, "sinusoid": True}),      # XL relative positions (u, v, W_R R)
