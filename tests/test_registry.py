@@ -142,3 +142,14 @@ def test_a_state_saved_by_an_older_layout_loads():
     tokens = torch.randint(0, 31, (2, 4))
     out, new = model(tokens, state, tokens)
     assert torch.isfinite(out.nll).all() and new.mechanism == sd["mechanism"]
+
+
+def test_help_texts_are_written_from_the_registry():
+    """``--help`` of attn_type and mechanism lists every registered code and mixer (a new folder shows up)."""
+    from pretrain.config_base import field_paths
+    from pretrain.model import ModelConfig
+    helps = {path: text for path, (_, _, text) in field_paths(ModelConfig).items()}
+    for mech in registry.mechanisms("mixer").values():
+        assert mech.name in helps["mechanism"]
+        for code, var in mech.variants.items():
+            assert f"{code} {var.name}" in helps["attn_type"]

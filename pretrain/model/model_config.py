@@ -29,14 +29,11 @@ class _ModelFields:
     dropatt: float = F(0.0, "dropout on attention probabilities")
     pre_lnorm: bool = F(False, "pre-LayerNorm blocks (+ a final norm); false = post-LN as in Transformer-XL")
     # attention / memory
-    attn_type: int = F(0, "mixer of every layer (unless `layers` is given): 0 XL relative, 1 Shaw learned "
-                          "relative, 2 absolute (no memory), 3/31/32/33 LaMemo look-ahead, 4/5/6 and 34/35/36 "
-                          "sum-rule fast weights, 24/25/26 delta rule, 44/45/46 delta rule with attention "
-                          "normalisation (x4 ELU+1, x5 FAVOR+, x6 DPFP); see docs/model.md")
+    attn_type: int = F(0, registry.attn_type_help())
     layers: Union[str, List[Union[int, str]]] = F("", "per-layer mixers: attn_type codes or names, comma-"
                           "separated, 'name*k' repeats, the list repeated to n_layer (e.g. 'delta*3,xl'); "
                           "empty: attn_type for every layer")
-    mechanism: str = F("auto", "memory mechanism of every layer ('auto' = by attn_type)")
+    mechanism: str = F("auto", registry.mechanism_help())
     tgt_len: int = F(64, "training segment length N")
     mem_len: int = F(64, "memory length M (0 = no memory)")
     clamp_len: int = F(-1, "clamp relative distances to this value (<= 0: no clamp)")

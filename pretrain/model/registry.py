@@ -56,7 +56,7 @@ from pretrain.model.spec import LayerSpec, Mechanism, Variant
 
 __all__ = ["LayerSpec", "Mechanism", "Variant", "register", "discover", "mechanisms", "mechanism",
            "mechanism_of_code", "stack_memories", "all_codes", "sections", "load", "mixer_class",
-           "reference_hook", "parse_pattern", "resolve_layers", "signature"]
+           "reference_hook", "attn_type_help", "mechanism_help", "parse_pattern", "resolve_layers", "signature"]
 
 MECHANISMS_PACKAGE = "pretrain.model.mechanisms"
 
@@ -187,6 +187,23 @@ def reference_hook(name: str):
     if not mech.reference:
         raise NotImplementedError(f"mechanism {name!r} registers no fp64 reference (Mechanism.reference)")
     return load(mech.reference)
+
+
+def attn_type_help() -> str:
+    """The help text of ``ModelConfig.attn_type`` (``--help``), written from the registrations: every mixer's
+    codes with their variant names and aliases."""
+    parts = []
+    for mech in mechanisms("mixer").values():
+        names = {code: alias for alias, code in mech.aliases.items()}
+        codes = ", ".join(f"{code} {var.name}" + (f" ('{names[code]}')" if code in names else "")
+                          for code, var in sorted(mech.variants.items()))
+        parts.append(f"{mech.name}: {codes}")
+    return "mixer of every layer (unless `layers` is given), by code: " + "; ".join(parts) + " (docs/model.md)"
+
+
+def mechanism_help() -> str:
+    """The help text of ``ModelConfig.mechanism``, written from the registrations."""
+    return f"memory mechanism of every layer: auto (by attn_type) or {', '.join(mechanisms('mixer'))}"
 
 
 # ----------------------------------------------------------------------------------------------------------
