@@ -283,8 +283,8 @@ def _reset_path_logs():
     fw._logged.clear()
     ra._logged.clear()
     try:
-        from pretrain.model.mixers import xl
-        xl._paths_logged.clear()
+        from pretrain.model.modules import rel_attention
+        rel_attention._paths_logged.clear()
     except ImportError:
         pass
 

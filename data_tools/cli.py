@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -153,6 +154,21 @@ def remove_folders(created: Sequence[str]) -> None:
             os.rmdir(d)
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def staged_dir(tmp: str, out_dir: str) -> Iterator[str]:
+    """Write the folder ``out_dir`` through the temporary folder ``tmp`` (yielded): when the block completes,
+    ``out_dir`` (if there) is removed and ``tmp`` renamed to it; when it raises, ``tmp`` is removed, ``out_dir``
+    is left as it was, and the error goes on."""
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------- signals

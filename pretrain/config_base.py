@@ -46,6 +46,32 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def check_at_least(cfg, **bounds) -> None:
+    """ConfigError naming the first field of ``cfg`` below its lower bound (``check_at_least(cfg, keep_last=1)``:
+    "must be >= 1, got 0")."""
+    for name, low in bounds.items():
+        value = getattr(cfg, name)
+        if value < low:
+            raise ConfigError(name, f"must be >= {low}, got {value}")
+
+
+def _number(tp: type, value: Any, field: str):
+    """``value`` as a config value of type ``tp`` (int or float): an int (an integral float for an int field), a
+    float for a float field, or a string that parses as one; never a bool.  ConfigError naming ``field``
+    otherwise."""
+    if not isinstance(value, bool):
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(field, f"expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -91,30 +117,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(field, f"expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(field, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(field, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(field, f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(field, f"expected a number, got {value!r}")
+    if tp is int or tp is float:
+        return _number(tp, value, field)
     if tp is str:
         if isinstance(value, str):
             return value

@@ -90,7 +90,7 @@ def test_binding_rejects_bad_input(ext):
 @pytest.fixture
 def fused_on_cpu(ext, monkeypatch):
     """Make the mixers and the ops take their fused paths on CPU tensors, running the emulated kernels."""
-    from pretrain.model.mixers import xl
+    from pretrain.model.mechanisms.xl import mixer as xl
     from pretrain.ops.fast_weight import fused as fw_fused
     from pretrain.ops.rel_attention import fused as ra_fused
 
@@ -115,7 +115,7 @@ def fused_on_cpu(ext, monkeypatch):
     monkeypatch.setattr(ra_fused, "unsupported", lambda *a, **k: None)
     monkeypatch.setattr(fw_fused, "unsupported", lambda *a, **k: None)
     monkeypatch.setattr(xl, "attention_path", attention_path)
-    import pretrain.model.mixers.lamemo as lamemo
+    import pretrain.model.mechanisms.lamemo.mixer as lamemo
     monkeypatch.setattr(lamemo, "attention_path", attention_path)
     return Counting.calls
 
@@ -126,7 +126,7 @@ def test_model_fused_attention_equals_reference(fused_on_cpu, monkeypatch, attn_
     """A small XL / LaMemo model over three segments (state carried with gradients): the loss per token, the
     state and every parameter gradient with the fused attention (emulated) equal the reference path's."""
     from pretrain.model import parallel
-    from pretrain.model.mixers import xl
+    from pretrain.model.mechanisms.xl import mixer as xl
     parallel.initialize(1)
     cfg = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=48, vocab_size=37, dropout=0.0,
                attn_type=attn_type, tgt_len=20, mem_len=24, seed=5)
@@ -141,7 +141,7 @@ def test_model_fused_attention_equals_reference(fused_on_cpu, monkeypatch, attn_
     assert fused_on_cpu.get("rel_attention_forward") == per_layer * cfg["n_layer"] * 3, fused_on_cpu
     assert fused_on_cpu.get("rel_attention_backward", 0) > 0
     monkeypatch.setattr(xl, "attention_path", lambda *a: "reference")
-    import pretrain.model.mixers.lamemo as lamemo
+    import pretrain.model.mechanisms.lamemo.mixer as lamemo
     monkeypatch.setattr(lamemo, "attention_path", lambda *a: "reference")
     nll_r, st_r, g_r = kc.model_run(cfg, tokens, N, M, reset, same_length)
     kc.assert_close("nll", nll_f, nll_r, 1e-5)

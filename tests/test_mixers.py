@@ -259,8 +259,8 @@ def test_decode_policy_of_a_new_mechanism_follows_its_declared_state():
     """A mixer or memory that declares nothing about decoding gets its policy from its state entries: none (or
     only empty ones) -> it carries nothing (a sliding window); a state holding values -> part of the past
     (segments as in training).  Transformer-XL declares nothing of its own."""
-    from pretrain.model.mixers.base import Mixer, StackMemory, StateEntry
-    from pretrain.model.mixers.xl import XLMixer
+    from pretrain.model.mixer import Mixer, StackMemory, StateEntry
+    from pretrain.model.mechanisms.xl.mixer import XLMixer
     assert XLMixer.carries is Mixer.carries
     model = _model(_cfg("xl-0", mem_len=0))
     assert model.stack.carries(0) == {"layers.0": "nothing", "layers.1": "nothing"}     # a memory of 0 positions

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.model import ModelConfig, build_model, parallel
-from pretrain.model.attention import position_scores
+from pretrain.model.modules.attention import position_scores
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances,
                                       lookahead_skew_offset)
 

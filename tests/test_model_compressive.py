@@ -1,4 +1,4 @@
-"""The Compressive Transformer layers (pretrain/model/mixers/compressive.py) beyond the registry-driven matrix
+"""The Compressive Transformer layers (pretrain/model/mechanisms/compressive/) beyond the registry-driven matrix
 (test_mixers.py and test_model_tp.py run its registered configs and hybrids against the fp64 reference, for
 leakage, resets, save/load, documents inside a segment, generation and TP 2 = 1):
 
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config, parallel, weights
-from pretrain.model.mixers.compressive import evict, last_start, push
+from pretrain.model.mechanisms.compressive.mixer import evict, last_start, push
 from pretrain.model.reference import ReferenceLM
 from test_model_reference import BASE, compare
 

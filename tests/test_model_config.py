@@ -10,7 +10,7 @@ from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config, parallel
 from pretrain.model.membart_config import is_membart_preset
 from pretrain.model.model_config import CONFIG_DIR
-from pretrain.model.registry import FastWeightConfig
+from pretrain.model.mechanisms.fast_weight import FastWeightConfig
 
 PRESETS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
                  if not is_membart_preset(p))           # the encoder-decoder presets: tests/test_membart.py

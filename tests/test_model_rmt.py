@@ -14,7 +14,7 @@ import torch
 
 from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, parallel
-from pretrain.model.mixers.base import SegmentContext
+from pretrain.model.mixer import SegmentContext
 from pretrain.model.positions import causal_mask
 from pretrain.model.reference import ReferenceLM
 
@@ -70,7 +70,7 @@ def test_the_attention_pattern_is_lm_rmts(rmt, expected):
     assert torch.equal(allowed[1], row1)
     # the fp64 reference builds the same pattern from the definition
     ref = ReferenceLM(model.cfg, model.gather_full_state_dict())
-    assert torch.equal(ref.rmt_allowed(ctx.n, M), expected)
+    assert torch.equal(ref.stack_allowed(ctx.n, M), expected)
 
 
 @pytest.mark.parametrize("rmt", [dict(num_mem_tokens=3), dict(num_mem_tokens=3, mem_at_end=False)],

@@ -1,10 +1,10 @@
 """The relative-attention op (pretrain/ops/rel_attention): its reference is exactly the mixers' arithmetic.
 
-The Transformer-XL and LaMemo mixers compute their attention with ``attention.py`` (biased queries, the
+The Transformer-XL and LaMemo mixers compute their attention with ``pretrain/model/modules/attention.py`` (biased queries, the
 position term realigned by ``positions.skew``, masked fp32 scores, softmax with log-normalisers) and the
 masks of ``positions.py``; the op's reference computes the same from its definition (a gathered position row
 per pair, the visibility rule of ``common.py``), with the frames the mixers pass on their fused path
-(``xl.xl_frame``, ``lamemo.lookahead_frame``).  They must agree to rounding in fp64 on every frame the mixers
+(``rel_attention.xl_frame``, ``lamemo.lookahead_frame``).  They must agree to rounding in fp64 on every frame the mixers
 use: partial memories, same_length, documents inside the segment, every look-ahead variant.
 """
 import types
@@ -12,9 +12,9 @@ import types
 import pytest
 import torch
 
-from pretrain.model.attention import attend, biased, masked_scores, position_scores
-from pretrain.model.mixers.lamemo import lookahead_frame
-from pretrain.model.mixers.xl import xl_frame
+from pretrain.model.modules.attention import attend, biased, masked_scores, position_scores
+from pretrain.model.mechanisms.lamemo.mixer import lookahead_frame
+from pretrain.model.modules.rel_attention import xl_frame
 from pretrain.model.positions import (causal_mask, document_mask, lookahead_distances, lookahead_mask,
                                       lookahead_skew_offset)
 from pretrain.ops.rel_attention import rel_attention

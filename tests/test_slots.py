@@ -1,4 +1,4 @@
-"""Memformer memory slots (pretrain/model/mixers/slots.py): the properties the registry-driven matrix
+"""Memformer memory slots (pretrain/model/mechanisms/slots/): the properties the registry-driven matrix
 (test_mixers.py: reference, leakage, documents inside a segment, generation, TP 2 = 1) does not state itself.
 
 * slot attention: a slot of the write stream depends on no other slot, and the tokens never read the write
@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config, parallel
-from pretrain.model.mixers.base import SegmentContext
-from pretrain.model.mixers.slots import READ, START, STREAM
+from pretrain.model.mixer import SegmentContext
+from pretrain.model.mechanisms.slots.mixer import READ, START, STREAM
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=4,
             mem_len=0, attn_type=50, slots=dict(num_slots=4))

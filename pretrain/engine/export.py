@@ -78,20 +78,19 @@ def write_export(out_dir: str, full: Dict[str, torch.Tensor], model_cfg: Dict[st
                  meta: Dict[str, Any]) -> str:
     from safetensors.torch import save_file
 
+    from data_tools.cli import staged_dir
     from data_tools.tokenization import load_tokenizer
     tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.float().contiguous() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "model.yaml"), "w") as f:
-        yaml.safe_dump(model_cfg, f, sort_keys=False)
-    tok = load_tokenizer(data_prefix)
-    meta = dict(meta, tokenizer=tok.save(os.path.join(tmp, "tokenizer")))
-    with open(os.path.join(tmp, "export.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with staged_dir(tmp, out_dir):
+        save_file({k: v.float().contiguous() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "model.yaml"), "w") as f:
+            yaml.safe_dump(model_cfg, f, sort_keys=False)
+        tok = load_tokenizer(data_prefix)
+        meta = dict(meta, tokenizer=tok.save(os.path.join(tmp, "tokenizer")))
+        with open(os.path.join(tmp, "export.json"), "w") as f:
+            json.dump(meta, f, indent=2)
     return out_dir
 
 

@@ -167,7 +167,7 @@ class MemBartFamily(DecoderFamily):
         """The fp32 weights in Hugging Face / MemBART format (``config.json`` + ``model.safetensors``, loadable with
         ``membart_weights.load_pretrained``) plus ``export.json`` and the tokenizer."""
         import json
-        import shutil
+        from data_tools.cli import staged_dir
         from pretrain.engine.export import _fp32_local
         from pretrain.model.membart import build_membart
         from pretrain.model.membart_weights import save_pretrained
@@ -181,19 +181,13 @@ class MemBartFamily(DecoderFamily):
         save_pretrained(twin, tmp, write=trainer.rank == 0)    # a collective (tensor-parallel gather)
         if trainer.rank != 0:
             return None
-        try:
+        with staged_dir(tmp, out_dir):
             tok = load_tokenizer(trainer.data.prefixes["train"])
             meta = {"step": trainer.step, "source": os.path.abspath(trainer.run_dir) if trainer.run_dir else None,
                     "metric": trainer.data.metric, "data": trainer.data.prefixes, "arch": "membart",
                     "tokenizer": tok.save(os.path.join(tmp, "tokenizer"))}
             with open(os.path.join(tmp, "export.json"), "w") as f:
                 json.dump(meta, f, indent=2)
-            if os.path.isdir(out_dir):
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
 

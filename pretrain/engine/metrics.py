@@ -80,6 +80,18 @@ def peak_tflops(dtype: torch.dtype, configured: float = 0.0) -> tuple:
     return measure_cpu_peak_tflops(torch.float32), "measured fp32 CPU GEMM"
 
 
+# The record fields of a console line after the loss, in order: (key, its text).
+_CONSOLE_FIELDS = (
+    ("lr", lambda v: f"lr {v:.2e}"),
+    ("grad_norm", lambda v: f"gnorm {v:.3f}"),
+    ("tokens_per_s", lambda v: f"{v / 1000:.1f}k tok/s"),
+    ("tflops", lambda v: f"{v:.3f} TFLOP/s"),
+    ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
+    ("aux_loss", lambda v: f"aux {v:.4f}"),
+    ("peak_mem_gb", lambda v: f"mem {v:.2f} GB"),
+)
+
+
 def format_console(rec: Dict[str, Any]) -> str:
     """One line: ``step 120/1000 | loss 2.3456 | lr 2.50e-04 | gnorm 0.81 | 9.9k tok/s | ...``."""
     parts = [f"step {rec['step']}/{rec.get('total', '?')}"]
@@ -87,20 +99,9 @@ def format_console(rec: Dict[str, Any]) -> str:
         parts.append(f"loss {rec['loss']:.4f}")
     elif rec.get("scored") == 0 and not rec.get("skipped"):
         parts.append("no scored tokens")
-    if "lr" in rec:
-        parts.append(f"lr {rec['lr']:.2e}")
-    if rec.get("grad_norm") is not None:
-        parts.append(f"gnorm {rec['grad_norm']:.3f}")
-    if "tokens_per_s" in rec:
-        parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")
-    if "tflops" in rec:
-        parts.append(f"{rec['tflops']:.3f} TFLOP/s")
-    if "mfu" in rec:
-        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
-    if rec.get("aux_loss") is not None:
-        parts.append(f"aux {rec['aux_loss']:.4f}")
-    if "peak_mem_gb" in rec:
-        parts.append(f"mem {rec['peak_mem_gb']:.2f} GB")
+    for key, text in _CONSOLE_FIELDS:
+        if rec.get(key) is not None:
+            parts.append(text(rec[key]))
     if rec.get("skipped"):
         parts.append(f"skipped {rec['skipped']}")
     return " | ".join(parts)

@@ -75,6 +75,21 @@ def _step_of(state: Mapping[str, Any]) -> Optional[int]:
     return int(s.item() if torch.is_tensor(s) else s)
 
 
+def _flat_groups(fp32_groups: List[torch.Tensor], base: Mapping[int, Mapping[str, Any]], step: Optional[int]
+                 ) -> Tuple[List[Dict[str, torch.Tensor]], Optional[int]]:
+    """One data-parallel rank's flat partitions of a ZeRO-2/3 checkpoint, by parameter group: ``{"fp32": the
+    master weights, "exp_avg", "exp_avg_sq": Adam's moments where the base optimizer holds them}``, and the
+    optimizer step (``step`` if already known, else the first group's)."""
+    flats = []
+    for g, fp32 in enumerate(fp32_groups):
+        flat = {"fp32": fp32}
+        if g in base:
+            flat.update({k: base[g][k] for k in ("exp_avg", "exp_avg_sq") if k in base[g]})
+            step = _step_of(base[g]) if step is None else step
+        flats.append(flat)
+    return flats, step
+
+
 def _read_zero12(root: str, dp: int, t: int) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Optional[int]]:
     """Tensor-parallel rank ``t`` of a ZeRO 1/2 checkpoint: name -> state -> tensor (this shard's shape)."""
     model = load_torch_file(os.path.join(root, f"mp_rank_{t:02d}_model_states.pt"))
@@ -88,12 +103,9 @@ def _read_zero12(root: str, dp: int, t: int) -> Tuple[Dict[str, Dict[str, torch.
     for d in range(dp):
         osd = load_torch_file(_one(os.path.join(root, f"*zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt")))
         osd = osd["optimizer_state_dict"]
-        base = osd["base_optimizer_state"]["state"]
-        for g, mapping in enumerate(osd["param_slice_mappings"]):
-            flat = {"fp32": osd["single_partition_of_fp32_groups"][g]}
-            if g in base:
-                flat.update({k: base[g][k] for k in ("exp_avg", "exp_avg_sq") if k in base[g]})
-                step = _step_of(base[g]) if step is None else step
+        flats, step = _flat_groups(osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"],
+                                   step)
+        for flat, mapping in zip(flats, osd["param_slice_mappings"]):
             for name, frag in mapping.items():
                 for k, buf in flat.items():
                     pieces.setdefault(name, {}).setdefault(k, []).append(buf.narrow(0, frag.start, frag.numel))
@@ -113,12 +125,9 @@ def _read_zero3(root: str, dp: int, t: int) -> Tuple[Dict[str, Dict[str, torch.T
     for d in range(dp):
         osd = load_torch_file(_one(os.path.join(root, f"*zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt")))
         osd = osd["optimizer_state_dict"]
-        base = osd["optimizer_state_dict"]["state"]
-        for g, shapes in enumerate(groups):
-            flat = {"fp32": osd["fp32_flat_groups"][g]}
-            if g in base:
-                flat.update({k: base[g][k] for k in ("exp_avg", "exp_avg_sq") if k in base[g]})
-                step = _step_of(base[g]) if step is None else step
+        flats, step = _flat_groups(osd["fp32_flat_groups"][:len(groups)], osd["optimizer_state_dict"]["state"],
+                                   step)
+        for flat, shapes in zip(flats, groups):
             offset = 0
             for name, shape in shapes.items():
                 numel = math.prod(shape)

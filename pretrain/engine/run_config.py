@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from pretrain.config_base import (F, ConfigError, field_paths, from_dict, load_preset, set_field, to_dict,
-                                  validate)
+from pretrain.config_base import (F, ConfigError, check_at_least, field_paths, from_dict, load_preset, set_field,
+                                  to_dict, validate)
 from pretrain.model.membart_config import MemBartConfig
 from pretrain.model.model_config import ModelConfig
 
@@ -150,10 +150,7 @@ class CheckpointConfig:
     export: bool = F(True, "write a consolidated fp32 model (safetensors + config + tokenizer) at the end")
 
     def validate(self):
-        if self.interval < 0:
-            raise ConfigError("interval", f"must be >= 0, got {self.interval}")
-        if self.keep_last < 1:
-            raise ConfigError("keep_last", f"must be >= 1, got {self.keep_last}")
+        check_at_least(self, interval=0, keep_last=1)
 
 
 @dataclass

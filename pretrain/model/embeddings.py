@@ -30,7 +30,8 @@ from torch import nn
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from pretrain.model import parallel
-from pretrain.model.attention import _no_init, column_linear, column_parallel, score_dtype
+from pretrain.model.modules.attention import score_dtype
+from pretrain.model.modules.linear import _no_init, column_linear, column_parallel
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.weights import describe
 

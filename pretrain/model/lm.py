@@ -4,8 +4,8 @@
     state = model.init_state(batch_size)
     out, state = model(tokens, state, targets)     # out.nll [B, N] fp32; state: the memory after the segment
 
-The memory state is an explicit value (``state.py``); each layer's mixer (``mixers/``, chosen per layer through
-``registry.py``) decides what its part of it holds; the stack (``stack.py``) runs the layers.
+The memory state is an explicit value (``state.py``); each layer's mixer (``mechanisms/<name>/``, chosen per
+layer through ``registry.py``) decides what its part of it holds; the stack (``stack.py``) runs the layers.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel, weights
-from pretrain.model.attention import layer_norm
+from pretrain.model.modules.norm import layer_norm
 from pretrain.model.dropout import Dropout
 from pretrain.model.embeddings import AdaptiveEmbedding, AdaptiveSoftmax, cluster_bounds, cluster_dims
 from pretrain.model.model_config import ModelConfig

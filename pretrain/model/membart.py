@@ -59,7 +59,9 @@ from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tenso
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel, weights
-from pretrain.model.attention import _no_init, column_linear, column_parallel, row_linear, row_parallel, score_dtype
+from pretrain.model.modules.attention import score_dtype
+from pretrain.model.modules.linear import (_no_init, column_linear, column_parallel, replicated_linear, row_linear,
+                                           row_parallel)
 from pretrain.model.dropout import dropout
 from pretrain.model.embeddings import _log_softmax, _pad_mask
 from pretrain.model.membart_config import MemBartConfig
@@ -303,11 +305,8 @@ class UpdateGate(nn.Module):
     def __init__(self, cfg: MemBartConfig):
         super().__init__()
         d = cfg.d_model
-        self.dense = nn.Linear(d, d)
-        self.dense2 = nn.Linear(d, 1)
-        for lin in (self.dense, self.dense2):
-            describe(lin, "weight", "weight")
-            describe(lin, "bias", "zeros")
+        self.dense = replicated_linear(d, d)
+        self.dense2 = replicated_linear(d, 1)
         self.p = cfg.dropout
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:

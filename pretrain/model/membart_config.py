@@ -12,14 +12,12 @@ tells the two kinds apart without building either.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
-from pretrain.config_base import ConfigError, F, from_dict, load_preset, validate
+from pretrain.config_base import ConfigError, F, from_dict, validate
+from pretrain.model.presets import CONFIG_DIR, build_config, preset_data, preset_path, replace  # noqa: F401
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ARCH = "membart"
 # the feed-forward activations: transformers' ACT2FN names without parameters (membart.ACTIVATION_FNS computes them
 # as transformers does; ``prelu`` and ``xielu`` carry parameters of their own and are not among them)
@@ -134,20 +132,9 @@ class MemBartConfig:
 # ----------------------------------------------------------------------------------------------------------
 # presets
 
-def _preset_path(name: str) -> str:
-    if os.path.exists(name):
-        return name
-    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if not os.path.exists(candidate):
-        raise ConfigError("config", f"{name}: no such file or preset in {CONFIG_DIR}")
-    return candidate
-
-
 def preset_model_section(path_or_name: str) -> Dict[str, Any]:
     """The ``model:`` mapping of a preset (its ``base:`` chain applied), unvalidated."""
-    path = _preset_path(path_or_name)
-    data = load_preset(path, _preset_path)
-    return dict(data.get("model") or {})
+    return dict(preset_data(path_or_name).get("model") or {})
 
 
 def is_membart_preset(path_or_name: str) -> bool:
@@ -158,25 +145,12 @@ def is_membart_preset(path_or_name: str) -> bool:
 def load_membart_config(path_or_name: str, overrides: Optional[Mapping[str, Any]] = None) -> MemBartConfig:
     """The ``model:`` mapping of a MemBART preset (a name in pretrain/configs or a path), validated.  Raises
     ConfigError naming the file and field (a decoder-only preset: ``model.arch``)."""
-    path = _preset_path(path_or_name)
+    path = preset_path(path_or_name)
     section = preset_model_section(path)
     if section.get("arch") != ARCH:
         raise ConfigError("model.arch", f"{path}: not a MemBART preset (model.arch is {section.get('arch')!r}, "
                                         f"expected {ARCH!r}); decoder-only presets load with load_model_config")
-    section.update(overrides or {})
-    try:
-        cfg = from_dict(MemBartConfig, section, "model")
-        validate(cfg, "model")
-    except ConfigError as e:
-        raise ConfigError(e.field, f"{path}: {str(e).split(': ', 1)[-1]}") from None
-    return cfg
-
-
-def replace(cfg: MemBartConfig, **changes) -> MemBartConfig:
-    """A copy of ``cfg`` with ``changes`` applied (validated)."""
-    out = dataclasses.replace(cfg, **changes)
-    out.validate()
-    return out
+    return build_config(MemBartConfig, section, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,12 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from data_tools.cli import staged_dir
 from pretrain.config_base import ConfigError
 from pretrain.model.membart_config import NUMERIC_FIELDS, MemBartConfig, from_hf_config, to_hf_config
 
@@ -462,7 +462,7 @@ def save_pretrained(model, path: str, membart: Optional[bool] = None, safe: bool
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-membart-", dir=parent)
-    try:
+    with staged_dir(tmp, path):
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(to_hf_config(cfg, membart), fh, indent=2)
         sd = {k: v.contiguous() for k, v in sd.items()}
@@ -471,9 +471,3 @@ def save_pretrained(model, path: str, membart: Optional[bool] = None, safe: bool
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
             torch.save(sd, os.path.join(tmp, "pytorch_model.bin"))
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

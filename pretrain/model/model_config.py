@@ -8,14 +8,12 @@ tensor-parallel size).  No torch here: configs are read before anything heavy is
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from pretrain.config_base import ConfigError, F, from_dict, load_preset, validate
+from pretrain.config_base import ConfigError, F, from_dict
 from pretrain.model import registry
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from pretrain.model.presets import CONFIG_DIR, build_config, preset_data, preset_path, replace  # noqa: F401
 
 @dataclass
 class _ModelFields:
@@ -31,14 +29,11 @@ class _ModelFields:
     dropatt: float = F(0.0, "dropout on attention probabilities")
     pre_lnorm: bool = F(False, "pre-LayerNorm blocks (+ a final norm); false = post-LN as in Transformer-XL")
     # attention / memory
-    attn_type: int = F(0, "mixer of every layer (unless `layers` is given): 0 XL relative, 1 Shaw learned "
-                          "relative, 2 absolute (no memory), 3/31/32/33 LaMemo look-ahead, 4/5/6 and 34/35/36 "
-                          "sum-rule fast weights, 24/25/26 delta rule, 44/45/46 delta rule with attention "
-                          "normalisation (x4 ELU+1, x5 FAVOR+, x6 DPFP); see docs/model.md")
+    attn_type: int = F(0, registry.attn_type_help())
     layers: Union[str, List[Union[int, str]]] = F("", "per-layer mixers: attn_type codes or names, comma-"
                           "separated, 'name*k' repeats, the list repeated to n_layer (e.g. 'delta*3,xl'); "
                           "empty: attn_type for every layer")
-    mechanism: str = F("auto", "memory mechanism of every layer ('auto' = by attn_type)")
+    mechanism: str = F("auto", registry.mechanism_help())
     tgt_len: int = F(64, "training segment length N")
     mem_len: int = F(64, "memory length M (0 = no memory)")
     clamp_len: int = F(-1, "clamp relative distances to this value (<= 0: no clamp)")
@@ -189,19 +184,10 @@ def _add_mechanism_sections(cls):
 ModelConfig = _add_mechanism_sections(ModelConfig)
 
 
-def _preset_path(name: str) -> str:
-    if os.path.exists(name):
-        return name
-    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if not os.path.exists(candidate):
-        raise ConfigError("config", f"{name}: no such file or preset in {CONFIG_DIR}")
-    return candidate
-
-
 def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> ModelConfig:
     """The ``model:`` mapping of a preset (a name in pretrain/configs or a path), validated."""
-    path = _preset_path(path_or_name)
-    data = load_preset(path, _preset_path)
+    path = preset_path(path_or_name)
+    data = preset_data(path)
     if "model" not in data:
         raise ConfigError("model", f"{path}: no top-level 'model:' mapping")
     section = dict(data["model"] or {})
@@ -209,17 +195,4 @@ def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> Mo
     if arch != "decoder":
         raise ConfigError("model.arch", f"{path}: an encoder-decoder preset (arch {arch!r}); load it with "
                                         f"pretrain.model.membart_config.load_membart_config")
-    section.update(overrides or {})
-    try:
-        cfg = from_dict(ModelConfig, section, "model")
-        validate(cfg, "model")
-    except ConfigError as e:
-        raise ConfigError(e.field, f"{path}: {str(e).split(': ', 1)[-1]}") from None
-    return cfg
-
-
-def replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    """A copy of ``cfg`` with ``changes`` applied (validated)."""
-    out = dataclasses.replace(cfg, **changes)
-    out.validate()
-    return out
+    return build_config(ModelConfig, section, path, overrides)

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from pretrain.model import parallel
-from pretrain.model.attention import FeedForward, RelBiases
 from pretrain.model.dropout import Dropout
-from pretrain.model.mixers.base import CARRIES, Mixer, MixerOutput, SegmentContext, StackMemory, StateEntry
+from pretrain.model.mixer import CARRIES, Mixer, MixerOutput, SegmentContext, StackMemory, StateEntry
+from pretrain.model.modules.attention import RelBiases
+from pretrain.model.modules.ffn import FeedForward
 from pretrain.model.positions import document_mask, sinusoid
 from pretrain.model.registry import LayerSpec, mixer_class, signature, stack_memories
 from pretrain.model.state import MemoryState

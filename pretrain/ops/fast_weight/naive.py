@@ -26,6 +26,21 @@ def _start(q, k, v, beta, initial_state, reset):
     return q, k, v, beta, W, keep
 
 
+def _scan(step, q, k, v, beta, scale, initial_state, output_final_state, reset):
+    """The time loop shared by the rules: per step t, ``W = 0`` where ``reset`` starts a document, ``W =
+    step(W, t, k, v, beta)`` (the rule's update), ``o_t = scale * W^T q_t``.  Returns ``(o [B, H, T, Dv] in v's
+    dtype, W_T or None)``."""
+    out_dtype = v.dtype
+    q, k, v, beta, W, keep = _start(q, k, v, beta, initial_state, reset)
+    outs = []
+    for t in range(q.shape[2]):
+        if keep is not None:
+            W = W * keep[:, :, t]
+        W = step(W, t, k, v, beta)
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", W, q[:, :, t]))
+    return torch.stack(outs, dim=2).to(out_dtype), (W if output_final_state else None)
+
+
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, scale: float = 1.0,
                initial_state: Optional[torch.Tensor] = None, output_final_state: bool = True,
                reset: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -38,18 +53,12 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
 
     Returns ``(o [B, H, T, Dv] in v's dtype, W_T [B, H, Dk, Dv] fp32/fp64 or None)``.
     """
-    out_dtype = v.dtype
-    q, k, v, beta, W, keep = _start(q, k, v, beta, initial_state, reset)
-    outs = []
-    for t in range(q.shape[2]):
-        if keep is not None:
-            W = W * keep[:, :, t]
+    def step(W, t, k, v, beta):
         kt = k[:, :, t]
         vbar = torch.einsum("bhkv,bhk->bhv", W, kt)
         u = beta[:, :, t, None] * (v[:, :, t] - vbar)
-        W = W + kt[..., :, None] * u[..., None, :]
-        outs.append(scale * torch.einsum("bhkv,bhk->bhv", W, q[:, :, t]))
-    return torch.stack(outs, dim=2).to(out_dtype), (W if output_final_state else None)
+        return W + kt[..., :, None] * u[..., None, :]
+    return _scan(step, q, k, v, beta, scale, initial_state, output_final_state, reset)
 
 
 def sum_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
@@ -61,15 +70,9 @@ def sum_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float 
 
     Returns ``(o [B, H, T, Dv] in v's dtype, W_T [B, H, Dk, Dv] fp32/fp64 or None)``.
     """
-    out_dtype = v.dtype
-    q, k, v, _, W, keep = _start(q, k, v, None, initial_state, reset)
-    outs = []
-    for t in range(q.shape[2]):
-        if keep is not None:
-            W = W * keep[:, :, t]
-        W = W + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append(scale * torch.einsum("bhkv,bhk->bhv", W, q[:, :, t]))
-    return torch.stack(outs, dim=2).to(out_dtype), (W if output_final_state else None)
+    def step(W, t, k, v, beta):
+        return W + k[:, :, t, :, None] * v[:, :, t, None, :]
+    return _scan(step, q, k, v, None, scale, initial_state, output_final_state, reset)
 
 
 def key_sum(k: torch.Tensor, *, initial: Optional[torch.Tensor] = None,

@@ -1,6 +1,6 @@
 """Plain PyTorch reference of relative attention: the full score matrix, masked, softmax, log-sum-exp.
 
-Exactly what the Transformer-XL and LaMemo mixers compute with ``pretrain/model/attention.py`` (``biased``,
+Exactly what the Transformer-XL and LaMemo mixers compute with ``pretrain/model/modules/attention.py`` (``biased``,
 ``position_scores``, ``masked_scores``, ``attend``; their position term realigned with ``positions.skew``),
 written from the definition instead: the position term of pair (i, j) is gathered from row
 ``r_offset + j - i`` of the per-head position products.  The tests hold the two equal in fp64.  Memory is

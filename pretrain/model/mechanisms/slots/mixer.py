@@ -58,10 +58,13 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel
-from pretrain.model.attention import (AttentionProjections, FeedForward, RelBiases, biased, column_parallel,
-                                      layer_norm, position_scores, score_dtype)
 from pretrain.model.dropout import dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, StackMemory, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StackMemory, StateEntry
+from pretrain.model.modules.attention import (AttentionProjections, RelBiases, biased, layer_biases,
+                                              position_scores, score_dtype)
+from pretrain.model.modules.ffn import FeedForward
+from pretrain.model.modules.linear import column_parallel, replicated_linear
+from pretrain.model.modules.norm import layer_norm
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.positions import NEG_INF, causal_distances, causal_mask, sinusoid
 from pretrain.model.weights import describe
@@ -153,7 +156,7 @@ class SlotMixer(Mixer):
         attn = self.attn
         sc = attn.scale
         part = ctx.parts[self.mechanism]
-        b = self.biases.as_dict() if self.cfg.untie_r else biases
+        b = layer_biases(self, biases)
         read = rows[READ].to(x.dtype)
         H, dh = attn.n_head, attn.d_head
         B, N, _ = x.shape
@@ -241,11 +244,8 @@ class SlotMemory(StackMemory):
         self.memory_bias = nn.Parameter(torch.empty(K, d))
         describe(self, "memory_bias", "weight")
         self.norm = layer_norm(d)
-        self.gate_fc1 = nn.Linear(d, d)
-        self.gate_fc2 = nn.Linear(d, 1)
-        for lin in (self.gate_fc1, self.gate_fc2):
-            describe(lin, "weight", "weight")
-            describe(lin, "bias", "zeros")
+        self.gate_fc1 = replicated_linear(d, d)
+        self.gate_fc2 = replicated_linear(d, 1)
         self.p = cfg.dropout
 
     def initial_state(self, batch_size, mem_len, device, dtype):

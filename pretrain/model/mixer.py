@@ -1,5 +1,5 @@
-"""The interface of a token mixer (one mechanism, one file): what a layer's memory holds, how one segment runs
-through it, what it costs.
+"""The interface of a token mixer (one mechanism, one folder in ``mechanisms/``): what a layer's memory holds,
+how one segment runs through it, what it costs.
 
 A layer of the stack (``stack.py``) is a mixer followed by the feed-forward block.  A mixer
 
@@ -13,7 +13,8 @@ A layer of the stack (``stack.py``) is a mixer followed by the feed-forward bloc
   tokens (LaMemo's refreshed memory rows; a mixer that does not know a row stream passes it through);
 * counts its forward FLOPs (``flops``) and says how many rows its layer's FFN processes (``ffn_rows``).
 
-Positions and frames: see ``positions.py``; layouts and precision: see ``attention.py``.
+Positions and frames: see ``positions.py``; layouts and precision: see ``modules/attention.py``; the shared
+building blocks a mixer is made of: ``modules/``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from pretrain.model.registry import LayerSpec
+from pretrain.model.spec import LayerSpec
 
 
 @dataclasses.dataclass
@@ -101,7 +102,8 @@ class MixerOutput:
 
 
 class Mixer(nn.Module):
-    """Base class of the token mixers; subclasses are registered in ``pretrain/model/registry.py``.
+    """Base class of the token mixers; each subclass lives in a mechanism folder (``mechanisms/<name>/``) whose
+    registration names it (``registry.py``).
 
     ``shared_biases``: names of per-head bias vectors [H, d_head] this mixer reads from the stack's shared set
     (one set for all layers unless ``untie_r``: then each layer has its own, ``self.biases``).

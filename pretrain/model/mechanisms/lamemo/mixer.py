@@ -32,7 +32,7 @@ One segment, with memory rows m (M rows) and current hidden x (N rows), c = [m ;
    mem <- last M of [mem ; layer input] (detached unless asked otherwise).
 
 On CUDA, steps 2 and 3 run the fused kernel of ``pretrain.ops.rel_attention`` (outputs and log-normalisers)
-when ``xl.attention_path`` allows it; on CPU, and otherwise, the computation written here.
+when ``modules.rel_attention.attention_path`` allows it; on CPU, and otherwise, the computation written here.
 """
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ import contextlib
 import torch
 
 from pretrain.model import parallel
-from pretrain.model.attention import (AttentionProjections, RelBiases, attend, biased, masked_scores,
-                                      position_scores, score_dtype)
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
-from pretrain.model.mixers.xl import attention_path, keep_last, xl_frame
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
+from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
+                                              masked_scores, position_scores, score_dtype)
+from pretrain.model.modules.memory import keep_last
+from pretrain.model.modules.rel_attention import attention_path, xl_frame
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances, lookahead_mask,
                                       lookahead_skew_offset, sinusoid)
 from pretrain.ops import rel_attention as rel_ops
@@ -130,7 +131,7 @@ class LaMemoMixer(Mixer):
         attn = self.attn
         sc = attn.scale
         part = ctx.parts[self.mechanism]
-        b = self.biases.as_dict() if self.cfg.untie_r else biases
+        b = layer_biases(self, biases)
         u, v = b["u"], b["v"]
         u_la, v_la = b.get("u_fut", u), b.get("v_fut", v)
         m = rows[ROWS] if self.reads_rows else state["mem"].to(x.dtype)
@@ -142,7 +143,7 @@ class LaMemoMixer(Mixer):
         q, k, val = attn.heads(attn.norm(c) if self.pre_lnorm else c)
         r = attn.position_keys(pos)                                  # [H, (K+1+ahead) + look-ahead, dh]
         P = K + 1 + self.lookahead                                   # the causal part's distances
-        fused = attention_path(self, q, ctx) == "fused"              # the fused CUDA kernel (xl.attention_path)
+        fused = attention_path(self, q, ctx) == "fused"              # the fused CUDA kernel (attention_path)
         # current tokens: XL relative attention over [memory ; segment]
         qx = q[:, :, M:]
         if fused:                                                    # (never with RMT's mask edits: P = K + 1)

@@ -3,7 +3,7 @@
 gating of the residual connections (Parisotto et al. 2019, "Stabilizing Transformers for Reinforcement
 Learning", GTrXL, §3.2).
 
-Variants (``model.compressive.memory_layers`` resolves attn_type 60 into 61 / 62 per layer, ``registry.py``):
+Variants (``model.compressive.memory_layers`` resolves attn_type 60 into 61 / 62 per layer, ``__init__.py``):
 
 * 60 ``compressed``: Transformer-XL relative attention over [cmem ; mem ; segment];
 * 61 ``memory``:     over [mem ; segment] (Transformer-XL; no compressed memory);
@@ -68,11 +68,12 @@ from torch import nn
 from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                            reduce_from_tensor_model_parallel_region)
 
-from pretrain.model.attention import (AttentionProjections, RelBiases, attend, biased, masked_scores,
-                                      position_scores, row_linear, score_dtype)
 from pretrain.model.dropout import dropout
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
-from pretrain.model.mixers.xl import keep_last
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
+from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
+                                              masked_scores, position_scores, score_dtype)
+from pretrain.model.modules.linear import row_linear
+from pretrain.model.modules.memory import keep_last
 from pretrain.model.positions import NEG_INF, causal_distances, causal_mask, sinusoid
 from pretrain.model.weights import describe
 
@@ -301,7 +302,7 @@ class CompressiveMixer(Mixer):
         else:
             q, k, val = attn.heads(xq)
         K = C + M + N
-        b = self.biases.as_dict() if self.cfg.untie_r else biases
+        b = layer_biases(self, biases)
         if self.compressed:
             mask = self._compressed_mask(ctx, state["cmem_valid"])
         else:

@@ -43,10 +43,10 @@ import zlib
 import torch
 
 from pretrain.model import parallel
-from pretrain.model.attention import column_parallel, layer_norm, row_parallel
 from pretrain.model.dropout import dropout_add
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
-from pretrain.model.attention import column_linear, row_linear
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
+from pretrain.model.modules.linear import column_linear, column_parallel, row_linear, row_parallel
+from pretrain.model.modules.norm import layer_norm
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.weights import describe
 from pretrain.ops import fast_weight as fw_ops

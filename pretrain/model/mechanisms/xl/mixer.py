@@ -25,71 +25,19 @@ dropout in training, no stack-level mask edits); otherwise, and always on CPU, t
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import torch.nn.functional as F
 
 from pretrain.model import parallel
-from pretrain.model.attention import (AttentionProjections, RelBiases, attend, biased, head_param,
-                                      masked_scores, position_scores)
-from pretrain.model.mixers.base import Mixer, MixerOutput, StateEntry
+from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
+from pretrain.model.modules.attention import (AttentionProjections, RelBiases, attend, biased, layer_biases,
+                                              masked_scores, position_scores)
+from pretrain.model.modules.linear import head_param
+from pretrain.model.modules.memory import keep_last
+from pretrain.model.modules.rel_attention import attention_path, xl_frame
 from pretrain.model.positions import causal_distances, causal_mask, sinusoid
-from pretrain.ops import kernels
 from pretrain.ops import rel_attention as rel_ops
-
-logger = logging.getLogger(__name__)
-_paths_logged = set()
-
-
-def attention_path(mixer: Mixer, q: torch.Tensor, ctx) -> str:
-    """``"fused"`` when this layer's relative attention runs the fused CUDA kernel
-    (``pretrain.ops.rel_attention``, ``impl="fused"``), else ``"reference"`` (the mixers' own computation,
-    unchanged; always on CPU).  The fused kernel needs CUDA tensors, the kernels built (``pretrain.ops.kernels``;
-    ``MEMTRAIN_FUSED_OPS=0`` switches it off), no attention dropout in training, no stack-level mask edits
-    (memory tokens), and XL's ``same_length`` only with a memory.  Logged once per mechanism, path and reason."""
-    if q.device.type != "cuda":
-        why = f"{q.device.type} tensors"
-    elif not kernels.enabled():
-        why = "disabled (MEMTRAIN_FUSED_OPS=0 or kernels.set_enabled(False))"
-    elif ctx.mask_edits:
-        why = "stack-level mask edits"
-    elif ctx.recorder is not None:
-        why = "attention analysis (the probabilities are recorded)"
-    elif mixer.training and mixer.attn.dropatt > 0:
-        why = "attention dropout in training"
-    elif ctx.same_length and ctx.mem_len == 0:
-        why = "same_length without a memory"
-    else:
-        why = rel_ops.fused_unsupported(q)
-    path = "fused" if why is None else "reference"
-    key = (mixer.mechanism, path, why)
-    if key not in _paths_logged:
-        _paths_logged.add(key)
-        logger.info("%s attention: %s path%s", mixer.mechanism, path, f" ({why})" if why else "")
-    return path
-
-
-def xl_frame(ctx, m: int, n: int) -> dict:
-    """The frame and masks of the current queries over [memory (m) ; segment (n)] as arguments of
-    ``pretrain.ops.rel_attention`` (positions.causal_mask, the document mask; the position keys listed as
-    ``causal_distances``)."""
-    kw = dict(r_offset=n - 1, q_start=m, order="past", window=m if ctx.same_length else 0)
-    if m and ctx.valid is not None:
-        kw["key_start"] = m - ctx.valid
-    if ctx.doc is not None:
-        kw["q_doc"] = ctx.doc
-        kw["k_doc"] = torch.cat([ctx.doc.new_zeros(ctx.doc.shape[0], m), ctx.doc], 1)
-    return kw
-
-
-def keep_last(old: torch.Tensor, cur: torch.Tensor, m: int, dim: int = 1) -> torch.Tensor:
-    """The last ``m`` positions of [old ; cur] along ``dim`` (old holds exactly ``m`` positions)."""
-    n = cur.shape[dim]
-    if n >= m:
-        return cur.narrow(dim, n - m, m).contiguous()
-    return torch.cat([old.narrow(dim, n, m - n).to(cur.dtype), cur], dim)
-
 
 class XLMixer(Mixer):
     mechanism = "xl"
@@ -156,12 +104,12 @@ class XLMixer(Mixer):
                                                    is_causal=mask is None, scale=1.0,
                                                    dropout_p=attn.dropatt if self.training else 0.0)
         elif self.variant == "rel" and attention_path(self, q, ctx) == "fused":
-            b = self.biases.as_dict() if self.cfg.untie_r else biases
+            b = layer_biases(self, biases)
             a = rel_ops.rel_attention(q, k, val, attn.position_keys(part["pos"]), b["u"] * sc, b["v"] * sc,
                                       impl="fused", **xl_frame(ctx, M, N))[0]
         else:
             if self.variant == "rel":
-                b = self.biases.as_dict() if self.cfg.untie_r else biases
+                b = layer_biases(self, biases)
                 u = b["u"]
                 pos_scores = position_scores(biased(q, b["v"], sc), attn.position_keys(part["pos"]), K, N - 1)
             else:                                    # Shaw: the table row of each distance

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.model.mixers.base import SegmentContext, StackMemory, StateEntry
+from pretrain.model.mixer import SegmentContext, StackMemory, StateEntry
 from pretrain.model.positions import NEG_INF
 from pretrain.model.weights import describe
 

@@ -1,95 +1,36 @@
-"""Building blocks shared by the mechanisms: the attention projections, the feed-forward block, and the
-attention arithmetic on head-major tensors.
+"""Attention shared by the mechanisms: the projections (``AttentionProjections``), the relative-position bias
+vectors (``RelBiases``) and the shared-or-own choice of them (``layer_biases``), and the attention arithmetic on
+head-major tensors.
 
 Layouts.  Hidden states are batch-first ``[B, L, d]``.  Inside attention, heads come first:
 ``[H_local, B, L, d_head]``, so that a batch of matrix products over (head, row) is one ``bmm`` and the
 position term, which is shared by all rows, is one ``bmm`` per head over all rows at once.  Scores are
 ``[H_local, B, L_query, L_key]``.
 
-Tensor parallelism.  The parameters live in megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``
-modules (which define their shapes, sharding and tensor-parallel attributes).  Their products are computed
-by ``column_linear`` / ``row_linear`` below, with megatron-core's region mappings for the communication:
-the same arithmetic as the modules' own forward (a column-parallel layer all-reduces its input gradient,
-a row-parallel layer all-reduces its output before the bias), but with the bias fused into the product and
-no autograd function of its own at tensor-parallel size 1, and with the freedom to use a slice of the
-weight (XL needs queries for the current rows only).  The QKV projection keeps this rank's heads laid out as
-[q; k; v] (full layout: q, k, v blocks of all heads); the FFN is column- then row-parallel.  Dropout on
-split tensors (attention probabilities, FFN inner activations) draws from the per-rank generator
-(``parallel.parallel_region_rng``).
+Tensor parallelism: the projections are ``linear.py``'s column- and row-parallel layers.  The QKV projection
+keeps this rank's heads laid out as [q; k; v] (full layout: q, k, v blocks of all heads).  Dropout on split
+tensors (attention probabilities) draws from the per-rank generator (``parallel.parallel_region_rng``).
 
 Precision: matmuls run in the parameters' dtype; scores are masked and normalised in fp32 (``score_dtype``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                           copy_to_tensor_model_parallel_region,
-                                           reduce_from_tensor_model_parallel_region)
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 from pretrain.model import parallel
-from pretrain.model.dropout import dropout, dropout_add, relu_dropout
+from pretrain.model.dropout import dropout, dropout_add
+from pretrain.model.modules.linear import column_linear, column_parallel, head_param, row_linear, row_parallel
+from pretrain.model.modules.norm import layer_norm
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.positions import skew
 from pretrain.model.weights import describe
-
-
-def _no_init(_):
-    """Layers are initialised by the model (weights.init_weights), not by megatron-core."""
-
-
-def layer_norm(d: int) -> nn.LayerNorm:
-    ln = nn.LayerNorm(d)
-    describe(ln, "weight", "norm")
-    describe(ln, "bias", "zeros")
-    return ln
-
-
-def column_linear(x: torch.Tensor, layer: ColumnParallelLinear, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x`` (replicated) -> this rank's output columns of ``layer`` (gather_output=False semantics), with
-    ``weight`` in place of the layer's own (a tied or rescaled one) if given."""
-    if layer.tp_size > 1:
-        x = copy_to_tensor_model_parallel_region(x)
-    return F.linear(x, layer.weight if weight is None else weight, layer.bias)
-
-
-def row_linear(x: torch.Tensor, layer: RowParallelLinear, scale: float = 1.0) -> torch.Tensor:
-    """This rank's input columns -> the full output of ``layer`` (all-reduced, then the bias), with the
-    product (not the bias) multiplied by ``scale`` (applied to the weight: the smaller tensor)."""
-    w = layer.weight if scale == 1.0 else layer.weight * scale
-    if layer.tp_size == 1:
-        return F.linear(x, w, layer.bias)
-    y = reduce_from_tensor_model_parallel_region(F.linear(x, w))
-    return y if layer.bias is None else y + layer.bias
-
-
-def column_parallel(d_in: int, d_out: int, mp, bias: bool, **kw) -> ColumnParallelLinear:
-    layer = ColumnParallelLinear(d_in, d_out, config=mp, init_method=_no_init, bias=bias, gather_output=False,
-                                 **kw)
-    layer.tp_size = parallel.tp_world_size()
-    return layer
-
-
-def row_parallel(d_in: int, d_out: int, mp, bias: bool) -> RowParallelLinear:
-    layer = RowParallelLinear(d_in, d_out, config=mp, init_method=_no_init, bias=bias, input_is_parallel=True,
-                              skip_bias_add=False)
-    layer.tp_size = parallel.tp_world_size()
-    return layer
-
-
-def head_param(module: nn.Module, name: str, n_head_full: int, shape_tail, init: str, head_dim: int = 0):
-    """A parameter with a head dimension (split across tensor-parallel ranks), registered and described."""
-    tp = parallel.tp_world_size()
-    shape = list(shape_tail)
-    shape.insert(head_dim, n_head_full // tp)
-    module.register_parameter(name, nn.Parameter(torch.empty(shape)))
-    describe(module, name, init, ShardSpec(head_dim, (n_head_full,)))
 
 
 class RelBiases(nn.Module):
@@ -104,6 +45,12 @@ class RelBiases(nn.Module):
 
     def as_dict(self):
         return dict(self.named_parameters())
+
+
+def layer_biases(mixer: nn.Module, shared: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The relative-position biases a layer uses: its own ``mixer.biases`` (a ``RelBiases``) with ``untie_r``,
+    else ``shared``, the stack's set (each [H_local, d_head])."""
+    return mixer.biases.as_dict() if mixer.cfg.untie_r else shared
 
 
 class AttentionProjections(nn.Module):
@@ -158,35 +105,6 @@ class AttentionProjections(nn.Module):
         Hl, B, L, dh = a.shape
         o = row_linear(a.permute(1, 2, 0, 3).reshape(B, L, Hl * dh), self.out)
         return dropout_add(residual, o, self.p, self.training)
-
-
-class FeedForward(nn.Module):
-    """Position-wise ReLU FFN with residual and LayerNorm (post-LN: LN(x + FFN(x)); pre-LN:
-    x + FFN(LN(x)))."""
-
-    def __init__(self, cfg, mp):
-        super().__init__()
-        self.fc1 = column_parallel(cfg.d_model, cfg.d_inner, mp, bias=True)
-        describe(self.fc1, "weight", "weight", ShardSpec(0, (cfg.d_inner,)))
-        describe(self.fc1, "bias", "zeros", ShardSpec(0, (cfg.d_inner,)))
-        self.fc2 = row_parallel(cfg.d_inner, cfg.d_model, mp, bias=True)
-        describe(self.fc2, "weight", "weight", ShardSpec(1, (cfg.d_inner,)))
-        describe(self.fc2, "bias", "zeros")
-        self.norm = layer_norm(cfg.d_model)
-        self.p = cfg.dropout
-        self.pre_lnorm = cfg.pre_lnorm
-
-    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
-        """``residual(x, y)``: how the block's output y (after dropout) joins the stream x, instead of x + y
-        (a gated residual, ``Mixer.ffn_residual``)."""
-        h = column_linear(self.norm(x) if self.pre_lnorm else x, self.fc1)
-        with parallel.parallel_region_rng(h.device) if self.p > 0 and self.training else contextlib.nullcontext():
-            h, scale = relu_dropout(h, self.p, self.training)
-        if residual is None:
-            h = dropout_add(x, row_linear(h, self.fc2, scale), self.p, self.training)
-        else:
-            h = residual(x, dropout(row_linear(h, self.fc2, scale), self.p, self.training))
-        return h if self.pre_lnorm else self.norm(h)
 
 
 # ----------------------------------------------------------------------------------------------------------
