@@ -234,3 +234,28 @@ def test_the_1_3b_preset_size(monkeypatch):
     assert big == 6 * d * d
     total = sum(p.numel() for p in model.parameters())
     assert total == pytest.approx(1.57e9, rel=0.01), total
+
+
+def test_state_not_carried_starts_every_segment_from_zero():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**BASE, "gated_deltanet": dict(carry_state=False)})
+    model = build_model(cfg).double().eval()
+    assert set(model.stack.carries(0).values()) == {"nothing"} and model.decode_policy_for(0) == "window"
+    tokens = torch.randint(0, 31, (2, 8), generator=torch.Generator().manual_seed(1))
+    _, state = model(tokens[:, :4], model.init_state(2), return_logits=True)
+    second, _ = model(tokens[:, 4:], state, return_logits=True)
+    fresh, _ = model(tokens[:, 4:], model.init_state(2), return_logits=True)
+    assert torch.equal(second.logits, fresh.logits)
+
+
+def test_bf16_parameters_keep_an_fp32_state():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**BASE)).to(torch.bfloat16)
+    tokens = torch.randint(0, 31, (2, 9), generator=torch.Generator().manual_seed(1))
+    state = model.init_state(2)
+    for s in (0, 4):
+        out, state = model(tokens[:, s:s + 4], state, tokens[:, s + 1:s + 5])
+        assert torch.isfinite(out.nll).all()
+    assert state["layers.0.S"].dtype == torch.float32 and state["layers.0.conv"].dtype == torch.float32
+    out.nll.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
