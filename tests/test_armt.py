@@ -163,3 +163,17 @@ def test_recall_of_written_pairs():
     entries = {**entries, **new, "fresh": torch.zeros(1, dtype=torch.bool)}
     read = mem.layer_in(0, keys, entries, None) - keys
     assert (read - keys).abs().max().item() < 1e-3
+
+
+def test_tiny_preset_runs():
+    """armt_tiny as the engine builds it (shortened segments): finite losses near log(256) at initialisation,
+    with the state carried."""
+    cfg = load_model_config("armt_tiny", overrides=dict(tgt_len=8))
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    state = model.init_state(2)
+    for s in range(2):
+        out, state = model(tokens[:, 8 * s:8 * s + 8], state, tokens[:, 8 * s + 1:8 * s + 9])
+        assert torch.isfinite(out.nll).all()
+        assert out.nll.mean().item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.5)
+    assert state["armt.A0"].dtype == torch.float32 and not state["armt.fresh"].any()
