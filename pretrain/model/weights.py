@@ -13,14 +13,16 @@ per ``cfg.init``; ``proj`` = normal(0, proj_init_std); ``zeros``; ``norm`` = nor
 LayerNorm init); ``xavier`` = Xavier-uniform over the full shape (LaMemo's look-ahead biases); ``embedded`` =
 the ``weight`` draw times sqrt(d_model), distributed like a token embedding as the layers see it (embeddings are
 scaled by sqrt(d_model)): RMT's memory vectors, each row drawn independently; ``const:<value>`` = every element
-``value`` (the GRU gate's bias).
+``value`` (the GRU gate's bias); a callable ``init(shape, cfg, generator) -> Tensor``: a mechanism's own
+rule, drawn like the others on the full shape from the parameter's generator, then cut to this rank's shard
+(GatedDeltaNet's ``A_log`` and ``dt_bias``, initialised as in Mamba2).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,13 +35,14 @@ INIT_RULES = ("weight", "proj", "zeros", "norm", "xavier", "embedded")
 
 @dataclasses.dataclass(frozen=True)
 class ParamMeta:
-    init: str
+    init: Union[str, Callable[..., torch.Tensor]]
     shard: Optional[ShardSpec] = None
 
 
 def describe(module: nn.Module, name: str, init: str, shard: Optional[ShardSpec] = None) -> None:
-    """Record how ``module.<name>`` is initialised and sharded (and mark it tensor-parallel if sharded)."""
-    if init not in INIT_RULES and not init.startswith("const:"):
+    """Record how ``module.<name>`` is initialised and sharded (and mark it tensor-parallel if sharded).
+    ``init``: a rule name (module docstring) or a callable ``(shape, cfg, generator) -> Tensor``."""
+    if not callable(init) and init not in INIT_RULES and not init.startswith("const:"):
         raise ValueError(f"unknown init rule {init!r}")
     meta = module.__dict__.setdefault("_param_meta", {})
     meta[name] = ParamMeta(init, shard)
@@ -72,6 +75,11 @@ def full_shape(p: torch.Tensor, meta: ParamMeta, world: int) -> Tuple[int, ...]:
 
 
 def _draw(shape, meta: ParamMeta, cfg, gen: torch.Generator) -> torch.Tensor:
+    if callable(meta.init):
+        out = meta.init(tuple(shape), cfg, gen)
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"init rule {meta.init!r} drew shape {tuple(out.shape)}, expected {tuple(shape)}")
+        return out
     t = torch.empty(shape)
     if meta.init == "zeros":
         return t.zero_()
