@@ -189,9 +189,13 @@ class StackMemory(nn.Module):
       may add positions to the sequence (update ``ctx.n``, extend ``ctx.reset`` to the new length), add row
       streams, and register mask edits (``ctx.mask_edits``) that every attention mixer applies;
     * ``end(x, rows, state, ctx) -> (x, new_entries, aux_loss)`` after the last layer: it strips its positions
-      (returning the hidden states of the segment's N tokens) and writes its new state entries.
+      (returning the hidden states of the segment's N tokens) and writes its new state entries;
+    * only for a memory with ``wraps_layers`` (ARMT's per-layer associative memory): ``layer_in(i, x, state,
+      ctx) -> x`` before layer i (on its input hidden states, memory positions included) and ``layer_out(i, x,
+      state, ctx) -> (x, new_entries)`` after it (on its output); ``state`` is the memory's state before the
+      segment, and new entries written here join those of ``end``.
 
-    Both go through the module call (``memory("begin", ...)``, ``memory("end", ...)``), so that module hooks see
+    All go through the module call (``memory("begin", ...)``, ``memory("end", ...)``), so that module hooks see
     them (ZeRO-3 gathers the memory's parameters there).
 
     Its state entries are prefixed ``<name>.``; ``carries(mem_len)`` says what it carries from a segment into the
@@ -202,18 +206,24 @@ class StackMemory(nn.Module):
     a segment behaves as if run on its own" (see ``Stack.forward``)."""
     name: ClassVar[str] = ""
     split_documents: ClassVar[bool] = False
+    wraps_layers: ClassVar[bool] = False
 
     def __init__(self, cfg, mp, specs: Sequence[LayerSpec]):
         super().__init__()
         self.cfg = cfg
 
     def forward(self, stage: str, *args):
-        """``stage`` "begin" or "end": the call of that name (the stack calls the module, see above)."""
+        """``stage`` "begin", "end", "layer_in" or "layer_out": the call of that name (the stack calls the
+        module, see above)."""
         if stage == "begin":
             return self.begin(*args)
         if stage == "end":
             return self.end(*args)
-        raise ValueError(f"StackMemory stage must be 'begin' or 'end', got {stage!r}")
+        if stage == "layer_in":
+            return self.layer_in(*args)
+        if stage == "layer_out":
+            return self.layer_out(*args)
+        raise ValueError(f"StackMemory stage must be 'begin', 'end', 'layer_in' or 'layer_out', got {stage!r}")
 
     def initial_state(self, batch_size: int, mem_len: int, device: torch.device,
                       dtype: torch.dtype) -> Dict[str, StateEntry]:
@@ -230,6 +240,12 @@ class StackMemory(nn.Module):
     def end(self, x: torch.Tensor, rows: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
             ctx: SegmentContext):
         return x, {}, None
+
+    def layer_in(self, index: int, x: torch.Tensor, state: Mapping[str, torch.Tensor], ctx: SegmentContext):
+        return x
+
+    def layer_out(self, index: int, x: torch.Tensor, state: Mapping[str, torch.Tensor], ctx: SegmentContext):
+        return x, {}
 
     def extra_positions(self) -> int:
         """Positions ``begin`` adds to every segment (for the FLOP count)."""

@@ -133,6 +133,8 @@ class _ModelFields:
             mine = [s for s in specs if registry.mechanism(s.mechanism).section == name]
             try:
                 section.validate()
+                if hasattr(section, "validate_model"):    # checks against the rest of the model config
+                    section.validate_model(self)
                 if mine and hasattr(section, "validate_layers"):
                     section.validate_layers(mine)
             except ConfigError as e:

@@ -12,7 +12,8 @@ hook of its own mechanism (``cfg.layer_specs()``; the registration's ``reference
 ``pretrain/model/mechanisms/<name>/reference.py``): ``hook(ref, l, x, mem, seg) -> (x, state)``, so hybrids are
 covered too.  A stack-level memory's reference (``RMTReference``, ``SlotsReference``) wraps the layers:
 ``begin(x, memory) -> x`` before the first one, ``end(x, out) -> x`` after the last one, and optionally
-``allowed(n, m)``, the attention pattern it imposes on every attention layer.
+``allowed(n, m)``, the attention pattern it imposes on every attention layer, and ``layer_in(l, x, memory) -> x``
+/ ``layer_out(l, x, memory, out) -> x`` around every layer (ARMT's associative memory, writing into ``out``).
 
 Memory: ``{"layers": [...], <stack-level entries>}`` with one dict per layer: XL ``{"mem": [B, m, d]}``; LaMemo
 ``{"attn": [B, m, H, dh], "lse": [B, H, m]}`` plus ``"mem"`` (inputs cache) in a layer without a LaMemo layer
@@ -170,10 +171,16 @@ class ReferenceLM:
             x = x + sinusoid(self.clamp(torch.arange(L - 1, -1, -1.0), clamp_len), cfg.d_model).double()
         seg = Segment(mem_len, clamp_len, same_length)
         new: List[dict] = []
+        out: dict = {}
+        wrapping = [mem for mem in self.memories.values() if hasattr(mem, "layer_in")]
         for l, spec in enumerate(self.specs):
+            for mem in wrapping:                        # per-layer stack-level memories (ARMT): read ...
+                x = mem.layer_in(l, x, memory)
             x, st = self.layers[spec.mechanism](self, l, x, memory["layers"][l], seg)
+            for mem in wrapping:                        # ... and write
+                x = mem.layer_out(l, x, memory, out)
             new.append(st)
-        out = {"layers": new}
+        out["layers"] = new
         for mem in self.memories.values():              # their new state; back to the segment's N tokens
             x = mem.end(x, out)
         if cfg.pre_lnorm:

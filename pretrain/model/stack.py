@@ -15,6 +15,8 @@ One segment:
 3. every layer runs ``mixer`` then ``ffn`` (``Layer``), reading its own named state entries and the *row
    streams* handed up by the layer below (memory that travels up the stack rather than living in one layer:
    LaMemo's refreshed memory rows, slots), through ``run_layer`` (activation checkpointing when enabled);
+   a stack-level memory with ``wraps_layers`` (ARMT) also reads into every layer's input and writes from its
+   output (``layer_in`` / ``layer_out``);
 4. the stack-level memories end: they strip their positions and write their state from the top layer;
 5. the new state is assembled from every layer's and memory's entries, plus the stack-level ``valid`` count
    of the positional memory (how many of the last ``mem_len`` slots hold real positions, per row).
@@ -246,12 +248,20 @@ class Stack(nn.Module):
         shared = self.biases.as_dict() if hasattr(self, "biases") else {}
         new: Dict[str, torch.Tensor] = {}
         aux = None
+        # stack-level memories that read before and write after every layer (ARMT), with their state
+        wrapping = {name: self._entries(state, name + ".") for name, mem in self.memories.items()
+                    if mem.wraps_layers}
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
             biases = {} if self.cfg.untie_r else {n: shared[n] for n in layer.mixer.shared_biases()}
+            for name, entries in wrapping.items():
+                x = self.memories[name]("layer_in", i, x, entries, ctx)
             x, st_new, rows, a = self._run(layer, x, self._entries(state, prefix), rows, ctx, biases,
                                            seg.run_layer)
             new.update({prefix + k: v for k, v in st_new.items()})
+            for name, entries in wrapping.items():
+                x, st_mem = self.memories[name]("layer_out", i, x, entries, ctx)
+                new.update({f"{name}.{k}": v.detach() if seg.detach else v for k, v in st_mem.items()})
             if a is not None:
                 aux = a if aux is None else aux + a
         for name, mem in self.memories.items():
