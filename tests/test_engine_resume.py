@@ -159,6 +159,29 @@ def test_another_model_is_refused_naming_the_field(base_run, copy_data, tmp_path
     assert not other.exists()
 
 
+def _strip_fields(run, tag="iter_0000004"):
+    """The checkpoint as a version without the ARMT and GDN sections nor fast_weight.sum_norm would write it."""
+    path = run / tag / "memtrain" / "meta.json"
+    meta = json.loads(path.read_text())
+    for section in ("armt", "gated_deltanet"):
+        del meta["model"][section]
+    del meta["model"]["fast_weight"]["sum_norm"]
+    path.write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes_at_its_default(base_run, copy_data, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    _strip_fields(run)
+    r = ok(train(copy_data, run, "--train-iters", "5"))
+    assert "iter_0000004 at step 4" in r.stdout
+    # ... and a value other than the default is still another model
+    run = tmp_path / "again"
+    shutil.copytree(base_run, run)
+    _strip_fields(run)
+    r = train(copy_data, run, "--train-iters", "5", "--model.fast_weight.sum_norm", "false")
+    one_line_error(r, "checkpoint.load", "model.fast_weight", "'sum_norm': True", "'sum_norm': False")
+
+
 # ---------------------------------------------------------------------------------------------------- damage
 def test_a_corrupt_rank_file_falls_back_to_the_previous_checkpoint(base_run, copy_data, tmp_path):
     run = copy_of(base_run, tmp_path)

@@ -156,8 +156,23 @@ def select_checkpoint(load_dir: str, manager: ckpt.CheckpointManager, dp_rank: i
 
 
 # ---------------------------------------------------------------------------------------------------- compare
-def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
-    """``model.FIELD saved -> now`` for every architecture field (all but ``RUNTIME_MODEL_FIELDS``) that differs."""
+def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """``saved`` with every field it lacks taken from ``defaults``, in nested sections too: a checkpoint written
+    before a field or a mechanism's section existed holds a model with that field at its default (a new field's
+    default keeps the behaviour of the code that had none)."""
+    out = dict(defaults)
+    for k, v in saved.items():
+        d = defaults.get(k)
+        out[k] = with_defaults(v, d) if isinstance(v, Mapping) and isinstance(d, Mapping) else v
+    return out
+
+
+def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
+                      defaults: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """``model.FIELD saved -> now`` for every architecture field (all but ``RUNTIME_MODEL_FIELDS``) that differs;
+    fields ``saved`` lacks are compared at their value in ``defaults`` (the model class's defaults) when given."""
+    if defaults is not None:
+        saved = with_defaults(saved, defaults)
     out = []
     for k in sorted(set(saved) | set(now)):
         if k in RUNTIME_MODEL_FIELDS or k == "mechanism":
@@ -168,13 +183,14 @@ def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[
 
 
 def check_model(plan: ResumePlan, model_cfg: Mapping[str, Any], mechanism: str,
-                param_shapes: Mapping[str, List[int]]) -> None:
+                param_shapes: Mapping[str, List[int]], defaults: Optional[Mapping[str, Any]] = None) -> None:
     """ConfigError when the checkpoint holds another model: its architecture fields or its parameters' full
-    shapes differ from this run's (checked before anything is loaded)."""
+    shapes differ from this run's (checked before anything is loaded).  ``defaults``: the model class's default
+    fields, for a checkpoint written before some of them existed (see ``with_defaults``)."""
     meta = plan.meta
     saved_shapes = meta.get("params")
     saved_cfg = meta.get("model")
-    diffs = model_differences(saved_cfg, model_cfg) if isinstance(saved_cfg, Mapping) else []
+    diffs = model_differences(saved_cfg, model_cfg, defaults) if isinstance(saved_cfg, Mapping) else []
     if meta.get("mechanism") not in (None, mechanism):
         diffs.insert(0, f"memory mechanism {meta['mechanism']!r}, this run has {mechanism!r}")
     if isinstance(saved_shapes, Mapping):

@@ -150,7 +150,8 @@ class Trainer:
         self.model = self.family.build_model()
         self.universal_dir: Optional[str] = None
         if self.plan is not None:
-            rs.check_model(self.plan, to_dict(cfg.model), cfg.model.mechanism_name, self.param_shapes())
+            rs.check_model(self.plan, to_dict(cfg.model), cfg.model.mechanism_name, self.param_shapes(),
+                           defaults=to_dict(type(cfg.model)()))
             if rs.needs_reshard(self.plan):
                 self.universal_dir = self._convert(self.plan)
         elif cfg.train.init_from:
