@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.fast_weight.common import cast, compute_dtype
+from pretrain.ops.common import cast, compute_dtype
 
 
 def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:

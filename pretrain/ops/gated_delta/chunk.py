@@ -47,7 +47,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.gated_delta.common import cast, compute_dtype, default_scale
+from pretrain.ops.common import cast, compute_dtype
+from pretrain.ops.gated_delta.common import default_scale
 
 
 def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
