@@ -13,7 +13,8 @@ hold every fast path equal to the reference, gradients included.
   the last W - 1 inputs and in-segment resets.
 * ``rel_attention``: attention with Transformer-XL relative positions over [memory ; segment] (XL's and
   LaMemo's), returning the log-sum-exp beside the output.
-* ``common``: what the folders share: the compute dtype and argument checks that name the argument.
+* ``common``: what the folders share: the compute dtype, argument checks that name the argument, and the
+  in-chunk document masks of the chunkwise paths.
 * ``kernels``: building and loading the fused CUDA kernels of ``csrc/`` that the folders above bind as
   ``impl="fused"`` (docs/kernels.md).
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the op folders: the compute dtype and argument checks whose messages name the argument.
+"""Helpers shared by the op folders: the compute dtype, argument checks whose messages name the argument, and
+the in-chunk document masks of the chunkwise paths.
 
 Every check raises with the op's name first (``"delta_rule: reset has shape [2, 6], expected [2, 5] ([B, T])"``),
 so that a caller sees which argument of which op does not fit.
@@ -8,6 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -73,3 +75,29 @@ def check_same_device(op: str, tensors: Iterable[Optional[torch.Tensor]]) -> Non
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: inputs are on different devices {sorted(str(d) for d in devices)}")
+
+
+class ChunkDocuments:
+    """In-chunk documents for ``reset [B, T]`` (True: a document starts at t) cut into n chunks of c
+    positions (the tail padded with no reset), as masks that broadcast over heads:
+
+    * ``same  [n, B, 1, c, c]`` bool: positions i, j of a chunk belong to the same document;
+    * ``first [n, B, 1, c, 1]``: position belongs to the chunk's first document (it sees the entering state);
+    * ``last  [n, B, 1, c, 1]``: position belongs to the chunk's last document (it writes the leaving state);
+    * ``carry [n, B, 1, 1, 1]``: no reset inside the chunk (the entering state passes through);
+    * ``keep  [n, B, 1, c, 1]``: the position is not a reset (its decay acts on a nonzero state).
+
+    All but ``same`` are 0 / 1 in ``dtype``.
+    """
+
+    def __init__(self, reset: torch.Tensor, n: int, c: int, dtype: torch.dtype):
+        B, T = reset.shape
+        r = F.pad(reset.long(), (0, n * c - T))
+        doc = r.cumsum(1).view(B, n, c).transpose(0, 1)            # [n, B, c] document id of each position
+        r = r.view(B, n, c).transpose(0, 1)
+        entering = doc[..., 0] - r[..., 0]                        # the document of the state entering the chunk
+        self.same = (doc[..., :, None] == doc[..., None, :])[:, :, None]
+        self.first = (doc == entering[..., None]).to(dtype)[:, :, None, :, None]
+        self.last = (doc == doc[..., -1:]).to(dtype)[:, :, None, :, None]
+        self.carry = (doc[..., -1] == entering).to(dtype)[:, :, None, None, None]
+        self.keep = (r == 0).to(dtype)[:, :, None, :, None]
