@@ -1,12 +1,13 @@
-"""Helpers shared by the op folders: the compute dtype, argument checks whose messages name the argument, and
-the in-chunk document masks of the chunkwise paths.
+"""Helpers shared by the op folders: the compute dtype, argument checks whose messages name the argument, the
+choice and logging of an implementation behind ``impl``, and the in-chunk document masks of the chunkwise paths.
 
 Every check raises with the op's name first (``"delta_rule: reset has shape [2, 6], expected [2, 5] ([B, T])"``),
 so that a caller sees which argument of which op does not fit.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+import logging
+from typing import Callable, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,63 @@ def check_same_device(op: str, tensors: Iterable[Optional[torch.Tensor]]) -> Non
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: inputs are on different devices {sorted(str(d) for d in devices)}")
+
+
+def check_impl(op: str, impl: str, implementations: Tuple[str, ...]) -> None:
+    """``ValueError`` when ``impl`` is not one of ``implementations``."""
+    if impl not in implementations:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {implementations}")
+
+
+def check_chunk_size(op: str, chunk_size) -> None:
+    """``ValueError`` unless ``chunk_size`` is an int >= 1 (a bool is refused)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= 1")
+
+
+def choose_implementation(op: str, impl: str, fast: str, fallback: str, device_type: str,
+                          unsupported: Callable[[], Optional[str]],
+                          disabled: Callable[[], Optional[str]] = lambda: None) -> Tuple[str, Optional[str]]:
+    """The implementation that runs for ``impl`` (already checked by :func:`check_impl`): ``fast`` or another
+    named implementation runs as asked; ``"auto"`` takes ``fast`` on CUDA where it can run, else ``fallback``.
+
+    ``fast`` is the CUDA-only path (``"fused"``, ``"fla"``), ``fallback`` the path that ``"auto"`` takes where
+    ``fast`` does not run.  ``unsupported()`` gives the reason ``fast`` cannot take the inputs, or None;
+    ``disabled()`` the reason ``"auto"`` must not choose it even so (a switch that ``impl=fast`` ignores), or
+    None; it is asked first, and ``unsupported()`` only when it gives None.  Neither is called off CUDA under
+    ``"auto"``.
+
+    Returns:
+        ``(name, why)``: the implementation, and the reason ``"auto"`` on CUDA did not take ``fast`` (else None).
+
+    Raises:
+        RuntimeError: ``impl == fast`` and ``unsupported()`` gives a reason (the message says it).
+    """
+    if impl == fast:
+        why = unsupported()
+        if why is not None:
+            raise RuntimeError(f"{op}: impl={fast!r} cannot run: {why}; use impl={fallback!r} (or 'auto')")
+        return fast, None
+    if impl != "auto":
+        return impl, None
+    if device_type != "cuda":
+        return fallback, None
+    why = disabled()
+    if why is None:
+        why = unsupported()
+    return (fast if why is None else fallback), why
+
+
+def log_implementation(logger: logging.Logger, logged: Set[tuple], op: str, name: str, device_type: str,
+                       fast: str, why: Optional[str], detail: str = "") -> None:
+    """Log ``"<op>: <name> implementation on <device_type><detail>"`` at INFO, with ``"; not <fast>: <why>"``
+    when ``why`` (the reason returned by :func:`choose_implementation`), once per (op, name, device type, why):
+    ``logged`` holds the keys already logged."""
+    key = (op, name, device_type, why)
+    if key not in logged:
+        logged.add(key)
+        logger.info("%s: %s implementation on %s%s%s", op, name, device_type, detail,
+                    f"; not {fast}: {why}" if why else "")
 
 
 class ChunkDocuments:
