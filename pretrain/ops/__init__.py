@@ -13,6 +13,8 @@ hold every fast path equal to the reference, gradients included.
   the last W - 1 inputs and in-segment resets.
 * ``rel_attention``: attention with Transformer-XL relative positions over [memory ; segment] (XL's and
   LaMemo's), returning the log-sum-exp beside the output.
+* ``common``: what the folders share: the compute dtype, argument checks that name the argument, the choice
+  and logging of an implementation behind ``impl``, and the in-chunk document masks of the chunkwise paths.
 * ``kernels``: building and loading the fused CUDA kernels of ``csrc/`` that the folders above bind as
   ``impl="fused"`` (docs/kernels.md).
 

@@ -184,6 +184,11 @@ def enabled() -> bool:
     return _enabled
 
 
+def disabled_reason() -> Optional[str]:
+    """Why ``impl="auto"`` may not choose the fused kernels now (see :func:`enabled`), or None when it may."""
+    return None if enabled() else "disabled (MEMTRAIN_FUSED_OPS=0 or kernels.set_enabled(False))"
+
+
 def set_enabled(flag: bool) -> bool:
     """Let ``impl="auto"`` choose the fused kernels or not; returns the previous setting."""
     global _enabled

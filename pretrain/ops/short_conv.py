@@ -26,13 +26,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from pretrain.ops.common import check_reset, check_same_device, shape_str
+
 __all__ = ["causal_conv1d", "ACTIVATIONS"]
 
 ACTIVATIONS = (None, "silu", "swish")
-
-
-def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check(x, weight, bias, initial_state, reset, activation) -> None:
@@ -42,28 +40,21 @@ def _check(x, weight, bias, initial_state, reset, activation) -> None:
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
     if x.dim() != 3 or min(x.shape) < 1:
-        raise ValueError(f"{op}: x has shape {_shape(x)}, expected [B, T, D] with B, T, D >= 1")
+        raise ValueError(f"{op}: x has shape {shape_str(x)}, expected [B, T, D] with B, T, D >= 1")
     B, T, D = x.shape
     if weight.dim() != 2 or weight.shape[0] != D or weight.shape[1] < 1:
-        raise ValueError(f"{op}: weight has shape {_shape(weight)}, expected [{D}, W] ([D, W], W >= 1)")
+        raise ValueError(f"{op}: weight has shape {shape_str(weight)}, expected [{D}, W] ([D, W], W >= 1)")
     W = weight.shape[1]
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (D,)):
-        raise ValueError(f"{op}: bias has shape {_shape(bias)}, expected [{D}] ([D]) or None")
+        raise ValueError(f"{op}: bias has shape {shape_str(bias)}, expected [{D}] ([D]) or None")
     if initial_state is not None and (not isinstance(initial_state, torch.Tensor)
                                       or initial_state.shape != (B, D, W - 1)):
-        raise ValueError(f"{op}: initial_state has shape {_shape(initial_state)}, expected [{B}, {D}, {W - 1}] "
+        raise ValueError(f"{op}: initial_state has shape {shape_str(initial_state)}, expected [{B}, {D}, {W - 1}] "
                          f"([B, D, W - 1]: the last W - 1 inputs of the previous segment) or None")
-    if reset is not None:
-        if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool:
-            raise TypeError(f"{op}: reset must be a bool tensor [B, T] or None, got "
-                            f"{getattr(reset, 'dtype', type(reset).__name__)}")
-        if reset.shape != (B, T):
-            raise ValueError(f"{op}: reset has shape {_shape(reset)}, expected [{B}, {T}] ([B, T])")
+    check_reset(op, reset, B, T)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation={activation!r} is not one of {ACTIVATIONS}")
-    devices = {t.device for t in (x, weight, bias, initial_state, reset) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: inputs are on different devices {sorted(str(d) for d in devices)}")
+    check_same_device(op, (x, weight, bias, initial_state, reset))
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

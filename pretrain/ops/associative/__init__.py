@@ -41,13 +41,10 @@ import torch
 
 from pretrain.ops.associative import reference
 from pretrain.ops.associative.reference import DEFAULT_EPS, DEFAULT_NU, feature_map
+from pretrain.ops.common import check_float_tensors, check_same_device, shape_str
 
 __all__ = ["associative_update", "associative_read", "zero_state", "feature_map", "feature_dim",
            "DEFAULT_NU", "DEFAULT_EPS"]
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
 def feature_dim(dk: int, nu: int = DEFAULT_NU) -> int:
@@ -58,14 +55,8 @@ def feature_dim(dk: int, nu: int = DEFAULT_NU) -> int:
 
 
 def _check_tensors(op: str, named) -> None:
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: inputs are on different devices {sorted(str(d) for d in devices)}")
+    check_float_tensors(op, named)
+    check_same_device(op, [t for _, t in named])
 
 
 def _check_options(op: str, nu, eps) -> None:
@@ -77,10 +68,10 @@ def _check_options(op: str, nu, eps) -> None:
 
 def _check_state(op: str, A: torch.Tensor, z: torch.Tensor, B: int, H: int, dphi: int, dk: int, nu: int) -> int:
     if A.dim() != 4 or A.shape[0] != B or A.shape[1] != H or A.shape[2] != dphi or A.shape[3] < 1:
-        raise ValueError(f"{op}: A has shape {_shape(A)}, expected [{B}, {H}, {dphi}, Dv] ([B, H, Dphi, Dv] with "
+        raise ValueError(f"{op}: A has shape {shape_str(A)}, expected [{B}, {H}, {dphi}, Dv] ([B, H, Dphi, Dv] with "
                          f"Dphi = 2 nu Dk = 2*{nu}*{dk})")
     if z.shape != (B, H, dphi):
-        raise ValueError(f"{op}: z has shape {_shape(z)}, expected [{B}, {H}, {dphi}] ([B, H, Dphi])")
+        raise ValueError(f"{op}: z has shape {shape_str(z)}, expected [{B}, {H}, {dphi}] ([B, H, Dphi])")
     return A.shape[3]
 
 
@@ -121,18 +112,18 @@ def associative_update(A: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: tor
     _check_tensors(op, [("A", A), ("z", z), ("k", k), ("v", v), ("beta", beta)])
     _check_options(op, nu, eps)
     if k.dim() != 4 or k.shape[2] < 1 or k.shape[3] < 1:
-        raise ValueError(f"{op}: k has shape {_shape(k)}, expected 4 dims [B, H, M, Dk] with M, Dk >= 1")
+        raise ValueError(f"{op}: k has shape {shape_str(k)}, expected 4 dims [B, H, M, Dk] with M, Dk >= 1")
     B, H, M, Dk = k.shape
     Dv = _check_state(op, A, z, B, H, 2 * nu * Dk, Dk, nu)
     if v.shape != (B, H, M, Dv):
-        raise ValueError(f"{op}: v has shape {_shape(v)}, expected [{B}, {H}, {M}, {Dv}] ([B, H, M, Dv])")
+        raise ValueError(f"{op}: v has shape {shape_str(v)}, expected [{B}, {H}, {M}, {Dv}] ([B, H, M, Dv])")
     if beta.shape != (B, H, M) and beta.shape != (B, H, M, Dv):
-        raise ValueError(f"{op}: beta has shape {_shape(beta)}, expected [{B}, {H}, {M}] or [{B}, {H}, {M}, {Dv}]")
+        raise ValueError(f"{op}: beta has shape {shape_str(beta)}, expected [{B}, {H}, {M}] or [{B}, {H}, {M}, {Dv}]")
     if isinstance(first_segment, torch.Tensor):
         if first_segment.dtype != torch.bool:
             raise TypeError(f"{op}: first_segment must be a bool or a bool tensor [B], got {first_segment.dtype}")
         if first_segment.shape != (B,):
-            raise ValueError(f"{op}: first_segment has shape {_shape(first_segment)}, expected [{B}]")
+            raise ValueError(f"{op}: first_segment has shape {shape_str(first_segment)}, expected [{B}]")
     elif not isinstance(first_segment, bool):
         raise TypeError(f"{op}: first_segment must be a bool or a bool tensor [B], got "
                         f"{type(first_segment).__name__}")
@@ -165,7 +156,7 @@ def associative_read(A: torch.Tensor, z: torch.Tensor, q: torch.Tensor, *, nu: i
     _check_tensors(op, [("A", A), ("z", z), ("q", q)])
     _check_options(op, nu, eps)
     if q.dim() != 4 or q.shape[2] < 1 or q.shape[3] < 1:
-        raise ValueError(f"{op}: q has shape {_shape(q)}, expected 4 dims [B, H, T, Dk] with T, Dk >= 1")
+        raise ValueError(f"{op}: q has shape {shape_str(q)}, expected 4 dims [B, H, T, Dk] with T, Dk >= 1")
     B, H, T, Dk = q.shape
     _check_state(op, A, z, B, H, 2 * nu * Dk, Dk, nu)
     return reference.associative_read(A, z, q, nu=nu, eps=eps, normalize=normalize)

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from pretrain.ops import kernels
+from pretrain.ops.common import check_chunk_size, check_impl, choose_implementation, log_implementation
 from pretrain.ops.fast_weight import chunk, fused, naive
 from pretrain.ops.fast_weight.common import check_inputs
 
@@ -38,30 +39,14 @@ _logged = set()
 
 
 def _resolve(op: str, impl: str, chunk_size: int, q, k, v, beta, initial_state, reset) -> str:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLEMENTATIONS}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= 1")
-    why = None
-    if impl == "fused":
-        why = fused.unsupported(q, k, v, beta, initial_state, reset, chunk_size)
-        if why is not None:
-            raise RuntimeError(f"{op}: impl='fused' cannot run: {why}; use impl='chunk' (or 'auto')")
-        name = "fused"
-    elif impl == "auto":
-        name = "chunk"
-        if q.device.type == "cuda":
-            why = "disabled (MEMTRAIN_FUSED_OPS=0 or kernels.set_enabled(False))" if not kernels.enabled() else \
-                fused.unsupported(q, k, v, beta, initial_state, reset, chunk_size)
-            name = "fused" if why is None else "chunk"
-    else:
-        name = impl
-    key = (op, name, q.device.type, why)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("%s: %s implementation on %s%s%s", op, name, q.device.type,
-                    f" (chunk_size {chunk_size})" if name in ("chunk", "fused") else "",
-                    f"; not fused: {why}" if why else "")
+    check_impl(op, impl, IMPLEMENTATIONS)
+    check_chunk_size(op, chunk_size)
+    name, why = choose_implementation(
+        op, impl, "fused", "chunk", q.device.type,
+        unsupported=lambda: fused.unsupported(q, k, v, beta, initial_state, reset, chunk_size),
+        disabled=kernels.disabled_reason)
+    log_implementation(logger, _logged, op, name, q.device.type, "fused", why,
+                       f" (chunk_size {chunk_size})" if name in ("chunk", "fused") else "")
     return name
 
 

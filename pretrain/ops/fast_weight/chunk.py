@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.fast_weight.common import cast, compute_dtype
+from pretrain.ops.common import ChunkDocuments, cast, compute_dtype
 
 
 def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
@@ -56,27 +56,6 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     return x.reshape(B, H, n, c, D).permute(2, 0, 1, 3, 4).contiguous()
 
 
-class _DocMasks:
-    """Masks of in-chunk documents for ``reset [B, T]`` cut into n chunks of c (broadcast over heads):
-
-    * ``same  [n, B, 1, c, c]``: positions i, j of a chunk belong to the same document;
-    * ``first [n, B, 1, c, 1]``: position belongs to the chunk's first document (it sees the entering state);
-    * ``last  [n, B, 1, c, 1]``: position belongs to the chunk's last document (it writes the leaving state);
-    * ``carry [n, B, 1, 1, 1]``: no reset inside the chunk (the entering state passes through).
-    """
-
-    def __init__(self, reset: torch.Tensor, n: int, c: int, dtype: torch.dtype):
-        B, T = reset.shape
-        r = F.pad(reset.long(), (0, n * c - T))
-        doc = r.cumsum(1).view(B, n, c).transpose(0, 1)            # [n, B, c] document id of each position
-        r = r.view(B, n, c).transpose(0, 1)
-        entering = doc[..., 0] - r[..., 0]                        # the document of the state entering the chunk
-        self.same = (doc[..., :, None] == doc[..., None, :]).to(dtype)[:, :, None]
-        self.first = (doc == entering[..., None]).to(dtype)[:, :, None, :, None]
-        self.last = (doc == doc[..., -1:]).to(dtype)[:, :, None, :, None]
-        self.carry = (doc[..., -1] == entering).to(dtype)[:, :, None, None, None]
-
-
 def _prepare(q, k, v, beta, initial_state, reset, chunk_size):
     dt = compute_dtype(q, k, v, beta, initial_state)
     q, k, v, beta, s0 = cast(dt, q, k, v, beta, initial_state)
@@ -85,7 +64,7 @@ def _prepare(q, k, v, beta, initial_state, reset, chunk_size):
     n = math.ceil(T / c)
     if reset is not None and not bool(reset.any()):
         reset = None
-    masks = None if reset is None else _DocMasks(reset, n, c, dt)
+    masks = None if reset is None else ChunkDocuments(reset, n, c, dt)
     q, k, v = (_chunks(x, n, c) for x in (q, k, v))
     if beta is not None:
         beta = _chunks(beta[..., None], n, c)                      # [n, B, H, c, 1]

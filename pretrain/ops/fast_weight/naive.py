@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from pretrain.ops.fast_weight.common import cast, compute_dtype
+from pretrain.ops.common import cast, compute_dtype
 
 
 def _start(q, k, v, beta, initial_state, reset):

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from pretrain.ops.common import check_chunk_size, check_impl, choose_implementation, log_implementation
 from pretrain.ops.gated_delta import chunk, fla_backend, naive
 from pretrain.ops.gated_delta.common import check_inputs, default_scale
 
@@ -43,28 +44,13 @@ _logged = set()
 
 
 def _resolve(impl: str, chunk_size: int, q, k, v, g, beta, initial_state) -> str:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"gated_delta_rule: impl={impl!r} is not one of {IMPLEMENTATIONS}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"gated_delta_rule: chunk_size={chunk_size!r} must be an integer >= 1")
-    why = None
-    if impl == "fla":
-        why = fla_backend.unsupported(q, k, v, g, beta, initial_state)
-        if why is not None:
-            raise RuntimeError(f"gated_delta_rule: impl='fla' cannot run: {why}; use impl='chunk' (or 'auto')")
-        name = "fla"
-    elif impl == "auto":
-        name = "chunk"
-        if q.device.type == "cuda":
-            why = fla_backend.unsupported(q, k, v, g, beta, initial_state)
-            name = "fla" if why is None else "chunk"
-    else:
-        name = impl
-    key = (name, q.device.type, why)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("gated_delta_rule: %s implementation on %s%s%s", name, q.device.type,
-                    f" (chunk_size {chunk_size})" if name == "chunk" else "", f"; not fla: {why}" if why else "")
+    op = "gated_delta_rule"
+    check_impl(op, impl, IMPLEMENTATIONS)
+    check_chunk_size(op, chunk_size)
+    name, why = choose_implementation(op, impl, "fla", "chunk", q.device.type,
+                                      unsupported=lambda: fla_backend.unsupported(q, k, v, g, beta, initial_state))
+    log_implementation(logger, _logged, op, name, q.device.type, "fla", why,
+                       f" (chunk_size {chunk_size})" if name == "chunk" else "")
     return name
 
 

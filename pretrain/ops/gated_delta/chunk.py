@@ -47,7 +47,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.gated_delta.common import cast, compute_dtype, default_scale
+from pretrain.ops.common import ChunkDocuments, cast, compute_dtype
+from pretrain.ops.gated_delta.common import default_scale
 
 
 def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
@@ -58,29 +59,6 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     if n * c != T:
         x = F.pad(x, (0, 0, 0, 0, 0, n * c - T))
     return x.reshape(B, n, c, H, D).permute(1, 0, 3, 2, 4).contiguous()
-
-
-class _DocMasks:
-    """Masks of in-chunk documents for ``reset [B, T]`` cut into n chunks of c (broadcast over heads):
-
-    * ``same  [n, B, 1, c, c]`` bool: positions i, j of a chunk belong to the same document;
-    * ``first [n, B, 1, c, 1]``: position belongs to the chunk's first document (it sees the entering state);
-    * ``last  [n, B, 1, c, 1]``: position belongs to the chunk's last document (it writes the leaving state);
-    * ``carry [n, B, 1, 1, 1]``: no reset inside the chunk (the entering state passes through);
-    * ``keep  [n, B, 1, c, 1]``: the position is not a reset (its decay g acts on a nonzero state).
-    """
-
-    def __init__(self, reset: torch.Tensor, n: int, c: int, dtype: torch.dtype):
-        B, T = reset.shape
-        r = F.pad(reset.long(), (0, n * c - T))
-        doc = r.cumsum(1).view(B, n, c).transpose(0, 1)            # [n, B, c] document id of each position
-        r = r.view(B, n, c).transpose(0, 1)
-        entering = doc[..., 0] - r[..., 0]                        # the document of the state entering the chunk
-        self.same = (doc[..., :, None] == doc[..., None, :])[:, :, None]
-        self.first = (doc == entering[..., None]).to(dtype)[:, :, None, :, None]
-        self.last = (doc == doc[..., -1:]).to(dtype)[:, :, None, :, None]
-        self.carry = (doc[..., -1] == entering).to(dtype)[:, :, None, None, None]
-        self.keep = (r == 0).to(dtype)[:, :, None, :, None]         # not a reset position
 
 
 def _per_chunk(x: torch.Tensor):
@@ -109,7 +87,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     n = math.ceil(T / c)
     if reset is not None and not bool(reset.any()):
         reset = None
-    m = None if reset is None else _DocMasks(reset, n, c, dt)
+    m = None if reset is None else ChunkDocuments(reset, n, c, dt)
     q, k, v = (_chunks(x, n, c) for x in (q, k, v))                 # [n, B, H, c, D]
     beta, g = (_chunks(x[..., None], n, c) for x in (beta, g))      # [n, B, H, c, 1]
     if S is None:

@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from pretrain.ops.gated_delta.common import cast, compute_dtype, default_scale
+from pretrain.ops.common import cast, compute_dtype
+from pretrain.ops.gated_delta.common import default_scale
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from pretrain.ops import kernels
+from pretrain.ops.common import check_impl, choose_implementation, log_implementation
 from pretrain.ops.rel_attention import fused, naive
 from pretrain.ops.rel_attention.common import ORDERS, check_inputs, position_rows, visible
 
@@ -76,26 +77,13 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Te
         TypeError, ValueError: a wrong type, shape, device, frame or ``impl`` (the message names the argument).
         RuntimeError: ``impl="fused"`` on inputs or a machine the kernel cannot take (the message says why).
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"rel_attention: impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    check_impl("rel_attention", impl, IMPLEMENTATIONS)
     check_inputs(q, k, v, r, u, w, r_offset, q_start, order, window, key_start, q_doc, k_doc)
-    why = None
-    if impl == "fused":
-        why = fused.unsupported(q, k, v, r, u, w)
-        if why is not None:
-            raise RuntimeError(f"rel_attention: impl='fused' cannot run: {why}; use impl='reference' (or 'auto')")
-        name = "fused"
-    elif impl == "auto" and q.device.type == "cuda":
-        why = fused.unsupported(q, k, v, r, u, w) if kernels.enabled() else \
-            "disabled (MEMTRAIN_FUSED_OPS=0 or kernels.set_enabled(False))"
-        name = "fused" if why is None else "reference"
-    else:
-        name = "reference"
-    key = (name, q.device.type, why)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("rel_attention: %s implementation on %s%s", name, q.device.type,
-                    f"; not fused: {why}" if why else "")
+    name, why = choose_implementation(
+        "rel_attention", impl, "fused", "reference", q.device.type,
+        unsupported=lambda: fused.unsupported(q, k, v, r, u, w),
+        disabled=kernels.disabled_reason)
+    log_implementation(logger, _logged, "rel_attention", name, q.device.type, "fused", why)
     kw = dict(r_offset=r_offset, q_start=q_start, order=order, window=window, key_start=key_start, q_doc=q_doc,
               k_doc=k_doc)
     if name == "fused":

@@ -22,11 +22,9 @@ from typing import Optional
 
 import torch
 
+from pretrain.ops.common import check_same_device, shape_str
+
 ORDERS = {"none": 0, "past": 1, "future": 2}
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
 def check_inputs(q, k, v, r, u, w, r_offset, q_start, order, window, key_start, q_doc, k_doc) -> None:
@@ -37,17 +35,17 @@ def check_inputs(q, k, v, r, u, w, r_offset, q_start, order, window, key_start, 
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
     if q.dim() != 4:
-        raise ValueError(f"{op}: q has shape {_shape(q)}, expected [H, B, R, dh]")
+        raise ValueError(f"{op}: q has shape {shape_str(q)}, expected [H, B, R, dh]")
     H, B, R, D = q.shape
     if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != D:
-        raise ValueError(f"{op}: k has shape {_shape(k)}, expected [{H}, {B}, C, {D}]")
+        raise ValueError(f"{op}: k has shape {shape_str(k)}, expected [{H}, {B}, C, {D}]")
     if v.shape != k.shape:
-        raise ValueError(f"{op}: v has shape {_shape(v)}, expected k's shape {_shape(k)}")
+        raise ValueError(f"{op}: v has shape {shape_str(v)}, expected k's shape {shape_str(k)}")
     if r.dim() != 3 or r.shape[0] != H or r.shape[2] != D:
-        raise ValueError(f"{op}: r has shape {_shape(r)}, expected [{H}, P, {D}] (position keys per head)")
+        raise ValueError(f"{op}: r has shape {shape_str(r)}, expected [{H}, P, {D}] (position keys per head)")
     for name, t in (("u", u), ("w", w)):
         if t.shape != (H, D):
-            raise ValueError(f"{op}: {name} has shape {_shape(t)}, expected [{H}, {D}] (a bias per head)")
+            raise ValueError(f"{op}: {name} has shape {shape_str(t)}, expected [{H}, {D}] (a bias per head)")
     if order not in ORDERS:
         raise ValueError(f"{op}: order={order!r} is not one of {tuple(ORDERS)}")
     for name, val in (("r_offset", r_offset), ("q_start", q_start), ("window", window)):
@@ -64,11 +62,8 @@ def check_inputs(q, k, v, r, u, w, r_offset, q_start, order, window, key_start, 
     if q_doc is not None:
         for name, t, n in (("q_doc", q_doc, R), ("k_doc", k_doc, C)):
             if not isinstance(t, torch.Tensor) or t.shape != (B, n) or t.is_floating_point():
-                raise ValueError(f"{op}: {name} must be an integer tensor [{B}, {n}], got "
-                                 f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    tensors = [q, k, v, r, u, w] + [t for t in (key_start, q_doc, k_doc) if t is not None]
-    if len({t.device for t in tensors}) > 1:
-        raise ValueError(f"{op}: inputs are on different devices {sorted({str(t.device) for t in tensors})}")
+                raise ValueError(f"{op}: {name} must be an integer tensor [{B}, {n}], got {shape_str(t)}")
+    check_same_device(op, (q, k, v, r, u, w, key_start, q_doc, k_doc))
     lo, hi = position_rows(R, C, r_offset, q_start, order, window)
     if lo <= hi and (lo < 0 or hi >= r.shape[1]):
         raise ValueError(f"{op}: visible pairs use position rows {lo}..{hi} (r_offset + j - i) but r has "
