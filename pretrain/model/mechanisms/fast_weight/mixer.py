@@ -64,7 +64,6 @@ class FastWeightMixer(Mixer):
         self.feature_map = spec.settings["feature_map"]
         self.attn_norm = spec.settings["attn_norm"] if sec.attn_norm is None else sec.attn_norm
         self.scale_scores = spec.settings.get("scale") == "scores"
-        self.pre_lnorm = cfg.pre_lnorm
         tp = parallel.tp_world_size()
         self.n_head, self.d_head = cfg.n_head // tp, cfg.d_head
         hd = cfg.n_head * cfg.d_head

@@ -80,7 +80,6 @@ class GatedDeltaNetMixer(Mixer):
         super().__init__(cfg, mp, spec, specs)
         sec = cfg.gated_deltanet
         self.sec = sec
-        self.pre_lnorm = cfg.pre_lnorm
         tp = parallel.tp_world_size()
         Hf = cfg.n_head
         self.n_head = Hf // tp
