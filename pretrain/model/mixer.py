@@ -125,6 +125,7 @@ class Mixer(nn.Module):
         self.index = spec.index
         self.code = spec.code
         self.variant = spec.variant
+        self.pre_lnorm = cfg.pre_lnorm      # normalise the sub-block's input (pre-LN), else its output (post-LN)
 
     def shared_biases(self) -> Tuple[str, ...]:
         return ()

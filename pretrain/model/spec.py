@@ -66,3 +66,12 @@ class LayerSpec:
     @property
     def uses_memory(self) -> bool:
         return bool(self.settings.get("memory", False))
+
+
+def memory_tokens(name: str, section_class: type, **fields) -> Mechanism:
+    """The declaration of a stack-level memory of memory tokens added to every segment (RMT, ARMT): kind
+    ``"stack"``, config section ``model.<name>`` (``section_class``, a dataclass with a ``num_mem_tokens``
+    field), present when ``num_mem_tokens > 0``.  ``fields``: the other ``Mechanism`` fields (``implementation``,
+    ``reference``, ``order``, ``description``, the test and benchmark metadata)."""
+    return Mechanism(name=name, kind="stack", enabled=lambda cfg: getattr(cfg, name).num_mem_tokens > 0,
+                     section=name, section_class=section_class, **fields)

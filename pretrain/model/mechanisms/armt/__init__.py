@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config_base import F, ConfigError
-from pretrain.model.spec import Mechanism
+from pretrain.model.spec import memory_tokens
 
 
 @dataclass
@@ -55,18 +55,11 @@ class ARMTConfig:
                                        f"got {self.heads}")
 
 
-MECHANISM = Mechanism(
-    name="armt",
-    kind="stack",
-    enabled=lambda cfg: cfg.armt.num_mem_tokens > 0,
-    implementation=".memory:ARMTMemory",
-    reference=".reference:ARMTReference",
-    order=100,
+MECHANISM = memory_tokens(
+    "armt", ARMTConfig, implementation=".memory:ARMTMemory", reference=".reference:ARMTReference", order=100,
     description="Associative Recurrent Memory Transformer: M memory tokens appended to every segment; per layer "
                 "an associative memory (DPFP delta rule) written from the layer's outputs at the memory tokens "
                 "and read into the layer's input by every position of the next segment",
-    section="armt",
-    section_class=ARMTConfig,
     # (W_mv drawn, not zero, so that the memory is not empty and the matrix checks the read and the write)
     test_configs=({"label": "m2", "attn_type": 0, "mem_len": 0,
                    "armt": {"num_mem_tokens": 2, "d_mem": 8, "value_init": "weight"}},

@@ -215,7 +215,6 @@ class CompressiveMixer(Mixer):
         super().__init__(cfg, mp, spec, specs)
         sec = cfg.compressive
         self.sec = sec
-        self.pre_lnorm = cfg.pre_lnorm
         self.memory = spec.uses_memory
         self.compressed = bool(spec.settings.get("compressed"))
         self.ratio = sec.cmem_ratio

@@ -43,28 +43,25 @@ import zlib
 import torch
 
 from pretrain.model import parallel
-from pretrain.model.dropout import dropout_add
-from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
-from pretrain.model.modules.linear import column_linear, column_parallel, row_linear, row_parallel
-from pretrain.model.modules.norm import layer_norm
+from pretrain.model.mixer import StateEntry
+from pretrain.model.modules.linear import column_linear, column_parallel
+from pretrain.model.modules.recurrent import RecurrentMixer
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.weights import describe
 from pretrain.ops import fast_weight as fw_ops
 from pretrain.ops import feature_maps
 
 
-class FastWeightMixer(Mixer):
+class FastWeightMixer(RecurrentMixer):
     mechanism = "fast_weight"
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
-        sec = cfg.fast_weight
-        self.sec = sec
+        sec = self.sec
         self.rule = spec.settings["rule"]
         self.feature_map = spec.settings["feature_map"]
         self.attn_norm = spec.settings["attn_norm"] if sec.attn_norm is None else sec.attn_norm
         self.scale_scores = spec.settings.get("scale") == "scores"
-        self.pre_lnorm = cfg.pre_lnorm
         tp = parallel.tp_world_size()
         self.n_head, self.d_head = cfg.n_head // tp, cfg.d_head
         hd = cfg.n_head * cfg.d_head
@@ -72,10 +69,7 @@ class FastWeightMixer(Mixer):
         sections = (hd, hd, hd) + ((cfg.n_head,) if beta else ())
         self.qkvb = column_parallel(cfg.d_model, 3 * hd + beta, mp, bias=False)
         describe(self.qkvb, "weight", "weight", ShardSpec(0, sections))
-        self.out = row_parallel(hd, cfg.d_model, mp, bias=False)
-        describe(self.out, "weight", "weight", ShardSpec(1, (hd,)))
-        self.norm = layer_norm(cfg.d_model)
-        self.p = cfg.dropout
+        self.output_block(hd, mp)
         if self.feature_map == "elu":
             self.d_key = cfg.d_head
         elif self.feature_map == "favor":
@@ -92,11 +86,6 @@ class FastWeightMixer(Mixer):
         if self.attn_norm:
             out["z"] = StateEntry(torch.zeros(B, H, self.d_key, device=device, dtype=sdt), 0, 1)
         return out
-
-    def carries(self, mem_len):
-        """``"all"`` with ``carry_state`` (the recurrence is exact whatever the segment cuts: generation may feed
-        one token at a time), else ``"nothing"`` (every segment starts from zero fast weights)."""
-        return "all" if self.sec.carry_state else "nothing"
 
     # -- feature map ----------------------------------------------------------------------------------------
     def _favor_projection(self, device, dtype):
@@ -147,11 +136,7 @@ class FastWeightMixer(Mixer):
                 den = den / math.sqrt(dh)
             o = o / (den + self.sec.eps)
             new["z"] = z_new
-        o = o.to(x.dtype).transpose(1, 2).reshape(B, N, hd)
-        h = dropout_add(x, row_linear(o, self.out), self.p, self.training)
-        if ctx.detach:
-            new = {k_: t.detach() for k_, t in new.items()}
-        return MixerOutput(h if self.pre_lnorm else self.norm(h), new, dict(rows))
+        return self.residual_output(x, o.to(x.dtype).transpose(1, 2).reshape(B, N, hd), new, rows, ctx)
 
     def flops(self, batch_size, tgt_len, mem_len):
         cfg = self.cfg

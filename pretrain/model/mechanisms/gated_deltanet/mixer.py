@@ -39,10 +39,9 @@ import torch.nn.functional as F
 
 from pretrain.config_base import ConfigError
 from pretrain.model import parallel
-from pretrain.model.dropout import dropout_add
-from pretrain.model.mixer import Mixer, MixerOutput, StateEntry
-from pretrain.model.modules.linear import column_linear, column_parallel, head_param, row_linear, row_parallel
-from pretrain.model.modules.norm import layer_norm
+from pretrain.model.mixer import StateEntry
+from pretrain.model.modules.linear import column_linear, column_parallel, head_param
+from pretrain.model.modules.recurrent import RecurrentMixer
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.weights import describe
 from pretrain.ops.gated_delta import gated_delta_rule
@@ -73,14 +72,12 @@ def gated_rms_norm(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return o * F.silu(gate)
 
 
-class GatedDeltaNetMixer(Mixer):
+class GatedDeltaNetMixer(RecurrentMixer):
     mechanism = "gated_deltanet"
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
-        sec = cfg.gated_deltanet
-        self.sec = sec
-        self.pre_lnorm = cfg.pre_lnorm
+        sec = self.sec
         tp = parallel.tp_world_size()
         Hf = cfg.n_head
         self.n_head = Hf // tp
@@ -100,10 +97,7 @@ class GatedDeltaNetMixer(Mixer):
         head_param(self, "A_log", Hf, (), init_A_log)
         head_param(self, "dt_bias", Hf, (), init_dt_bias)
         head_param(self, "o_norm", Hf, (V,), "const:1.0")
-        self.out = row_parallel(Hf * V, cfg.d_model, mp, bias=False)
-        describe(self.out, "weight", "weight", ShardSpec(1, (Hf * V,)))
-        self.norm = layer_norm(cfg.d_model)
-        self.p = cfg.dropout
+        self.output_block(Hf * V, mp)
 
     # -- state ----------------------------------------------------------------------------------------------
     def initial_state(self, batch_size, mem_len, device, dtype):
@@ -114,11 +108,6 @@ class GatedDeltaNetMixer(Mixer):
             out["conv"] = StateEntry(torch.zeros(B, H, 2 * self.K + self.V, self.W - 1, device=device, dtype=sdt),
                                      0, 1)
         return out
-
-    def carries(self, mem_len):
-        """``"all"`` with ``carry_state`` (the recurrence and the convolutions are exact whatever the segment
-        cuts), else ``"nothing"``."""
-        return "all" if self.sec.carry_state else "nothing"
 
     # -- one segment ----------------------------------------------------------------------------------------
     def forward(self, x, state, rows, ctx, biases):
@@ -151,11 +140,7 @@ class GatedDeltaNetMixer(Mixer):
                                     chunk_size=self.sec.chunk_size)
         new["S"] = s_new
         o = gated_rms_norm(o, r.reshape(B, N, H, V).to(cdt), self.o_norm.to(cdt), self.sec.norm_eps)
-        o = o.to(x.dtype).reshape(B, N, H * V)
-        h = dropout_add(x, row_linear(o, self.out), self.p, self.training)
-        if ctx.detach:
-            new = {k_: t.detach() for k_, t in new.items()}
-        return MixerOutput(h if self.pre_lnorm else self.norm(h), new, dict(rows))
+        return self.residual_output(x, o.to(x.dtype).reshape(B, N, H * V), new, rows, ctx)
 
     def flops(self, batch_size, tgt_len, mem_len):
         cfg = self.cfg

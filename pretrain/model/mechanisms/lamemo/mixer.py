@@ -89,7 +89,6 @@ class LaMemoMixer(Mixer):
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
         self.full = self.variant == "full"
-        self.pre_lnorm = cfg.pre_lnorm
         i = spec.index
         self.reads_rows = i > 0 and specs[i - 1].mechanism == self.mechanism     # else: own input cache
         self.feeds_rows = i + 1 < len(specs) and specs[i + 1].mechanism == self.mechanism

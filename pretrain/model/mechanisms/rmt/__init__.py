@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config_base import F, ConfigError
-from pretrain.model.spec import Mechanism
+from pretrain.model.spec import memory_tokens
 
 
 @dataclass
@@ -26,17 +26,10 @@ class RMTConfig:
             raise ConfigError("num_mem_tokens", f"must be >= 0 (0 turns RMT off), got {self.num_mem_tokens}")
 
 
-MECHANISM = Mechanism(
-    name="rmt",
-    kind="stack",
-    enabled=lambda cfg: cfg.rmt.num_mem_tokens > 0,
-    implementation=".memory:RMTMemory",
-    reference=".reference:RMTReference",
-    order=60,
+MECHANISM = memory_tokens(
+    "rmt", RMTConfig, implementation=".memory:RMTMemory", reference=".reference:RMTReference", order=60,
     description="Recurrent Memory Transformer: K memory tokens read before the segment, written after it by the "
                 "last layer, fed to the next segment's first layer",
-    section="rmt",
-    section_class=RMTConfig,
     test_configs=({"label": "k2", "attn_type": 0, "mem_len": 0, "rmt": {"num_mem_tokens": 2}},
                   {"label": "k3-xl", "attn_type": 0, "mem_len": 5, "rmt": {"num_mem_tokens": 3}},
                   {"label": "k2-xl-cache", "attn_type": 0, "mem_len": 5,

@@ -88,7 +88,6 @@ class SlotMixer(Mixer):
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
-        self.pre_lnorm = cfg.pre_lnorm
         self.num_slots = cfg.slots.num_slots
         self.writes = self.variant == "slots"
         self.attn = AttentionProjections(cfg, mp, r_net=True)

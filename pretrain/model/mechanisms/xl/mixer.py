@@ -44,7 +44,6 @@ class XLMixer(Mixer):
 
     def __init__(self, cfg, mp, spec, specs):
         super().__init__(cfg, mp, spec, specs)
-        self.pre_lnorm = cfg.pre_lnorm
         self.memory = spec.uses_memory
         self.attn = AttentionProjections(cfg, mp, r_net=self.variant == "rel")
         if self.variant == "rel" and cfg.untie_r:
