@@ -39,6 +39,16 @@ def interrupted(prog: str, what: str = "no output written") -> int:
     return EXIT_INTERRUPTED
 
 
+def run_interruptible(prog: str, body: Callable[..., int], *args, what: str = "no output written") -> int:
+    """``body(*args)``, the exit status it returns, with SIGINT raising ``KeyboardInterrupt`` from now on
+    (``interrupt_as_exception``); when it is interrupted, ``interrupted(prog, what)`` (130)."""
+    interrupt_as_exception()
+    try:
+        return body(*args)
+    except KeyboardInterrupt:
+        return interrupted(prog, what)
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump): ``prog: error: argument --top-p: must be in (0, 1],
     got '0' (see --help)``, exit status 2.  Sub-parsers are of the same class."""
@@ -168,6 +178,24 @@ def staged_dir(tmp: str, out_dir: str) -> Iterator[str]:
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(path: str, suffix: str = "") -> Iterator[str]:
+    """Write the file ``path`` through a temporary file beside it (its name yielded; it ends in ``suffix``,
+    for writers that go by the extension), making the folders it needs first: when the block completes, the
+    temporary file is renamed to ``path`` (replacing it at once); when it raises, the temporary file and the
+    folders made for it are removed, ``path`` is left as it was, and the error goes on."""
+    folders = make_folders(os.path.dirname(os.path.abspath(path)))
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        remove_folders(folders)
         raise
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import List, Optional
 
-from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, interrupted
+from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, run_interruptible
 
 PROG = "generate.py"
 
@@ -183,13 +183,7 @@ def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: 
 def main(argv=None) -> int:
     """The command: prints each prompt and its sample; exit status 0, 2 on bad input (one line on stderr
     naming the flag or file), 130 when interrupted."""
-    args = build_parser().parse_args(argv)
-    from data_tools.cli import interrupt_as_exception
-    interrupt_as_exception()
-    try:
-        return _generate(args)
-    except KeyboardInterrupt:
-        return interrupted(PROG, "no samples written")
+    return run_interruptible(PROG, _generate, build_parser().parse_args(argv), what="no samples written")
 
 
 def _generate(args) -> int:
@@ -199,7 +193,7 @@ def _generate(args) -> int:
     tune_cpu_allocator()
     import torch
 
-    from data_tools.cli import CommandError, make_folders
+    from data_tools.cli import CommandError, staged_file
     from pretrain.engine.export import ExportError, check_overrides, load_exported
     if args.blocks and not args.prompt_file:
         return fail(PROG, "--blocks splits a --prompt-file into blank-line-separated prompts; give --prompt-file")
@@ -246,12 +240,9 @@ def _generate(args) -> int:
               f"top-p {args.top_p}, memory {mem_len}):")
         print(text, flush=True)
     if args.output:
-        make_folders(os.path.dirname(os.path.abspath(args.output)))
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with staged_file(args.output) as tmp, open(tmp, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.output)
     return 0
 
 
