@@ -49,6 +49,23 @@ def run_interruptible(prog: str, body: Callable[..., int], *args, what: str = "n
         return interrupted(prog, what)
 
 
+def run_command(prog: str, body: Callable[[], object], errors: Tuple[type, ...]) -> int:
+    """Run ``body()``, a command's work, with SIGINT and SIGTERM raising ``KeyboardInterrupt`` inside it
+    (``sigterm_as_interrupt``).  Returns ``EXIT_OK`` when it completes; ``fail`` (one line on stderr,
+    ``EXIT_ERROR``) for an exception of a type in ``errors`` (bad input) or an ``OSError`` (naming its file);
+    ``interrupted(prog)`` (``EXIT_INTERRUPTED``) when interrupted."""
+    try:
+        with sigterm_as_interrupt():
+            body()
+    except errors as e:
+        return fail(prog, e)
+    except OSError as e:
+        return fail(prog, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return interrupted(prog)
+    return EXIT_OK
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump): ``prog: error: argument --top-p: must be in (0, 1],
     got '0' (see --help)``, exit status 2.  Sub-parsers are of the same class."""
