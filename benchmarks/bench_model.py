@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from benchmarks.common import finish
+
 SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come from these presets
 
 
@@ -205,15 +207,6 @@ def machine_info(args) -> dict:
             "python": platform.python_version(), "processor": platform.processor()}
 
 
-def write_report(path, report) -> None:
-    """Write ``report`` as indented JSON to ``path`` (through a temporary file; the folder is made)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
-
-
 def bench_size(size, variants, args):
     from pretrain.model import load_model_config
     runners = {v: Runner(size, v, args.batch, args.threads, seed=1) for v in variants}
@@ -293,10 +286,7 @@ def main(argv=None):
         cfg, results = bench_size(size, variants, args)
         report["sizes"][size] = {"preset": SIZES[size], "results": results}
         texts.append(table(size, cfg, results))
-    write_report(args.out, report)
-    print("\n\n".join(texts))
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, "\n\n".join(texts))
 
 
 if __name__ == "__main__":

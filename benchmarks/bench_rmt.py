@@ -32,7 +32,8 @@ import time
 import torch
 
 from benchmarks.bench_model import (VARIANTS, add_timing_flags, machine_info, peak_rss_columns, print_peak_rss,
-                                    run_memory_probe, time_in_rounds, write_report)
+                                    run_memory_probe, time_in_rounds)
+from benchmarks.common import finish
 
 REFERENCE = {"rmt8@1": 10.2e3, "rmt8_xl@1": 7.9e3}   # the original code's tokens/s on the same model (see above)
 
@@ -166,10 +167,7 @@ def main(argv=None):
               "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
               "model": {"preset": args.preset, "n_layer": cfg.n_layer, "d_model": cfg.d_model, "segment": cfg.tgt_len},
               "optimizer": "torch.optim.AdamW(fused=True)", "results": results}
-    write_report(args.out, report)
-    print(table(results, names[0]))
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, table(results, names[0]))
 
 
 if __name__ == "__main__":
