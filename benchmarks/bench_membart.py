@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from benchmarks.common import write_report
+
 SIZES = {"tiny": "membart_tiny", "base": "membart_base"}
 VARIANTS = ("bptt", "mrbp", "nomem")
 
@@ -187,11 +189,7 @@ def main(argv=None) -> int:
             peak = res.get("peak_cuda_mb", res.get("peak_rss_mb"))
             print(f"{v:8s} {res['tokens_per_s_median']:10,.0f} {res['median_step_s'] * 1e3:9.1f} "
                   f"{res['forward_gflop_per_step']:10.2f} {'-' if peak is None else f'{peak:9.0f}'}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    write_report(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

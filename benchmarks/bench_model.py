@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from benchmarks.common import finish
+
 SIZES = {"tiny": "xl_tiny", "small": "xl_small"}       # the layer shapes come from these presets
 
 
@@ -96,6 +98,10 @@ class Runner:
         self.times = []
         self.losses = []
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.cfg.tgt_len
+
     def step(self, probe=None) -> float:
         n = self.cfg.tgt_len
         if self.pos + n + 1 > self.tokens.shape[1]:
@@ -121,13 +127,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def memory_probe(size, variant, batch, threads, steps):
-    """Run in a subprocess: RSS once the libraries are loaded, and the largest RSS seen at the end of a
-    forward pass (all activations alive) or after an optimizer step, over ``steps`` steps (MB)."""
+def print_peak_rss(make_runner, steps):
+    """The memory probe, run in a subprocess: print as JSON the RSS once the libraries are loaded and the
+    largest RSS seen at the end of a forward pass (all activations alive) or after an optimizer step, over
+    ``steps`` steps of the runner ``make_runner()`` builds (MB)."""
     from pretrain.model import lm, parallel  # noqa: F401  (import cost is not the model's)
     parallel.initialize(1)
     before = rss_mb()
-    r = Runner(size, variant, batch, threads, seed=0)
+    r = make_runner()
     peak = [rss_mb()]
     for _ in range(steps):
         r.step(probe=lambda: peak.append(rss_mb()))
@@ -135,23 +142,31 @@ def memory_probe(size, variant, batch, threads, steps):
     print(json.dumps({"rss_before_mb": before, "peak_rss_mb": max(peak)}))
 
 
-def measure_memory(size, variant, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", size, variant, "--batch", str(args.batch),
-           *(["--dropout", str(args.dropout)] if args.dropout is not None else []),
-           "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+def run_memory_probe(script, flags, what):
+    """Run ``script`` with ``flags`` (its ``--memory-probe`` call) in a fresh process and return the JSON it
+    printed last; ``RuntimeError`` naming ``what`` with the end of its stderr when it fails."""
+    out = subprocess.run([sys.executable, os.path.abspath(script), *flags], capture_output=True, text=True,
+                         timeout=1800)
     if out.returncode != 0:
-        raise RuntimeError(f"memory probe {size}/{variant} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"memory probe {what} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_size(size, variants, args):
-    from pretrain.model import load_model_config
-    runners = {v: Runner(size, v, args.batch, args.threads, seed=1) for v in variants}
-    cfg = load_model_config(SIZES[size])
-    print(f"[{size}] {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads x {cfg.d_head}, FFN {cfg.d_inner}, "
-          f"vocab {cfg.vocab_size}, segment {cfg.tgt_len}, memory {cfg.mem_len}, batch {args.batch}, "
-          f"{args.threads} threads", flush=True)
+def memory_probe(size, variant, batch, threads, steps):
+    """Run in a subprocess: ``print_peak_rss`` of the variant."""
+    print_peak_rss(lambda: Runner(size, variant, batch, threads, seed=0), steps)
+
+
+def measure_memory(size, variant, args):
+    return run_memory_probe(__file__, ["--memory-probe", size, variant, "--batch", str(args.batch),
+                                       *(["--dropout", str(args.dropout)] if args.dropout is not None else []),
+                                       "--threads", str(args.threads)], f"{size}/{variant}")
+
+
+def time_in_rounds(runners, args, label=""):
+    """Warm every runner up (``args.warmup`` steps), then time ``args.rounds`` rounds of ``args.steps`` steps of
+    every runner in turn, so that load from other processes hits them alike; the step times go to
+    ``runner.times``, and every round prints ``label``, the median tokens/s so far of each and an ETA."""
     for r in runners.values():                         # warm-up (allocator, first-call costs)
         for _ in range(args.warmup):
             r.step()
@@ -162,12 +177,47 @@ def bench_size(size, variants, args):
                 r.times.append(r.step())
         done = rnd + 1
         eta = (time.time() - start) / done * (args.rounds - done)
-        rates = "  ".join(f"{v} {args.batch * r.cfg.tgt_len / statistics.median(r.times):,.0f}"
-                          for v, r in runners.items())
-        print(f"[{size}] round {done}/{args.rounds}  tokens/s (median so far): {rates}  ETA {eta:.0f}s", flush=True)
+        rates = "  ".join(f"{n} {r.tokens_per_step / statistics.median(r.times):,.0f}" for n, r in runners.items())
+        print(f"{label}round {done}/{args.rounds}  tokens/s (median so far): {rates}  ETA {eta:.0f}s", flush=True)
+
+
+def add_timing_flags(ap, unit: str, steps: int, warmup: int, out: str) -> None:
+    """The flags of a benchmark timed by ``time_in_rounds`` with a peak-RSS probe and a JSON report: --batch,
+    --threads, --rounds, --steps (per ``unit`` per round), --warmup, --no-memory, --out."""
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=steps, help=f"steps per {unit} per round")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--out", default=out, help="JSON output path")
+
+
+def peak_rss_columns(result: dict) -> tuple:
+    """(peak RSS, its increment over the RSS once the libraries are loaded) of a result as table cells (MB),
+    "-" when it was not measured."""
+    rss = f"{result['peak_rss_mb']:.0f}" if "peak_rss_mb" in result else "-"
+    inc = f"+{result['peak_rss_mb'] - result['rss_before_mb']:.0f}" if "peak_rss_mb" in result else "-"
+    return rss, inc
+
+
+def machine_info(args) -> dict:
+    """The machine a report was measured on."""
+    return {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+            "python": platform.python_version(), "processor": platform.processor()}
+
+
+def bench_size(size, variants, args):
+    from pretrain.model import load_model_config
+    runners = {v: Runner(size, v, args.batch, args.threads, seed=1) for v in variants}
+    cfg = load_model_config(SIZES[size])
+    print(f"[{size}] {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads x {cfg.d_head}, FFN {cfg.d_inner}, "
+          f"vocab {cfg.vocab_size}, segment {cfg.tgt_len}, memory {cfg.mem_len}, batch {args.batch}, "
+          f"{args.threads} threads", flush=True)
+    time_in_rounds(runners, args, f"[{size}] ")
     results = {}
     for v, r in runners.items():
-        tokens = args.batch * r.cfg.tgt_len
+        tokens = r.tokens_per_step
         med, best = statistics.median(r.times), min(r.times)
         results[v] = {"overrides": VARIANTS[v], "mem_len": r.cfg.mem_len, "tokens_per_step": tokens,
                       "steps": len(r.times),
@@ -192,8 +242,7 @@ def table(size, cfg, results) -> str:
              f"{'GFLOP fwd':>9s} {'peak RSS MB':>11s} {'(+model)':>9s}"]
     for v, r in results.items():
         ratio = f"{r['speed_vs_none_median']:.2f}" if "speed_vs_none_median" in r else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        inc = f"+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        rss, inc = peak_rss_columns(r)
         lines.append(f"{v:12s} {r['mem_len']:4d} {r['tokens_per_s_median']:10,.0f} {r['tokens_per_s_best']:10,.0f} "
                      f"{ratio:>8s} {r['median_step_s'] * 1e3:8.1f} {r['forward_gflop_per_step']:9.2f} {rss:>11s} "
                      f"{inc:>9s}")
@@ -210,13 +259,7 @@ def main(argv=None):
                     help=f"comma list of {list(VARIANTS)} ('none' is the baseline)")
     ap.add_argument("--small-variants", default="none,xl,lamemo,delta,linear,hybrid,slots,slots_xl,compressive,rmt8",
                     help="variants for the small size")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    ap.add_argument("--out", default="benchmarks/results/bench_model.json", help="JSON output path")
+    add_timing_flags(ap, "variant", steps=4, warmup=3, out="benchmarks/results/bench_model.json")
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="dropout of every variant (default 0.0, the original Transformer-XL code's default)")
     ap.add_argument("--memory-probe", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
@@ -234,8 +277,7 @@ def main(argv=None):
         bad = [x for x in listed if x not in (SIZES if name == "--sizes" else VARIANTS)]
         if bad:
             ap.error(f"{name}: unknown {bad}")
-    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                          "python": platform.python_version(), "processor": platform.processor()},
+    report = {"machine": machine_info(args),
               "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
               "optimizer": "torch.optim.AdamW(fused=True)", "sizes": {}}
     texts = []
@@ -244,14 +286,7 @@ def main(argv=None):
         cfg, results = bench_size(size, variants, args)
         report["sizes"][size] = {"preset": SIZES[size], "results": results}
         texts.append(table(size, cfg, results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
-    print("\n\n".join(texts))
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, "\n\n".join(texts))
 
 
 if __name__ == "__main__":

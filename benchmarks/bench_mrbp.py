@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import finish
+
 
 def status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -125,13 +127,7 @@ def main(argv=None) -> int:
     report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "processor": platform.processor(),
                           "python": platform.python_version()},
               "settings": {k: v for k, v in vars(args).items() if k != "probe"}, "results": results, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(table)
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, table)
 
 
 if __name__ == "__main__":

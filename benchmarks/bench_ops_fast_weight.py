@@ -21,7 +21,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,8 @@ import sys
 import time
 
 import torch
+
+from benchmarks.common import finish
 
 VARIANTS = ("naive", "chunk", "chunk+reset")
 
@@ -143,14 +144,7 @@ def main(argv=None):
         eta = (time.time() - start) / (i + 1) * (len(configs) - i - 1)
         rates = "  ".join(f"{v} {x['tokens_per_s_median']:,.0f}" for v, x in res.items())
         print(f"[{i + 1}/{len(configs)}] {rule} D={D} T={T}  tokens/s: {rates}  ETA {eta:.0f}s", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
-    print(table(report["results"]))
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, table(report["results"]))
 
 
 if __name__ == "__main__":

@@ -25,17 +25,15 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.bench_model import VARIANTS, rss_mb
+from benchmarks.bench_model import (VARIANTS, add_timing_flags, machine_info, peak_rss_columns, print_peak_rss,
+                                    run_memory_probe, time_in_rounds)
+from benchmarks.common import finish
 
 REFERENCE = {"rmt8@1": 10.2e3, "rmt8_xl@1": 7.9e3}   # the original code's tokens/s on the same model (see above)
 
@@ -96,33 +94,20 @@ class Runner:
 
 
 def memory_probe(preset, run, batch, threads, steps):
-    """Run in a subprocess: RSS once the libraries are loaded, and the largest RSS seen (MB)."""
-    from pretrain.model import lm, parallel  # noqa: F401  (import cost is not the model's)
-    parallel.initialize(1)
-    before = rss_mb()
-    r = Runner(preset, *parse_run(run), batch, threads, seed=0)
-    peak = [rss_mb()]
-    for _ in range(steps):
-        r.step(probe=lambda: peak.append(rss_mb()))
-        peak.append(rss_mb())
-    print(json.dumps({"rss_before_mb": before, "peak_rss_mb": max(peak)}))
+    """Run in a subprocess: ``print_peak_rss`` of the run."""
+    print_peak_rss(lambda: Runner(preset, *parse_run(run), batch, threads, seed=0), steps)
 
 
 def measure_memory(run, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", run, "--preset", args.preset,
-           "--batch", str(args.batch), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory probe {run} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_memory_probe(__file__, ["--memory-probe", run, "--preset", args.preset, "--batch", str(args.batch),
+                                       "--threads", str(args.threads)], run)
 
 
 def table(results, first) -> str:
     lines = [f"{'run':12s} {'K':>3s} {'M':>4s} {'k':>2s} {'tok/s med':>10s} {'tok/s best':>10s} "
              f"{'vs ' + first:>12s} {'ms/step':>8s} {'peak RSS MB':>11s} {'(+model)':>9s} {'ref tok/s':>9s}"]
     for run, r in results.items():
-        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        inc = f"+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        rss, inc = peak_rss_columns(r)
         ref = f"{REFERENCE[run]:,.0f}" if run in REFERENCE else "-"
         lines.append(f"{run:12s} {r['mem_tokens']:3d} {r['mem_len']:4d} {r['k']:2d} {r['tokens_per_s_median']:10,.0f} "
                      f"{r['tokens_per_s_best']:10,.0f} {r['vs_first_median']:12.2f} {r['median_step_s'] * 1e3:8.1f} "
@@ -130,20 +115,19 @@ def table(results, first) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="xl@1,rmt8@1,rmt16@1,rmt8_xl@1,none@1,rmt8@2,rmt8@3,rmt8@4,xl@2,xl@4",
                     help="comma list of variant@k (k: segments per step with gradients through the memory)")
     ap.add_argument("--preset", default="xl_tiny", help="the layer shapes (a preset name)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=3, help="steps per run per round")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    ap.add_argument("--out", default="benchmarks/results/bench_rmt.json", help="JSON output path")
+    add_timing_flags(ap, "run", steps=3, warmup=2, out="benchmarks/results/bench_rmt.json")
     ap.add_argument("--memory-probe", metavar="RUN", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     from pretrain.runtime import tune_cpu_allocator
     tune_cpu_allocator()
@@ -161,18 +145,7 @@ def main(argv=None):
     cfg = next(iter(runners.values())).cfg
     print(f"{args.preset}: {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads x {cfg.d_head}, FFN "
           f"{cfg.d_inner}, segment {cfg.tgt_len}, batch {args.batch}, {args.threads} threads", flush=True)
-    for r in runners.values():
-        for _ in range(args.warmup):
-            r.step()
-    start = time.time()
-    for rnd in range(args.rounds):
-        for r in runners.values():
-            for _ in range(args.steps):
-                r.times.append(r.step())
-        done = rnd + 1
-        eta = (time.time() - start) / done * (args.rounds - done)
-        rates = "  ".join(f"{n} {r.tokens_per_step / statistics.median(r.times):,.0f}" for n, r in runners.items())
-        print(f"round {done}/{args.rounds}  tokens/s (median so far): {rates}  ETA {eta:.0f}s", flush=True)
+    time_in_rounds(runners, args)
     results = {}
     for name, r in runners.items():
         med, best = statistics.median(r.times), min(r.times)
@@ -190,19 +163,11 @@ def main(argv=None):
         if not args.no_memory:
             res.update(measure_memory(name, args))
     del runners
-    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                          "python": platform.python_version(), "processor": platform.processor()},
+    report = {"machine": machine_info(args),
               "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
               "model": {"preset": args.preset, "n_layer": cfg.n_layer, "d_model": cfg.d_model, "segment": cfg.tgt_len},
               "optimizer": "torch.optim.AdamW(fused=True)", "results": results}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
-    print(table(results, names[0]))
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, table(results, names[0]))
 
 
 if __name__ == "__main__":

@@ -34,10 +34,8 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
-import json
 import logging
 import math
-import os
 import platform
 import statistics
 import sys
@@ -49,6 +47,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_report
 from pretrain.ops import kernels
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -105,6 +104,28 @@ def matmul_peak(device, n, reps):
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     med, _ = timed(lambda: a @ b, device, 3, reps)
     return 2 * n ** 3 / (med * 1e-3) / 1e12
+
+
+def measure_kernel(row, make_fn, flops, tokens, args, device, peak, budget, rows):
+    """Time the call ``make_fn()`` builds (``timed``, ``args.warmup`` and ``args.reps`` calls) into ``row``: median
+    and best ms, TFLOP/s at ``flops`` per call, ``tokens`` per second, peak memory and, with ``peak`` (TFLOP/s),
+    the fraction of it; or why not (``skipped`` when under 5 s of the time budget are left, ``error`` when the call
+    raises).  The row goes to ``rows`` either way."""
+    if budget.left() < 5:
+        row["skipped"] = "time budget"
+        rows.append(row)
+        return
+    try:
+        fn = make_fn()
+        med, best = timed(fn, device, args.warmup, args.reps)
+        row.update(ms=med, best_ms=best, tflops=flops / (med * 1e-3) / 1e12,
+                   tokens_per_s=tokens / (med * 1e-3), mem_mib=peak_memory_mib(fn, device))
+        if peak:
+            row["frac_of_peak"] = row["tflops"] / peak
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    rows.append(row)
+    free(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,21 +192,8 @@ def part_delta_rule(args, device, peak, budget, rows, notes):
                 row = dict(part="delta_rule", impl=impl, B=B, H=args.heads, T=T, D=D)
                 if why[impl]:
                     continue
-                if budget.left() < 5:
-                    row["skipped"] = "time budget"
-                    rows.append(row)
-                    continue
-                try:
-                    fn = delta_rule_call(impl, B, args.heads, T, D, device)
-                    med, best = timed(fn, device, args.warmup, args.reps)
-                    row.update(ms=med, best_ms=best, tflops=flops / (med * 1e-3) / 1e12,
-                               tokens_per_s=B * T / (med * 1e-3), mem_mib=peak_memory_mib(fn, device))
-                    if peak:
-                        row["frac_of_peak"] = row["tflops"] / peak
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                rows.append(row)
-                free(device)
+                measure_kernel(row, lambda: delta_rule_call(impl, B, args.heads, T, D, device), flops, B * T, args,
+                               device, peak, budget, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,22 +252,9 @@ def part_rel_attention(args, device, peak, budget, rows, notes):
                     row["skipped"] = f"score matrices ~{ref_gb:.0f} GB > --ref-mem-gb {args.ref_mem_gb}"
                     rows.append(row)
                     continue
-                if budget.left() < 5:
-                    row["skipped"] = "time budget"
-                    rows.append(row)
-                    continue
                 flops = 3.5 * 2 * B * H * pairs * D * (2 if impl == "sdpa" else 3)
-                try:
-                    fn = rel_attention_call(impl, B, H, N, M, D, device)
-                    med, best = timed(fn, device, args.warmup, args.reps)
-                    row.update(ms=med, best_ms=best, tflops=flops / (med * 1e-3) / 1e12,
-                               tokens_per_s=B * N / (med * 1e-3), mem_mib=peak_memory_mib(fn, device))
-                    if peak:
-                        row["frac_of_peak"] = row["tflops"] / peak
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                rows.append(row)
-                free(device)
+                measure_kernel(row, lambda: rel_attention_call(impl, B, H, N, M, D, device), flops, B * N, args,
+                               device, peak, budget, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,11 +430,7 @@ def main(argv=None):
     for n in notes:
         print("note:", n)
     out = dict(info, rows=rows, notes=notes)
-    tmp = args.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.out)
+    write_report(args.out, out, indent=1)
     print(f"wrote {args.out} ({info['seconds']:.0f} s)")
 
 

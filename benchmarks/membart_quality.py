@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Dict, List
 
+from benchmarks.common import finish
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"carried": [], "reset": ["--seq2seq.reset_every_step", "true"]}
 
@@ -122,13 +124,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version()},
               "settings": vars(args), "results": results, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(table)
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args.out, report, table)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Dict, List
 
+from benchmarks.common import write_report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -149,10 +151,7 @@ def main(argv=None) -> int:
     report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                           "processor": platform.processor()},
               "settings": {k: v for k, v in vars(args).items()}, "results": results, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_report(args.out, report)
     plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
     from pretrain.plot import plot_runs
     first = [r for r in results if r["seed"] == seeds[0]]

@@ -39,6 +39,33 @@ def interrupted(prog: str, what: str = "no output written") -> int:
     return EXIT_INTERRUPTED
 
 
+def run_interruptible(prog: str, body: Callable[..., int], *args, what: str = "no output written") -> int:
+    """``body(*args)``, the exit status it returns, with SIGINT raising ``KeyboardInterrupt`` from now on
+    (``interrupt_as_exception``); when it is interrupted, ``interrupted(prog, what)`` (130)."""
+    interrupt_as_exception()
+    try:
+        return body(*args)
+    except KeyboardInterrupt:
+        return interrupted(prog, what)
+
+
+def run_command(prog: str, body: Callable[[], object], errors: Tuple[type, ...]) -> int:
+    """Run ``body()``, a command's work, with SIGINT and SIGTERM raising ``KeyboardInterrupt`` inside it
+    (``sigterm_as_interrupt``).  Returns ``EXIT_OK`` when it completes; ``fail`` (one line on stderr,
+    ``EXIT_ERROR``) for an exception of a type in ``errors`` (bad input) or an ``OSError`` (naming its file);
+    ``interrupted(prog)`` (``EXIT_INTERRUPTED``) when interrupted."""
+    try:
+        with sigterm_as_interrupt():
+            body()
+    except errors as e:
+        return fail(prog, e)
+    except OSError as e:
+        return fail(prog, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return interrupted(prog)
+    return EXIT_OK
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump): ``prog: error: argument --top-p: must be in (0, 1],
     got '0' (see --help)``, exit status 2.  Sub-parsers are of the same class."""
@@ -168,6 +195,24 @@ def staged_dir(tmp: str, out_dir: str) -> Iterator[str]:
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(path: str, suffix: str = "") -> Iterator[str]:
+    """Write the file ``path`` through a temporary file beside it (its name yielded; it ends in ``suffix``,
+    for writers that go by the extension), making the folders it needs first: when the block completes, the
+    temporary file is renamed to ``path`` (replacing it at once); when it raises, the temporary file and the
+    folders made for it are removed, ``path`` is left as it was, and the error goes on."""
+    folders = make_folders(os.path.dirname(os.path.abspath(path)))
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        remove_folders(folders)
         raise
 
 

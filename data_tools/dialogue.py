@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from data_tools.cli import CommandError, CommandParser, fail, interrupted, sigterm_as_interrupt
+from data_tools.cli import CommandError, CommandParser, run_command
 from data_tools.indexed import IndexedDatasetError, IndexedDatasetWriter, optimal_dtype
 from data_tools.metadata import write_metadata
 from data_tools.tokenization import (ByteTokenizer, GPT2Tokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
@@ -178,16 +178,7 @@ def run(args) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status 0, 2 on bad input (one line on stderr), 130 when interrupted."""
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            run(args)
-    except (CommandError, TokenizerError, IndexedDatasetError) as e:
-        return fail(PROG, e)
-    except OSError as e:
-        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    except KeyboardInterrupt:
-        return interrupted(PROG)
-    return 0
+    return run_command(PROG, lambda: run(args), (CommandError, TokenizerError, IndexedDatasetError))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from data_tools.cli import (CommandError, CommandParser, check_not_inputs, check_output_folder, fail,
-                            int_at_least, interrupted, make_folders, remove_folders, sigterm_as_interrupt,
-                            signals_deferred)
+from data_tools.cli import (CommandError, CommandParser, check_not_inputs, check_output_folder, int_at_least,
+                            make_folders, remove_folders, run_command, signals_deferred)
 from data_tools.indexed import (CODE_OF_DTYPE, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
                                 bin_path, idx_path, optimal_dtype)
 from data_tools.inputs import (FORMATS, Block, FileInfo, InputError, detect_format, parse_block, read_blocks,
@@ -796,16 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The command: exit status 0, 2 on bad input (one line on stderr), 130 when interrupted (SIGINT or
     SIGTERM); nothing is left behind unless it succeeds."""
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            Job(args).run()
-    except (PreprocessError, InputError, TokenizerError, IndexedDatasetError, CommandError, WorkerDied) as e:
-        return fail(PROG, e)
-    except OSError as e:
-        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    except KeyboardInterrupt:
-        return interrupted(PROG)
-    return 0
+    return run_command(PROG, lambda: Job(args).run(),
+                       (PreprocessError, InputError, TokenizerError, IndexedDatasetError, CommandError, WorkerDied))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ resume is exact and the stream's state is a handful of integers (``state_dict()`
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -35,9 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from data_tools.indexed import IndexedDataset
-from data_tools.streams import POLICIES, StreamStateError, _Source, _positive_int
-
-logger = logging.getLogger(__name__)
+from data_tools.streams import POLICIES, SteppedStream, StreamStateError, _Source, _positive_int
 
 STATE_FORMAT = "memtrain.seq2seq_stream"
 STATE_VERSION = 1
@@ -304,7 +301,7 @@ def _open(dataset) -> tuple:
     return ds, src
 
 
-class Seq2SeqStream:
+class Seq2SeqStream(SteppedStream):
     """Ordered, resumable micro-batches of time steps for one data-parallel rank (module docstring).
 
     ``get(step, slot)`` returns micro-batch ``slot`` of stream step ``step`` (steps count across epochs); iterating
@@ -370,24 +367,6 @@ class Seq2SeqStream:
         return Seq2SeqMicroBatch(tokens, smask, targets, lmask, step_resets[:, 0].copy(), step_resets,
                                  np.stack(index, 1), epoch, int(step), int(slot))
 
-    def get_step(self, step: int) -> List[Seq2SeqMicroBatch]:
-        return [self.get(step, g) for g in range(self.grad_accum)]
-
-    def __iter__(self) -> Iterator[List[Seq2SeqMicroBatch]]:
-        while True:
-            step = self._step
-            batches = self.get_step(step)
-            self._step = step + 1
-            yield batches
-
-    @property
-    def position(self) -> int:
-        return self._step
-
-    @property
-    def epoch(self) -> int:
-        return self._step // self.steps_per_epoch
-
     def state_dict(self) -> Dict[str, Any]:
         """Plain JSON-able state: position, layout (noise settings included) and dataset identity."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "step": self._step, "epoch": self.epoch,
@@ -414,24 +393,7 @@ class Seq2SeqStream:
                                    f"than {self.src.name} (fingerprint {self.src.fingerprint})")
         changed = {k: [layout.get(k), v] for k, v in self._layout_fields.items() if layout.get(k) != v}
         epoch = step // spe if spe else 0
-        if not changed:
-            self._step = step
-            msg = f"seq2seq stream: resuming at step {step} (epoch {epoch}), same layout"
-            logger.info(msg)
-            return {"policy": policy, "changed": {}, "step": step, "epoch": epoch, "reset_memory": False,
-                    "message": msg}
-        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        if policy == "error":
-            raise StreamStateError(f"stream layout changed since the state was saved ({what}); pass policy="
-                                   f"'restart_epoch' or 'proportional' (every row's memory is then reset)")
-        k_old = step - epoch * spe
-        k_new = 0 if policy == "restart_epoch" else (k_old * self.steps_per_epoch) // max(spe, 1)
-        self._step = epoch * self.steps_per_epoch + k_new
-        msg = (f"seq2seq stream: layout changed ({what}); policy {policy!r}: epoch {epoch} resumes at step "
-               f"{k_new}/{self.steps_per_epoch}; reset the memory of every row")
-        logger.info(msg)   # returned too: the caller shows it once
-        return {"policy": policy, "changed": changed, "step": self._step, "epoch": epoch, "reset_memory": True,
-                "message": msg}
+        return self._resume("seq2seq stream", step, epoch, spe, changed, policy)
 
 
 class Seq2SeqEvalStream:

@@ -53,8 +53,6 @@ import numpy as np
 from data_tools.indexed import IndexedDataset
 from data_tools.metadata import meta_path, read_metadata
 
-logger = logging.getLogger(__name__)
-
 ALIGNS = ("token", "document")
 POLICIES = ("error", "restart_epoch", "proportional")
 STATE_FORMAT = "memtrain.ordered_stream"
@@ -286,7 +284,68 @@ def _segment_flags(src: _Source, first: np.ndarray, n_first: np.ndarray, fresh: 
 
 
 # ---------------------------------------------------------------------------------------------- training
-class OrderedStream:
+class SteppedStream:
+    """The stepping every training stream shares (``OrderedStream``, ``data_tools.seq2seq.Seq2SeqStream``): the
+    ``grad_accum`` micro-batches of a stream step, iteration from the current position ``_step``, and its epoch.
+    A subclass sets ``grad_accum``, ``steps_per_epoch`` and ``_step`` and defines ``get(step, slot)``."""
+
+    def get_step(self, step: int) -> List[Any]:
+        """The micro-batches ``get(step, 0)`` .. ``get(step, grad_accum - 1)`` of stream step ``step``."""
+        return [self.get(step, g) for g in range(self.grad_accum)]
+
+    def __iter__(self) -> Iterator[List[Any]]:
+        """Endless: the ``grad_accum`` micro-batches of each step from the current position on.  The
+        position advances before a step is handed out, so ``state_dict()`` taken after consuming it
+        resumes at the next one."""
+        while True:
+            step = self._step
+            batches = self.get_step(step)
+            self._step = step + 1
+            yield batches
+
+    @property
+    def position(self) -> int:
+        """The next stream step iteration will yield."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the current position (steps count across epochs)."""
+        return self._step // self.steps_per_epoch
+
+    def _resume(self, name: str, step: int, epoch: int, old_spe: int, changed: Dict[str, list],
+                policy: str) -> Dict[str, Any]:
+        """Move the position to the saved stream step ``step`` (in ``epoch``, of a layout with ``old_spe`` steps
+        per epoch) under ``policy``; ``changed`` maps each layout field that differs to [saved, now].  Same
+        layout: the exact step.  Changed layout: ``"restart_epoch"`` starts the epoch over, ``"proportional"``
+        continues it at the same fraction, ``"error"`` raises ``StreamStateError`` naming what changed.  What
+        was done is logged (by the subclass's module, as ``name``) and returned as ``{"policy", "changed",
+        "step", "epoch", "reset_memory", "message"}``; ``reset_memory`` is True when the layout changed."""
+        log = logging.getLogger(type(self).__module__)
+        if not changed:
+            self._step = step
+            message = f"{name}: resuming at step {step} (epoch {epoch}), same layout"
+            log.info(message)
+            return {"policy": policy, "changed": {}, "step": step, "epoch": epoch, "reset_memory": False,
+                    "message": message}
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        if policy == "error":
+            raise StreamStateError(
+                f"stream layout changed since the state was saved ({what}); pass policy='restart_epoch' "
+                f"(start epoch {epoch} over in the new layout) or policy='proportional' (continue epoch "
+                f"{epoch} at the same fraction); either way every row's memory must be reset")
+        k_old = step - epoch * old_spe
+        k_new = 0 if policy == "restart_epoch" else (k_old * self.steps_per_epoch) // max(old_spe, 1)
+        self._step = epoch * self.steps_per_epoch + k_new
+        message = (f"{name}: layout changed ({what}); policy {policy!r}: epoch {epoch} resumes at "
+                   f"step {k_new}/{self.steps_per_epoch} of the new layout (was {k_old}/{old_spe}), stream "
+                   f"step {self._step}; reset the memory state of every row")
+        log.info(message)   # returned too: the caller shows it once (the trainer on its first rank)
+        return {"policy": policy, "changed": changed, "step": self._step, "epoch": epoch, "reset_memory": True,
+                "message": message}
+
+
+class OrderedStream(SteppedStream):
     """Ordered, resumable micro-batches for one data-parallel rank (see the module docstring).
 
     ``get(step, slot)`` returns micro-batch ``slot`` of stream step ``step`` (steps count across epochs);
@@ -411,28 +470,6 @@ class OrderedStream:
             reset, doc_start, starts = _segment_flags(self.src, begin + q, np.full_like(begin, N), fresh, width=N)
         return MicroBatch(tokens, targets, mask, reset, doc_start, epoch, int(step), int(slot), starts)
 
-    def get_step(self, step: int) -> List[MicroBatch]:
-        return [self.get(step, g) for g in range(self.grad_accum)]
-
-    def __iter__(self) -> Iterator[List[MicroBatch]]:
-        """Endless: the ``grad_accum`` micro-batches of each step from the current position on.  The
-        position advances before a step is handed out, so ``state_dict()`` taken after consuming it
-        resumes at the next one."""
-        while True:
-            step = self._step
-            batches = self.get_step(step)
-            self._step = step + 1
-            yield batches
-
-    @property
-    def position(self) -> int:
-        """The next stream step iteration will yield."""
-        return self._step
-
-    @property
-    def epoch(self) -> int:
-        return self._step // self.steps_per_epoch
-
     # ------------------------------------------------------------------------------------------- state
     def _layout(self) -> Dict[str, Any]:
         return {"dp_size": self.dp_size, "grad_accum": self.grad_accum, "micro_batch": self.micro_batch,
@@ -477,30 +514,10 @@ class OrderedStream:
         changed = {k: [layout.get(k), new[k]] for k in new if layout.get(k) != new[k]}
         if not (layout.get("roll") or new["roll"]):
             changed.pop("seed", None)  # the seed only draws roll offsets
-        if not changed:
-            if old_spe != self.steps_per_epoch:
-                raise StreamStateError(f"stream state: steps_per_epoch {old_spe} does not match this layout's "
-                                       f"{self.steps_per_epoch} (state edited or produced by another version?)")
-            self._step = step
-            message = f"ordered stream: resuming at step {step} (epoch {epoch}), same layout"
-            logger.info(message)
-            return {"policy": policy, "changed": {}, "step": step, "epoch": epoch, "reset_memory": False,
-                    "message": message}
-        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        if policy == "error":
-            raise StreamStateError(
-                f"stream layout changed since the state was saved ({what}); pass policy='restart_epoch' "
-                f"(start epoch {epoch} over in the new layout) or policy='proportional' (continue epoch "
-                f"{epoch} at the same fraction); either way every row's memory must be reset")
-        k_old = step - epoch * old_spe
-        k_new = 0 if policy == "restart_epoch" else (k_old * self.steps_per_epoch) // old_spe
-        self._step = epoch * self.steps_per_epoch + k_new
-        message = (f"ordered stream: layout changed ({what}); policy {policy!r}: epoch {epoch} resumes at "
-                   f"step {k_new}/{self.steps_per_epoch} of the new layout (was {k_old}/{old_spe}), stream "
-                   f"step {self._step}; reset the memory state of every row")
-        logger.info(message)   # returned too: the caller shows it once (the trainer on its first rank)
-        return {"policy": policy, "changed": changed, "step": self._step, "epoch": epoch, "reset_memory": True,
-                "message": message}
+        if not changed and old_spe != self.steps_per_epoch:
+            raise StreamStateError(f"stream state: steps_per_epoch {old_spe} does not match this layout's "
+                                   f"{self.steps_per_epoch} (state edited or produced by another version?)")
+        return self._resume("ordered stream", step, epoch, old_spe, changed, policy)
 
     @staticmethod
     def _check_state(state: Any) -> tuple:

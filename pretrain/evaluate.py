@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, interrupted
+from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, run_interruptible
 
 PROG = "evaluate.py"
 
@@ -65,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The command: prints the result line; exit status 0, 2 on bad input (one line on stderr naming the
     flag or file), 130 when interrupted."""
-    args = build_parser().parse_args(argv)
-    from data_tools.cli import interrupt_as_exception
-    interrupt_as_exception()
-    try:
-        return _evaluate(args)
-    except KeyboardInterrupt:
-        return interrupted(PROG, "no result written")
+    return run_interruptible(PROG, _evaluate, build_parser().parse_args(argv), what="no result written")
 
 
 def _evaluate(args) -> int:
@@ -178,12 +172,9 @@ def _evaluate(args) -> int:
     print(f"{args.split} | protocol {args.protocol} ({', '.join(f'{k} {v}' for k, v in settings.items())}) | "
           f"{result['scored_tokens']} scored tokens | loss {result['loss']:.4f} | {metric} {result[metric]:.4f}{acc}")
     if args.output:
-        from data_tools.cli import make_folders
-        make_folders(os.path.dirname(os.path.abspath(args.output)))
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        from data_tools.cli import staged_file
+        with staged_file(args.output) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
-        os.replace(tmp, args.output)
     return 0
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import List, Optional
 
-from data_tools.cli import CommandError, CommandParser, check_output_folder, fail, int_at_least, interrupted
+from data_tools.cli import CommandError, CommandParser, check_output_folder, fail, int_at_least, run_interruptible
 
 PROG = "evaluate_memory.py"
 FIELDS = ("protocol", "split", "data", "metric", "contexts", "models", "recl", "seconds")
@@ -107,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The command: prints the tables; exit status 0, 2 on bad input (one line on stderr naming the flag or
     file), 130 when interrupted."""
-    args = build_parser().parse_args(argv)
-    from data_tools.cli import interrupt_as_exception
-    interrupt_as_exception()
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        return interrupted(PROG, "no result written")
+    return run_interruptible(PROG, _run, build_parser().parse_args(argv), what="no result written")
 
 
 def _name(path: str) -> str:
@@ -261,12 +255,9 @@ def _run(args) -> int:
               "recl": recl_out, "seconds": round(time.time() - t0, 2)}
     _print(result)
     if args.output:
-        from data_tools.cli import make_folders
-        make_folders(os.path.dirname(os.path.abspath(args.output)))
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        from data_tools.cli import staged_file
+        with staged_file(args.output) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
-        os.replace(tmp, args.output)
     if args.plot:
         try:
             plot_contexts(result, args.plot)
@@ -310,7 +301,8 @@ def plot_contexts(result: dict, output: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from data_tools.cli import make_folders, remove_folders
+
+    from pretrain.plot import save_figure
 
     metric = result["metric"]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -330,19 +322,7 @@ def plot_contexts(result: dict, output: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    folders = make_folders(os.path.dirname(os.path.abspath(output)))
-    tmp = f"{output}.tmp{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        remove_folders(folders)
-        raise
-    finally:
-        plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 if __name__ == "__main__":

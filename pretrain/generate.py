@@ -23,37 +23,9 @@ import os
 import sys
 from typing import List, Optional
 
-from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, interrupted
+from data_tools.cli import CommandParser, bounded, check_output_folder, fail, int_at_least, run_interruptible
 
 PROG = "generate.py"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="export directory (SAVE/export of a training run)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
-    src.add_argument("--prompt-file", default=None, help="file with one prompt per line")
-    p.add_argument("--blocks", action="store_true", help="prompt file: prompts are blank-line-separated blocks")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=100, help="tokens to sample per prompt")
-    p.add_argument("--temperature", type=bounded(float, 0, hint="0 = greedy"), default=1.0,
-                   help="softmax temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int_at_least(0, "0 = all"), default=0,
-                   help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True, hint="1 = no nucleus filtering"),
-                   default=0.95, help="nucleus: keep the smallest set of tokens with this probability mass "
-                                      "(1 = all; a tiny value keeps only the most likely token)")
-    p.add_argument("--seed", type=int_at_least(0), default=42, help="sampling seed")
-    p.add_argument("--mem-len", type=int_at_least(0, "0 = no memory"), default=None,
-                   help="memory length while generating (default: training's)")
-    p.add_argument("--segment-len", type=int_at_least(1), default=None,
-                   help="segment (or sliding window) length the text is read in (default: training's)")
-    p.add_argument("--clamp-len", type=bounded(int), default=None,
-                   help="clamp relative distances (<= 0: no clamp; default: training's)")
-    p.add_argument("--stop-at-eod", action="store_true", help="stop a sample at the end-of-document token")
-    p.add_argument("--output", default=None, help="also write the samples as JSON lines here")
-    return p
 
 
 def sample_next(logprobs, temperature: float, top_k: int, top_p: float, generator):
@@ -180,16 +152,38 @@ def generate(model, prompt_ids: List[int], *, max_new_tokens: int, temperature: 
                 buf.append(out_ids[-1])
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="export directory (SAVE/export of a training run)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    src.add_argument("--prompt-file", default=None, help="file with one prompt per line")
+    p.add_argument("--blocks", action="store_true", help="prompt file: prompts are blank-line-separated blocks")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=100, help="tokens to sample per prompt")
+    p.add_argument("--temperature", type=bounded(float, 0, hint="0 = greedy"), default=1.0,
+                   help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int_at_least(0, "0 = all"), default=0,
+                   help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True, hint="1 = no nucleus filtering"),
+                   default=0.95, help="nucleus: keep the smallest set of tokens with this probability mass "
+                                      "(1 = all; a tiny value keeps only the most likely token)")
+    p.add_argument("--seed", type=int_at_least(0), default=42, help="sampling seed")
+    p.add_argument("--mem-len", type=int_at_least(0, "0 = no memory"), default=None,
+                   help="memory length while generating (default: training's)")
+    p.add_argument("--segment-len", type=int_at_least(1), default=None,
+                   help="segment (or sliding window) length the text is read in (default: training's)")
+    p.add_argument("--clamp-len", type=bounded(int), default=None,
+                   help="clamp relative distances (<= 0: no clamp; default: training's)")
+    p.add_argument("--stop-at-eod", action="store_true", help="stop a sample at the end-of-document token")
+    p.add_argument("--output", default=None, help="also write the samples as JSON lines here")
+    return p
+
+
 def main(argv=None) -> int:
     """The command: prints each prompt and its sample; exit status 0, 2 on bad input (one line on stderr
     naming the flag or file), 130 when interrupted."""
-    args = build_parser().parse_args(argv)
-    from data_tools.cli import interrupt_as_exception
-    interrupt_as_exception()
-    try:
-        return _generate(args)
-    except KeyboardInterrupt:
-        return interrupted(PROG, "no samples written")
+    return run_interruptible(PROG, _generate, build_parser().parse_args(argv), what="no samples written")
 
 
 def _generate(args) -> int:
@@ -199,7 +193,7 @@ def _generate(args) -> int:
     tune_cpu_allocator()
     import torch
 
-    from data_tools.cli import CommandError, make_folders
+    from data_tools.cli import CommandError, staged_file
     from pretrain.engine.export import ExportError, check_overrides, load_exported
     if args.blocks and not args.prompt_file:
         return fail(PROG, "--blocks splits a --prompt-file into blank-line-separated prompts; give --prompt-file")
@@ -246,12 +240,9 @@ def _generate(args) -> int:
               f"top-p {args.top_p}, memory {mem_len}):")
         print(text, flush=True)
     if args.output:
-        make_folders(os.path.dirname(os.path.abspath(args.output)))
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with staged_file(args.output) as tmp, open(tmp, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.output)
     return 0
 
 

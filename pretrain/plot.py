@@ -97,17 +97,19 @@ def plot_runs(paths: List[str], output: str, metric: str = "loss", smooth: float
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from data_tools.cli import make_folders, remove_folders
-    folders = make_folders(os.path.dirname(os.path.abspath(output)))
-    tmp = f"{output}.tmp{os.getpid()}.png"
+    return save_figure(fig, output)
+
+
+def save_figure(fig, output: str) -> str:
+    """Write the matplotlib figure ``fig`` as a PNG (120 dpi) to ``output`` atomically (``staged_file``: the
+    folders it needs are made, and removed again with the temporary file when saving fails), close it, and
+    return ``output``."""
+    import matplotlib.pyplot as plt
+
+    from data_tools.cli import staged_file
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        remove_folders(folders)
-        raise
+        with staged_file(output, ".png") as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
     return output

@@ -9,11 +9,9 @@
 # of the preset's 1000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "run ./scripts/setup.sh first" >&2; exit 1; }
-. .venv/bin/activate
-export DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.torch_ext" WANDB_MODE=offline PYTHONWARNINGS=ignore
+. scripts/job_env.sh
 OUT=${OUT:-runs/copy_task}
-PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+PORT=${MASTER_PORT:-$(free_port)}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n=== %s\n' "$*"; }

@@ -13,14 +13,11 @@
 # quick look at the pipeline: ITERS=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "run ./scripts/setup.sh first" >&2; exit 1; }
-. .venv/bin/activate
-export DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.torch_ext" WANDB_MODE=offline PYTHONWARNINGS=ignore
+. scripts/job_env.sh
 OUT=${OUT:-runs/quickstart}
 ITERS=${ITERS:-}
 CORPUS=corpora/tinyshakespeare/input.txt.xz
 DATA="$OUT/data/shakespeare"
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORTS=()
 cleanup() {  # DeepSpeed's CPU communication buffers, named after the port
   for p in ${PORTS[@]+"${PORTS[@]}"}; do rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$p"_* 2>/dev/null || true; done

@@ -127,18 +127,21 @@ def read_export(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 
 
 def _read_structured(path: str, name: str, load, error, meta=None) -> Dict[str, Any]:
+    """The mapping in the file ``name`` of the export ``path``, parsed by ``load``.  ``ExportError`` naming the
+    file when it cannot be read, does not parse (``error``, or not UTF-8) or holds no mapping."""
     f = os.path.join(path, name)
     try:
         with open(f, encoding="utf-8") as fh:
             data = load(fh)
-    except (error, UnicodeDecodeError) as e:
-        detail = " ".join(str(e).split())[:200]
-        raise ExportError(f"{f}: unreadable ({detail}); {_redo(path, meta)}") from None
     except OSError as e:
         raise ExportError(f"{f}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{f}: expected a mapping, got {type(data).__name__}; {_redo(path, meta)}")
-    return data
+    except (error, UnicodeDecodeError) as e:
+        problem = f"unreadable ({' '.join(str(e).split())[:200]})"
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"expected a mapping, got {type(data).__name__}"
+    raise ExportError(f"{f}: {problem}; {_redo(path, meta)}")
 
 
 def read_weights(path: str, meta: Dict[str, Any] | None = None) -> Dict[str, torch.Tensor]:
