@@ -40,8 +40,8 @@ VARIANTS = ("bptt", "mrbp", "nomem")
 class Runner:
     def __init__(self, size, variant, batch, horizon, device, seed=0):
         from pretrain.model import parallel
-        from pretrain.model.membart import build_membart
-        from pretrain.model.membart_config import load_membart_config
+        from pretrain.model.membart.model import build_membart
+        from pretrain.model.membart.config import load_membart_config
         parallel.initialize(1)
         over = {"dropout": 0.0}
         if variant == "nomem":

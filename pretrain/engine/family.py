@@ -10,7 +10,8 @@ exported:
   (``data_tools/seq2seq.py``), one ``Seq2SeqBatch`` rollout of ``train.bptt_segments`` steps per micro-batch with
   MemBART's step weights, per-turn evaluation groups, Hugging Face-format export.
 
-``family_for(cfg)`` picks one from the run configuration.
+``family_for(cfg)`` picks one from the run configuration.  What the engine calls on the model itself, whatever
+its family, is ``pretrain.model.family.ModelFamily``.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ class DecoderFamily:
 
 
 class MemBartFamily(DecoderFamily):
-    """MemBART (``pretrain/model/membart.py``): one time step per segment, a rollout of ``train.bptt_segments``
+    """MemBART (``pretrain/model/membart/``): one time step per segment, a rollout of ``train.bptt_segments``
     steps per micro-batch, MemBART's loss weights (``seq2seq.loss_weights``), the memory reset at episode starts
     as a model input (``Seq2SeqBatch``)."""
     name = "membart"
@@ -116,7 +117,7 @@ class MemBartFamily(DecoderFamily):
             raise ConfigError("model.mask_token_id", "the denoising task needs the <mask> token's id")
 
     def build_model(self):
-        from pretrain.model.membart import build_membart
+        from pretrain.model.membart.model import build_membart
         return build_membart(self.cfg.model)
 
     def load_init(self, model, path: str) -> None:
@@ -124,7 +125,7 @@ class MemBartFamily(DecoderFamily):
         the memory keeps its init when the weights have none (a BART checkpoint).  A directory's config.json must
         agree with the model's config on every field that changes the numerics (``check_hf_config``; ConfigError
         naming the field otherwise)."""
-        from pretrain.model.membart_weights import check_hf_config, load_hf_weights, read_state_dict, weights_file
+        from pretrain.model.membart.weights import check_hf_config, load_hf_weights, read_state_dict, weights_file
         check_hf_config(path, model.cfg)
         sd = read_state_dict(path)
         bart_into_membart = model.num_slots > 0 and not any("memory_bias" in k for k in sd)
@@ -165,12 +166,12 @@ class MemBartFamily(DecoderFamily):
 
     def export(self, trainer, out_dir: str) -> Optional[str]:
         """The fp32 weights in Hugging Face / MemBART format (``config.json`` + ``model.safetensors``, loadable with
-        ``membart_weights.load_pretrained``) plus ``export.json`` and the tokenizer."""
+        ``membart.weights.load_pretrained``) plus ``export.json`` and the tokenizer."""
         import json
         from data_tools.cli import staged_dir
         from pretrain.engine.export import _fp32_local
-        from pretrain.model.membart import build_membart
-        from pretrain.model.membart_weights import save_pretrained
+        from pretrain.model.membart.model import build_membart
+        from pretrain.model.membart.weights import save_pretrained
         from data_tools.tokenization import load_tokenizer
         local = _fp32_local(trainer.engine, trainer.model)
         twin = build_membart(self.cfg.model).float()
@@ -193,5 +194,5 @@ class MemBartFamily(DecoderFamily):
 
 def family_for(cfg) -> DecoderFamily:
     """The family of a run configuration (by its model config's class)."""
-    from pretrain.model.membart_config import MemBartConfig
+    from pretrain.model.membart.config import MemBartConfig
     return MemBartFamily(cfg) if isinstance(cfg.model, MemBartConfig) else DecoderFamily(cfg)

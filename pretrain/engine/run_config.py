@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from pretrain.config_base import (F, ConfigError, check_at_least, field_paths, from_dict, load_preset, set_field,
                                   to_dict, validate)
-from pretrain.model.membart_config import MemBartConfig
+from pretrain.model.membart.config import MemBartConfig
 from pretrain.model.model_config import ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from pretrain.config_base import ConfigError
 from pretrain.model import parallel, weights
 from pretrain.model.modules.norm import layer_norm
 from pretrain.model.dropout import Dropout
+from pretrain.model.family_base import ModelFamilyMixin
 from pretrain.model.embeddings import AdaptiveEmbedding, AdaptiveSoftmax, cluster_bounds, cluster_dims
 from pretrain.model.model_config import ModelConfig
 from pretrain.model.stack import Stack
@@ -45,7 +46,9 @@ class LMOutput:
     aux_loss: Optional[torch.Tensor]   # the mixers' auxiliary loss to add to the LM loss (a scalar; None: none)
 
 
-class MemoryLM(nn.Module):
+class MemoryLM(ModelFamilyMixin, nn.Module):
+    """The decoder-only memory LM (a ``pretrain.model.family.ModelFamily``; module docstring)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -109,28 +112,12 @@ class MemoryLM(nn.Module):
             raise ValueError(f"mem_len must be >= 0, got {mem_len}")
         return self.stack.initial_state(batch_size, mem_len, device or self._param.device, self._param.dtype)
 
-    def reset_state(self, state: MemoryState, rows: torch.Tensor) -> MemoryState:
-        """The state with rows ``rows`` (BoolTensor [B]) back to the initial state, the others unchanged."""
-        self._check_state(state, state.batch_size)
-        rows = torch.as_tensor(rows, device=state.device).bool()
-        if rows.shape != (state.batch_size,):
-            raise ValueError(f"rows has shape {tuple(rows.shape)}, expected ({state.batch_size},)")
-        init = self.stack.initial_state(state.batch_size, state.mem_len, state.device, self._param.dtype)
-        out = {}
-        for k, t in state.tensors.items():
-            shape = [1] * t.dim()
-            shape[state.batch_dims[k]] = -1
-            out[k] = torch.where(rows.view(shape), init[k].to(t.dtype), t)
-        return state.replace(**out)
+    @property
+    def state_signature(self) -> str:
+        """The layer layout's signature (``Stack.signature``): a state made for another layout is refused."""
+        return self.stack.signature
 
-    def _check_state(self, state: MemoryState, batch_size: int) -> None:
-        if not isinstance(state, MemoryState):
-            raise TypeError(f"state must be a MemoryState (model.init_state), got {type(state).__name__}")
-        if state.mechanism != self.stack.signature:
-            raise ValueError(f"state is for the mechanism layout {state.mechanism!r}, the model's is "
-                             f"{self.stack.signature!r}")
-        if state.batch_size != batch_size:
-            raise ValueError(f"state has {state.batch_size} rows, the batch has {batch_size}")
+    def _check_state_fits(self, state: MemoryState) -> None:
         world = parallel.tp_world_size()
         if (state.tp_world, state.tp_rank) != (world, parallel.tp_rank()):
             raise ValueError(f"state is shard {state.tp_rank} of {state.tp_world} heads; this rank needs shard "
@@ -154,7 +141,7 @@ class MemoryLM(nn.Module):
         B, N = tokens.shape
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
-        self._check_state(state, B)
+        self.check_state(state, B)
         if reset is not None:
             reset = torch.as_tensor(reset, device=tokens.device).bool()
             if reset.shape != tokens.shape:
@@ -176,19 +163,6 @@ class MemoryLM(nn.Module):
         out = LMOutput(nll=None if nll is None else nll.view(B, N),
                        logits=None if lp is None else lp.view(B, N, -1), aux_loss=aux)
         return out, new_state
-
-    def _run_layer(self, fn, *args):
-        if self.cfg.checkpoint_activations and torch.is_grad_enabled():
-            return self.checkpoint_fn(parallel.replay_rng(fn), *args)
-        return fn(*args)
-
-    # -- weights --------------------------------------------------------------------------------------------
-    def gather_full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Consolidated weights, independent of the tensor-parallel layout (collective under TP)."""
-        return weights.gather_full(self)
-
-    def load_full_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
-        weights.load_full(self, state_dict, strict=strict)
 
     # -- cost -----------------------------------------------------------------------------------------------
     def flops(self, batch_size: int, tgt_len: int, mem_len: Optional[int] = None,

@@ -196,5 +196,5 @@ def load_model_config(path_or_name: str, overrides: Optional[dict] = None) -> Mo
     arch = section.pop("arch", "decoder")
     if arch != "decoder":
         raise ConfigError("model.arch", f"{path}: an encoder-decoder preset (arch {arch!r}); load it with "
-                                        f"pretrain.model.membart_config.load_membart_config")
+                                        f"pretrain.model.membart.config.load_membart_config")
     return build_config(ModelConfig, section, path, overrides)

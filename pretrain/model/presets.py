@@ -1,6 +1,6 @@
 """Model presets: YAML files in ``pretrain/configs`` whose ``model:`` mapping configures a model (a ``base:``
 chain inherits from another preset).  Shared by the decoder-only (``model_config.py``) and the MemBART
-(``membart_config.py``) configurations.  No torch here."""
+(``membart/config.py``) configurations.  No torch here."""
 from __future__ import annotations
 
 import dataclasses

@@ -48,7 +48,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.abc
+import importlib.util
 import pkgutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from pretrain.config_base import ConfigError
@@ -144,7 +147,9 @@ def sections() -> Dict[str, type]:
 
 
 # Module paths of earlier layouts (one file per mixer in pretrain/model/mixers/; the building blocks in
-# pretrain/model/attention.py) -> the modules that hold their names now, searched in order.
+# pretrain/model/attention.py; MemBART's files pretrain/model/membart_*.py) -> the modules that hold their names
+# now, searched in order.  A path whose module moved whole (one module here) is also importable under its old
+# name (``LegacyModuleFinder``).
 LEGACY_MODULES: Dict[str, Tuple[str, ...]] = {
     "pretrain.model.mixers.xl": ("pretrain.model.mechanisms.xl.mixer", "pretrain.model.modules.memory",
                                  "pretrain.model.modules.rel_attention"),
@@ -156,7 +161,39 @@ LEGACY_MODULES: Dict[str, Tuple[str, ...]] = {
     "pretrain.model.mixers.base": ("pretrain.model.mixer",),
     "pretrain.model.attention": ("pretrain.model.modules.attention", "pretrain.model.modules.linear",
                                  "pretrain.model.modules.norm", "pretrain.model.modules.ffn"),
+    "pretrain.model.membart_config": ("pretrain.model.membart.config",),
+    "pretrain.model.membart_weights": ("pretrain.model.membart.weights",),
+    "pretrain.model.membart_generate": ("pretrain.model.membart.generate",),
 }
+
+
+class LegacyModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports of a module path of an earlier layout whose module moved whole (``LEGACY_MODULES`` with one module:
+    ``pretrain.model.membart_config``) give that module itself, the same object under both names: old imports,
+    ``module:attribute`` strings and pickles that name the old path (``torch.save`` of a config or a state made
+    before the move) resolve to the same classes.  Installed last on ``sys.meta_path`` when this module is
+    imported (``pretrain.model`` imports it), so a real module of that name would win."""
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        moved = LEGACY_MODULES.get(fullname, ())
+        if len(moved) != 1:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self)
+        spec.loader_state = moved[0]
+        return spec
+
+    def create_module(self, spec):
+        module = importlib.import_module(spec.loader_state)
+        spec.loader_state = module.__spec__       # the import system sets __spec__ to ``spec``: exec_module undoes it
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = module.__spec__.loader_state
+
+
+def _install_legacy_finder() -> None:
+    if not any(type(f).__name__ == LegacyModuleFinder.__name__ for f in sys.meta_path):
+        sys.meta_path.append(LegacyModuleFinder())
 
 
 def load(target: str):
@@ -290,6 +327,7 @@ def signature(specs: Sequence[LayerSpec]) -> str:
 
 
 discover()
+_install_legacy_finder()
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ Checks.  Every tensor's shape is checked against the config (the error names the
 set the shape; the position tables have ``max_position_embeddings`` + 2 rows, BART's offset); every tensor of the
 file must have a role (``model.encoder.version`` / ``model.decoder.version``, fairseq's bookkeeping, are skipped, as
 transformers skips them), and every parameter must be in the file (``strict=False`` lets only the memory's be
-missing).  The config's fields are honoured or refused by ``membart_config.from_hf_config``; ``check_hf_config``
+missing).  The config's fields are honoured or refused by ``config.from_hf_config``; ``check_hf_config``
 holds a checkpoint directory's config against the config of a model built from elsewhere (``train.init_from``).
 
 Files: a ``.safetensors`` or a torch ``.bin`` / ``.pt`` state dict, or a directory with ``config.json`` and
@@ -39,7 +39,7 @@ import torch
 
 from data_tools.cli import staged_dir
 from pretrain.config_base import ConfigError
-from pretrain.model.membart_config import NUMERIC_FIELDS, MemBartConfig, from_hf_config, to_hf_config
+from pretrain.model.membart.config import NUMERIC_FIELDS, MemBartConfig, from_hf_config, to_hf_config
 
 # our name (after "encoder.layers.{i}." / "decoder.layers.{i}.") -> Hugging Face name (same prefix, "model.")
 _LAYER_PLAIN = {
@@ -408,7 +408,7 @@ def read_config(path: str, **overrides) -> MemBartConfig:
 def check_hf_config(path: str, cfg: MemBartConfig) -> bool:
     """Hold the checkpoint directory ``path``'s ``config.json`` against ``cfg``, the config of the model its weights
     are about to be loaded into (built from a preset: ``train.init_from``): the fields refused by
-    ``from_hf_config`` are refused, and the fields that change the numerics (``membart_config.NUMERIC_FIELDS``:
+    ``from_hf_config`` are refused, and the fields that change the numerics (``config.NUMERIC_FIELDS``:
     sizes, heads, ``activation_function``, ``scale_embedding``, ``tie_word_embeddings``) must agree (``num_slots``
     is left to the tensors: BART's weights initialise a model with slots).  Returns False when ``path`` is not a
     directory with a ``config.json`` (a bare weights file: only its tensors are checked), True when it agrees.
@@ -432,7 +432,7 @@ def load_pretrained(path: str, strict: bool = True, device: Optional[torch.devic
     ``strict=False`` accepts a plain BART checkpoint for a model with slots (``num_slots=64`` override): the memory
     keeps its init.  Raises ConfigError (a config field this model refuses) or WeightsError (a tensor that does not
     fit), each one line naming the file and the field or key."""
-    from pretrain.model.membart import build_membart
+    from pretrain.model.membart.model import build_membart
     cfg = read_config(path, **overrides)
     model = build_membart(cfg)
     if dtype is not None:

@@ -19,7 +19,7 @@ from pretrain.config_base import ConfigError, F, from_dict, validate
 from pretrain.model.presets import CONFIG_DIR, build_config, preset_data, preset_path, replace  # noqa: F401
 
 ARCH = "membart"
-# the feed-forward activations: transformers' ACT2FN names without parameters (membart.ACTIVATION_FNS computes them
+# the feed-forward activations: transformers' ACT2FN names without parameters (model.ACTIVATION_FNS computes them
 # as transformers does; ``prelu`` and ``xielu`` carry parameters of their own and are not among them)
 ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh",
                "gelu_python_tanh", "gelu_10", "quick_gelu", "relu", "relu2", "relu6", "leaky_relu", "silu", "swish",
@@ -235,7 +235,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> MemBartConfig:
 
 
 # the fields whose values change what a model computes from given weights (or the weights' shapes): a checkpoint's
-# config.json and the model it is loaded into must agree on them (``membart_weights.check_hf_config``)
+# config.json and the model it is loaded into must agree on them (``weights.check_hf_config``)
 NUMERIC_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
                   "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
                   "activation_function", "scale_embedding", "tie_word_embeddings", "num_slots")

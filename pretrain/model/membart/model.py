@@ -36,9 +36,9 @@ biases, row-parallel output projections), the FFNs by their inner dimension, the
 by vocabulary rows (padded; padded logits are -inf; loss: megatron-core's ``vocab_parallel_cross_entropy``); so are
 the three tables of an untied model.
 Positions, LayerNorms, ``b_mem``, the gate and the state are replicated.  Every parameter is initialised from
-(seed, name) as a full tensor and cut to the rank's shard (``weights.py``), so every layout starts from the same
-model; ``gather_full_state_dict`` / ``load_full_state_dict`` use layout-independent names, and
-``membart_weights.py`` maps them to Hugging Face's and memformers' names.
+(seed, name) as a full tensor and cut to the rank's shard (``pretrain/model/weights.py``), so every layout starts
+from the same model; ``gather_full_state_dict`` / ``load_full_state_dict`` use layout-independent names, and
+``membart/weights.py`` maps them to Hugging Face's and memformers' names.
 
 Precision: products in the parameters' dtype, scores / softmax / log-probabilities in fp32 (fp64 for fp64
 weights).  Dropout in tensor-parallel regions (attention probabilities, FFN inner activations) draws from the
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +63,9 @@ from pretrain.model.modules.attention import score_dtype
 from pretrain.model.modules.linear import (_no_init, column_linear, column_parallel, replicated_linear, row_linear,
                                            row_parallel)
 from pretrain.model.dropout import dropout
+from pretrain.model.family_base import ModelFamilyMixin
 from pretrain.model.embeddings import _log_softmax, _pad_mask
-from pretrain.model.membart_config import MemBartConfig
+from pretrain.model.membart.config import MemBartConfig
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.state import MemoryState
 from pretrain.model.weights import describe
@@ -80,7 +81,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # The feed-forward activations by their transformers ACT2FN names, each computed with the same operations as
-# transformers (so fp64 results agree to rounding); membart_config.ACTIVATIONS lists the same names.
+# transformers (so fp64 results agree to rounding); config.ACTIVATIONS lists the same names.
 ACTIVATION_FNS = {
     "gelu": F.gelu,
     "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
@@ -406,8 +407,9 @@ class DecoderCache:
                      for p in self.past]
 
 
-class MemBart(nn.Module):
-    """The MemBART encoder-decoder for this rank's tensor-parallel shard (module docstring)."""
+class MemBart(ModelFamilyMixin, nn.Module):
+    """The MemBART encoder-decoder for this rank's tensor-parallel shard (a ``pretrain.model.family.ModelFamily``;
+    module docstring)."""
 
     decode_policy = "encoder-decoder"
 
@@ -479,32 +481,19 @@ class MemBart(nn.Module):
         return MemoryState(MECHANISM, 0, {STATE_KEY: mem}, {STATE_KEY: 0}, {STATE_KEY: None},
                            tp_rank=parallel.tp_rank(), tp_world=parallel.tp_world_size())
 
-    def reset_state(self, state: MemoryState, rows: torch.Tensor) -> MemoryState:
-        """The state with rows ``rows`` (BoolTensor [B]) zeroed (a new document or dialogue), others unchanged."""
-        self._check_state(state, state.batch_size)
-        rows = torch.as_tensor(rows, device=state.device).bool()
-        if rows.shape != (state.batch_size,):
-            raise ValueError(f"rows has shape {tuple(rows.shape)}, expected ({state.batch_size},)")
-        mem = state[STATE_KEY]
-        return state.replace(**{STATE_KEY: torch.where(rows[:, None, None], torch.zeros_like(mem), mem)})
+    @property
+    def state_signature(self) -> str:
+        return MECHANISM
 
-    def _check_state(self, state: MemoryState, batch_size: int) -> None:
-        if not isinstance(state, MemoryState):
-            raise TypeError(f"state must be a MemoryState (model.init_state), got {type(state).__name__}")
-        if state.mechanism != MECHANISM or STATE_KEY not in state:
-            raise ValueError(f"state is for the mechanism layout {state.mechanism!r}, the model's is {MECHANISM!r}")
-        if state.batch_size != batch_size:
-            raise ValueError(f"state has {state.batch_size} rows, the batch has {batch_size}")
+    def _owns_state(self, state: MemoryState) -> bool:
+        return STATE_KEY in state
+
+    def _check_state_fits(self, state: MemoryState) -> None:
         shape = tuple(state[STATE_KEY].shape[1:])
         if shape != (self.num_slots, self.cfg.d_model):
             raise ValueError(f"state slots have shape {shape}, the model has ({self.num_slots}, {self.cfg.d_model})")
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def _run(self, fn, *args):
-        if self.cfg.checkpoint_activations and torch.is_grad_enabled():
-            return self.checkpoint_fn(parallel.replay_rng(fn), *args)
-        return fn(*args)
-
     def embed_tokens(self, ids: torch.Tensor, side: str = "encoder") -> torch.Tensor:
         """[B, L] int64 ids -> [B, L, d] in the parameters' dtype from ``side``'s table (``"encoder"`` or
         ``"decoder"``; the same one when tied), times sqrt(d) with ``scale_embedding``."""
@@ -534,7 +523,7 @@ class MemBart(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
-        self._check_state(state, B)
+        self.check_state(state, B)
         cfg = self.cfg
         if attention_mask is None:
             key_ok = tokens != cfg.pad_token_id
@@ -557,9 +546,9 @@ class MemBart(nn.Module):
         mask = self._encoder_mask(key_ok, K, x.dtype)
         for layer in self.encoder.layers:
             if K:
-                x, m = self._run(lambda a, b, layer=layer: layer(a, b, mask), x, m)
+                x, m = self._run_layer(lambda a, b, layer=layer: layer(a, b, mask), x, m)
             else:
-                x, _ = self._run(lambda a, layer=layer: layer(a, None, mask), x)
+                x, _ = self._run_layer(lambda a, layer=layer: layer(a, None, mask), x)
         if K:
             gate = self.encoder.memory_gate_net(m)
             new_mem = torch.lerp(m0, m, gate.to(m.dtype))                  # a m_L + (1 - a) m_0
@@ -596,7 +585,7 @@ class MemBart(nn.Module):
                 def fn(a, h, layer=layer):
                     k, v = layer.encoder_attn.keys_values(h)
                     return layer(a, k, v, causal, cross_mask)[0]
-                y = self._run(fn, y, enc.hidden)
+                y = self._run_layer(fn, y, enc.hidden)
             return y
         for i, layer in enumerate(self.decoder.layers):
             k, v = cache.cross[i]
@@ -667,19 +656,11 @@ class MemBart(nn.Module):
         """Token ids [B * num_return_sequences, L] decoded from the encoder output (starting with
         ``decoder_start_token_id``); greedy, sampling (``do_sample``, ``temperature``, ``top_k``, ``top_p``) or beam
         search (``num_beams`` > 1, ``length_penalty``, ``early_stopping``), with Hugging Face's semantics; see
-        ``membart_generate.generate`` for every option."""
-        from pretrain.model.membart_generate import generate
+        ``generate.generate`` for every option."""
+        from pretrain.model.membart.generate import generate
         return generate(self, enc, **kwargs)
 
-    # -- weights --------------------------------------------------------------------------------------------
-    def gather_full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Consolidated weights (CPU), the same names and values under every tensor-parallel layout (collective)."""
-        return weights.gather_full(self)
-
-    def load_full_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load consolidated weights (``gather_full_state_dict`` of any layout) into this rank's shards."""
-        weights.load_full(self, state_dict, strict=strict)
-
+    # -- sharding -------------------------------------------------------------------------------------------
     def sharding_units(self) -> List[Tuple[nn.Module, List[nn.Parameter]]]:
         """(module, extra parameters) whose parameters a sharded engine (ZeRO-3) gathers as a whole for the module's
         forward: each layer (its projections are read directly), and the model itself with every other parameter
