@@ -1,4 +1,5 @@
-"""Shared test settings: CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout."""
+"""Shared test settings (CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout) and the fixtures
+and helpers several test files use: the single-process parallel state."""
 import os
 import socket
 
@@ -36,3 +37,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """torch.distributed and megatron-core's parallel state for one process (tensor-parallel size 1); a module
+    that builds models asks for it with ``pytestmark = pytest.mark.usefixtures("tp1")``.  Setting it up again is a
+    no-op, so the generators are seeded by the first module that does."""
+    from pretrain.model import parallel
+    parallel.initialize(1)

@@ -12,15 +12,13 @@ import torch
 from pretrain.engine.batch import Batch, call_model
 from pretrain.engine.memory_slots import MemoryLayoutError, MemorySlots, join_tp_shards
 from pretrain.engine.metrics import Progress, format_duration
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0,
             tgt_len=4, mem_len=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

@@ -16,16 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel
+from pretrain.model import ModelConfig, build_model, load_model_config
 from pretrain.model.mixer import SegmentContext
 
 BASE = dict(n_layer=2, d_model=32, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=8,
             mem_len=0, attn_type=70)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _mixer(**kw):

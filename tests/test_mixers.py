@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import MemoryState, ModelConfig, build_model, parallel, registry
+from pretrain.model import MemoryState, ModelConfig, build_model, registry
 from test_model_reference import BASE as REF_BASE, compare
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=4)
@@ -96,9 +96,7 @@ def _run(model, tokens, n, mem_len):
     return torch.cat(outs, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def test_the_matrix_covers_every_registered_code():

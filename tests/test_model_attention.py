@@ -3,7 +3,7 @@ empty memory equals no memory, and the position realignment / masks against thei
 import pytest
 import torch
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.modules.attention import position_scores
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances,
                                       lookahead_skew_offset)
@@ -12,9 +12,7 @@ BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31
 ALL_TYPES = [0, 1, 2, 3, 31, 32, 33]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel, weights
+from pretrain.model import ModelConfig, build_model, load_model_config, weights
 from pretrain.model.mechanisms.compressive.mixer import evict, last_start, push
 from pretrain.model.reference import ReferenceLM
 from test_model_reference import BASE, compare
@@ -26,9 +26,7 @@ from test_model_reference import BASE, compare
 CONV = dict(attn_type=60, compressive=dict(cmem_len=3, cmem_ratio=2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,9 +16,7 @@ PRESETS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG
                  if not is_membart_preset(p))           # the encoder-decoder presets: tests/test_membart.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 @pytest.mark.parametrize("changes,field", [

@@ -6,15 +6,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import stacked
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.embeddings import cluster_bounds
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=37, tgt_len=4, mem_len=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 @pytest.mark.parametrize("attn_type", [0, 3])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel
+from pretrain.model import ModelConfig, build_model, load_model_config
 from pretrain.model.mixer import SegmentContext
 from pretrain.model.mechanisms.slots.mixer import READ, START, STREAM
 
@@ -21,9 +21,7 @@ BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31
             mem_len=0, attn_type=50, slots=dict(num_slots=4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):
