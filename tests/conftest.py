@@ -1,7 +1,9 @@
 """Shared test settings (CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout) and the fixtures
-and helpers several test files use: the single-process parallel state."""
+and helpers several test files use: the single-process parallel state, the copy task's data."""
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +48,16 @@ def tp1():
     no-op, so the generators are seeded by the first module that does."""
     from pretrain.model import parallel
     parallel.initialize(1)
+
+
+def copy_task(prefix, train_size: int, eval_size: int, seed: int = 3) -> str:
+    """Write the synthetic copy task (a sequence of 8 symbols to repeat, every example padded to a multiple of 8
+    tokens, the segment length of the engine tests) with ``data_tools/synthetic.py``: ``train_size`` training and
+    ``eval_size`` validation and test examples at ``<prefix>_{train,valid,test}``.  Returns ``prefix`` as a string;
+    raises CalledProcessError if the tool fails."""
+    prefix = str(prefix)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
+                    "--segment-multiple", "8", "--train-size", str(train_size), "--valid-size", str(eval_size),
+                    "--test-size", str(eval_size), "--seed", str(seed), "--output-prefix", prefix],
+                   check=True, capture_output=True, timeout=120)
+    return prefix
