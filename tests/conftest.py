@@ -1,9 +1,10 @@
 """Shared test settings (CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout) and the fixtures
-and helpers several test files use: the single-process parallel state, the copy task's data."""
+and helpers several test files use: the single-process parallel state, the copy task's data, spawned TP = 2 workers."""
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -61,3 +62,16 @@ def copy_task(prefix, train_size: int, eval_size: int, seed: int = 3) -> str:
                     "--test-size", str(eval_size), "--seed", str(seed), "--output-prefix", prefix],
                    check=True, capture_output=True, timeout=120)
     return prefix
+
+
+def spawn_tp2(worker, args, timeout: float):
+    """Run ``worker(rank, *args)`` in 2 spawned processes and wait for both; after ``timeout`` seconds kill them and
+    fail the test.  A worker's exception is raised here (torch.multiprocessing's ProcessRaisedException)."""
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("TP = 2 workers timed out")
