@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from model_checks import check_bf16_against_fp32
 from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config
 from pretrain.model.mixer import SegmentContext
@@ -110,14 +111,7 @@ def test_bf16_parameters():
     ref = _model().float()
     model = _model().to(torch.bfloat16)
     tokens = torch.randint(0, 31, (2, 13), generator=torch.Generator().manual_seed(4))
-    st, st_ref = model.init_state(2), ref.init_state(2)
-    for s in range(3):
-        x, y = tokens[:, 4 * s:4 * s + 4], tokens[:, 4 * s + 1:4 * s + 5]
-        out, st = model(x, st, y)
-        out_ref, st_ref = ref(x, st_ref, y)
-        out.nll.mean().backward()
-        assert out.nll.dtype == torch.float32 and torch.isfinite(out.nll).all()
-        assert (out.nll - out_ref.nll).abs().max() < 0.05
+    st, st_ref = check_bf16_against_fp32(model, ref, tokens, segments=3)
     assert st["slots.mem"].dtype == torch.bfloat16
     assert (st["slots.mem"].float() - st_ref["slots.mem"]).abs().max() < 0.1
 
