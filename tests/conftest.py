@@ -1,6 +1,10 @@
-"""Shared test settings: CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout."""
+"""Shared test settings (CPU DeepSpeed, offline wandb, JIT extensions cached inside the checkout) and the fixtures
+and helpers several test files use: the single-process parallel state, the copy task's data, spawned TP = 2 workers."""
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -36,3 +40,38 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """torch.distributed and megatron-core's parallel state for one process (tensor-parallel size 1); a module
+    that builds models asks for it with ``pytestmark = pytest.mark.usefixtures("tp1")``.  Setting it up again is a
+    no-op, so the generators are seeded by the first module that does."""
+    from pretrain.model import parallel
+    parallel.initialize(1)
+
+
+def copy_task(prefix, train_size: int, eval_size: int, seed: int = 3) -> str:
+    """Write the synthetic copy task (a sequence of 8 symbols to repeat, every example padded to a multiple of 8
+    tokens, the segment length of the engine tests) with ``data_tools/synthetic.py``: ``train_size`` training and
+    ``eval_size`` validation and test examples at ``<prefix>_{train,valid,test}``.  Returns ``prefix`` as a string;
+    raises CalledProcessError if the tool fails."""
+    prefix = str(prefix)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
+                    "--segment-multiple", "8", "--train-size", str(train_size), "--valid-size", str(eval_size),
+                    "--test-size", str(eval_size), "--seed", str(seed), "--output-prefix", prefix],
+                   check=True, capture_output=True, timeout=120)
+    return prefix
+
+
+def spawn_tp2(worker, args, timeout: float):
+    """Run ``worker(rank, *args)`` in 2 spawned processes and wait for both; after ``timeout`` seconds kill them and
+    fail the test.  A worker's exception is raised here (torch.multiprocessing's ProcessRaisedException)."""
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("TP = 2 workers timed out")

@@ -1,5 +1,6 @@
 """Checks of the fused kernels against the PyTorch references, shared by ``test_kernels_cuda.py`` (the CUDA
-build, on a GPU) and ``test_kernels_emulated.py`` (the same kernel sources on the CPU block emulator).
+build, on a GPU) and ``test_kernels_emulated.py`` (the same kernel sources on the CPU block emulator); the random
+fast-weight inputs also by ``test_ops_fast_weight.py``.
 
 Method: fresh random inputs for every case, rounded to the kernel's dtype; the reference runs in fp64 on
 those rounded values upcast (the fast-weight chunk path, itself held to the step-by-step reference by
@@ -57,15 +58,23 @@ def _leaves(tensors, dtypes, device):
 # ----------------------------------------------------------------------------------------------------------
 # fast weights
 
+def fast_weight_inputs(gen: torch.Generator, B: int, H: int, T: int, Dk: int, Dv: int, init: bool = True):
+    """Random fp64 q [B, H, T, Dk], k (L2-normalised: the delta rule's intended regime), v [B, H, T, Dv],
+    beta [B, H, T] in (0, 1) and the initial state [B, H, Dk, Dv] (None unless ``init``), drawn from ``gen`` in
+    that order."""
+    q = torch.randn(B, H, T, Dk, generator=gen, dtype=F64)
+    k = torch.nn.functional.normalize(torch.randn(B, H, T, Dk, generator=gen, dtype=F64), dim=-1)
+    v = torch.randn(B, H, T, Dv, generator=gen, dtype=F64)
+    beta = torch.rand(B, H, T, generator=gen, dtype=F64) * 0.98 + 0.01
+    s0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=F64) if init else None
+    return q, k, v, beta, s0
+
+
 def check_fast_weight(rule: str, B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, chunk_size: int,
                       device, ext=None, init: bool = True, seed: int = 0, scale: float = 0.7) -> Dict[str, float]:
     """The fused delta / sum rule against the chunk path in fp64: o, final state and every gradient."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, Dk, generator=g, dtype=F64)
-    k = torch.nn.functional.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=F64), dim=-1)
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=F64)
-    beta = torch.rand(B, H, T, generator=g, dtype=F64) * 0.98 + 0.01
-    s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64) if init else None
+    q, k, v, beta, s0 = fast_weight_inputs(g, B, H, T, Dk, Dv, init)
     go = torch.randn(B, H, T, Dv, generator=g, dtype=F64).to(device)
     gs = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64).to(device)
     q, k, v, beta = (t.to(dtype).to(F64) for t in (q, k, v, beta))  # the values the kernel sees
@@ -210,6 +219,26 @@ def xl_cases(D: int, N: int, M: int) -> Dict[str, dict]:
 def lookahead_cases(D: int, N: int, M: int) -> Dict[str, dict]:
     return {"lookahead": lookahead_case(2, 2, N, M, D, full=False),
             "lookahead_full": lookahead_case(2, 2, N, M, D, full=True, valid=[M, max(M // 4, 0)])}
+
+
+def model_config(d_head: int, vocab_size: int, N: int, M: int, **fields) -> dict:
+    """The config of the whole-model checks: 2 layers of 2 heads of ``d_head`` (d_model 2 d_head, d_inner
+    3 d_head), no dropout, segments of ``N`` tokens, a memory of ``M``, seed 5; ``fields``: the mechanism's
+    (attn_type, fast_weight ...)."""
+    return dict(n_layer=2, d_model=2 * d_head, n_head=2, d_head=d_head, d_inner=3 * d_head, vocab_size=vocab_size,
+                dropout=0.0, tgt_len=N, mem_len=M, seed=5, **fields)
+
+
+def model_inputs(vocab_size: int, N: int, seed: int, doc_starts=(), B: int = 2):
+    """Tokens [B, 3N + 1] int64 (three segments of ``N`` and the last target) drawn from a generator seeded
+    ``seed``, and the resets [B, 3N] bool, True at each (row, position) of ``doc_starts`` (None without any)."""
+    tokens = torch.randint(0, vocab_size, (B, 3 * N + 1), generator=torch.Generator().manual_seed(seed))
+    reset = None
+    if doc_starts:
+        reset = torch.zeros(B, 3 * N, dtype=torch.bool)
+        for row, position in doc_starts:
+            reset[row, position] = True
+    return tokens, reset
 
 
 def model_run(cfg_kw: dict, tokens: torch.Tensor, N: int, M: int, reset: Optional[torch.Tensor] = None,

@@ -18,16 +18,14 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import MemoryState, ModelConfig, build_model, load_model_config, parallel
+from pretrain.model import MemoryState, ModelConfig, build_model, load_model_config
 from test_model_reference import BASE as REF_BASE, compare
 
 BASE = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=48, vocab_size=31, dropout=0.0, tgt_len=4)
 ARMT = dict(num_mem_tokens=2, d_mem=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

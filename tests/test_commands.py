@@ -43,14 +43,20 @@ def _export(tmp, data_prefix, attn_type, mem_len, seed=0):
     return out
 
 
+def _char_data(tmp, text):
+    """``text`` written to ``tmp``/text.txt and preprocessed character-level into train/valid splits (90:10);
+    returns their prefix, ``tmp``/data/c."""
+    (tmp / "text.txt").write_text(text)
+    assert preprocess_main(["--input", str(tmp / "text.txt"), "--tokenizer", "chars", "--split", "90,10",
+                            "--output-prefix", str(tmp / "data" / "c"), "--no-progress"]) == 0
+    return str(tmp / "data" / "c")
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Character-level data (train/valid) and two exports of untrained tiny models: XL and LaMemo."""
     tmp = tmp_path_factory.mktemp("cmd")
-    (tmp / "text.txt").write_text(TEXT)
-    assert preprocess_main(["--input", str(tmp / "text.txt"), "--tokenizer", "chars", "--split", "90,10",
-                            "--output-prefix", str(tmp / "data" / "c"), "--no-progress"]) == 0
-    prefix = str(tmp / "data" / "c")
+    prefix = _char_data(tmp, TEXT)
     return {"dir": tmp, "data": prefix, "xl": _export(tmp, prefix, 0, 8), "lamemo": _export(tmp, prefix, 3, 8)}
 
 
@@ -69,37 +75,36 @@ def one_line_error(err, prog, text):
 
 
 # ----------------------------------------------------------------------------------------- options
-@pytest.mark.parametrize("argv, message", [
-    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1] (1 = no nucleus filtering), got '0'"),
-    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
-    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1]"),
-    (["--temperature", "-1"], "argument --temperature: must be a number >= 0 (0 = greedy), got '-1'"),
-    (["--temperature", "inf"], "argument --temperature: must be a number >= 0 (0 = greedy), got 'inf'"),
-    (["--top-k", "-2"], "argument --top-k: must be an integer >= 0 (0 = all), got '-2'"),
-    (["--top-k", "2.5"], "argument --top-k: must be an integer >= 0 (0 = all), got '2.5'"),
-    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
-    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-    (["--mem-len", "-1"], "argument --mem-len: must be an integer >= 0 (0 = no memory), got '-1'"),
-    (["--segment-len", "0"], "argument --segment-len: must be an integer >= 1, got '0'"),
-    (["--clamp-len", "x"], "argument --clamp-len: must be an integer, got 'x'"),
-])
-def test_generate_numeric_options_are_checked(capsys, tmp_path, argv, message):
-    rc, out, err = run_main(generate, ["--model", tmp_path, "--prompt", "a"] + argv, capsys)
-    assert rc == 2 and one_line_error(err, "generate.py", message), err
+# each command with the arguments it needs besides --model, so that only the option under test is wrong
+COMMANDS = {"generate.py": (generate, ["--prompt", "a"]), "evaluate.py": (evaluate, [])}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tgt-len", "0"], "argument --tgt-len: must be an integer >= 1, got '0'"),
-    (["--mem-len", "-3"], "argument --mem-len: must be an integer >= 0 (0 = no memory), got '-3'"),
-    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
-    (["--stride", "0"], "argument --stride: must be an integer >= 1, got '0'"),
-    (["--max-steps", "-1"], "argument --max-steps: must be an integer >= 0 (0 = all), got '-1'"),
-    (["--threads", "-1"], "argument --threads: must be an integer >= 0 (0 = all cores), got '-1'"),
-    (["--clamp-len", "1e3"], "argument --clamp-len: must be an integer, got '1e3'"),
+@pytest.mark.parametrize("prog, argv, message", [
+    ("generate.py", ["--top-p", "0"],
+     "argument --top-p: must be a number in (0, 1] (1 = no nucleus filtering), got '0'"),
+    ("generate.py", ["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
+    ("generate.py", ["--top-p", "nan"], "argument --top-p: must be a number in (0, 1]"),
+    ("generate.py", ["--temperature", "-1"], "argument --temperature: must be a number >= 0 (0 = greedy), got '-1'"),
+    ("generate.py", ["--temperature", "inf"], "argument --temperature: must be a number >= 0 (0 = greedy), got 'inf'"),
+    ("generate.py", ["--top-k", "-2"], "argument --top-k: must be an integer >= 0 (0 = all), got '-2'"),
+    ("generate.py", ["--top-k", "2.5"], "argument --top-k: must be an integer >= 0 (0 = all), got '2.5'"),
+    ("generate.py", ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
+    ("generate.py", ["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+    ("generate.py", ["--mem-len", "-1"], "argument --mem-len: must be an integer >= 0 (0 = no memory), got '-1'"),
+    ("generate.py", ["--segment-len", "0"], "argument --segment-len: must be an integer >= 1, got '0'"),
+    ("generate.py", ["--clamp-len", "x"], "argument --clamp-len: must be an integer, got 'x'"),
+    ("evaluate.py", ["--tgt-len", "0"], "argument --tgt-len: must be an integer >= 1, got '0'"),
+    ("evaluate.py", ["--mem-len", "-3"], "argument --mem-len: must be an integer >= 0 (0 = no memory), got '-3'"),
+    ("evaluate.py", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("evaluate.py", ["--stride", "0"], "argument --stride: must be an integer >= 1, got '0'"),
+    ("evaluate.py", ["--max-steps", "-1"], "argument --max-steps: must be an integer >= 0 (0 = all), got '-1'"),
+    ("evaluate.py", ["--threads", "-1"], "argument --threads: must be an integer >= 0 (0 = all cores), got '-1'"),
+    ("evaluate.py", ["--clamp-len", "1e3"], "argument --clamp-len: must be an integer, got '1e3'"),
 ])
-def test_evaluate_numeric_options_are_checked(capsys, tmp_path, argv, message):
-    rc, out, err = run_main(evaluate, ["--model", tmp_path] + argv, capsys)
-    assert rc == 2 and one_line_error(err, "evaluate.py", message), err
+def test_numeric_options_are_checked(capsys, tmp_path, prog, argv, message):
+    command, needed = COMMANDS[prog]
+    rc, out, err = run_main(command, ["--model", tmp_path] + needed + argv, capsys)
+    assert rc == 2 and one_line_error(err, prog, message), err
 
 
 def test_settings_are_checked_against_the_model(exports, capsys):

@@ -12,15 +12,13 @@ import torch
 from pretrain.engine.batch import Batch, call_model
 from pretrain.engine.memory_slots import MemoryLayoutError, MemorySlots, join_tp_shards
 from pretrain.engine.metrics import Progress, format_duration
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0,
             tgt_len=4, mem_len=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):
@@ -146,13 +144,20 @@ def test_a_non_finite_step_puts_every_slot_back():
     assert slots[0].equal(kept[0]) and slots[1].equal(kept[1])
 
 
-def test_slots_round_trip_and_refuse_what_does_not_fit():
-    model = _model(attn_type=3)
+def _filled_slots(model):
+    """Memory slots of 2 accumulation steps of 3 rows, each unrolled (without a graph) over a 4-token micro-batch
+    (seeds 0 and 1) and committed."""
     slots = MemorySlots(model, 2, 3, torch.device("cpu"))
     with torch.no_grad():
         for s in (0, 1):
             slots.unroll(s, Batch.from_micro_batch(_micro_batch(length=4, seed=s), torch.device("cpu")), model)
             slots.commit(s)
+    return slots
+
+
+def test_slots_round_trip_and_refuse_what_does_not_fit():
+    model = _model(attn_type=3)
+    slots = _filled_slots(model)
     buf = io.BytesIO()
     torch.save(slots.state_dict(), buf)
     buf.seek(0)
@@ -174,11 +179,7 @@ def test_slots_round_trip_and_refuse_what_does_not_fit():
 
 def test_head_shards_of_another_tensor_parallel_size_are_joined_and_resplit():
     model = _model(attn_type=3)
-    slots = MemorySlots(model, 2, 3, torch.device("cpu"))
-    with torch.no_grad():
-        for s in (0, 1):
-            slots.unroll(s, Batch.from_micro_batch(_micro_batch(length=4, seed=s), torch.device("cpu")), model)
-            slots.commit(s)
+    slots = _filled_slots(model)
     full = [slots[s] for s in (0, 1)]
     assert any(full[0].head_dims[k] is not None for k in full[0].keys())
     # what 2 tensor-parallel ranks saved: each its head shard of every slot
@@ -339,6 +340,22 @@ def test_documents_starting_inside_segments_equal_separate_passes(tmp_path, attn
     assert (logits[lens[0]:] - second).abs().max() < 1e-10, "the second document saw the first"
 
 
+def unrolled_gradients(slots, batch, model, loss_fn, mode):
+    """The parameter gradients of ``loss_fn(segment, output)`` summed over the segments of ``batch`` unrolled from
+    accumulation slot 0 of ``slots`` (not committed), the model's gradients zeroed and the default generator
+    seeded with 123 first: ``mode`` "bptt" back-propagates through the whole unroll, "mrbp" through the engine's
+    memory replay.  Returns a clone of each gradient (None where a parameter has none), in parameter order."""
+    model.zero_grad()
+    torch.manual_seed(123)
+    if mode == "bptt":
+        outs = slots.unroll(0, batch, model)
+        sum(loss_fn(seg, out) for seg, out in outs).backward()
+    else:
+        replay = slots.replay_forward(0, batch, model)
+        replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
 @pytest.mark.parametrize("case", ["xl", "lamemo", "delta", "slots", "rmt", "compressive"])
 def test_memory_replay_backprop_equals_backprop_through_the_unroll(case):
     """MRBP (forward without a graph, then recompute and backpropagate one segment at a time, last first, carrying
@@ -368,18 +385,10 @@ def test_memory_replay_backprop_equals_backprop_through_the_unroll(case):
             slots.unroll(0, warm, model)          # a carried memory entering the unroll
         slots.commit(0)
         slots.k = k
-        model.zero_grad()
-        torch.manual_seed(123)
-        if mode == "bptt":
-            outs = slots.unroll(0, b, model)
-            sum(loss_fn(seg, out) for seg, out in outs).backward()
-        else:
-            replay = slots.replay_forward(0, b, model)
-            replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+        grads = unrolled_gradients(slots, b, model, loss_fn, mode)
         after = torch.rand(3)                     # the generators end where the plain unroll left them
         slots.commit(0)
-        results.append(([p.grad.clone() if p.grad is not None else None for p in model.parameters()],
-                        slots[0], after))
+        results.append((grads, slots[0], after))
     (g1, s1, r1), (g2, s2, r2) = results
     assert torch.equal(r1, r2)
     assert s1.equal(s2, atol=1e-12)

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, copy_task, free_port
 
 PY = sys.executable
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1",
@@ -32,12 +32,7 @@ TOKENS_PER_STEP_PER_RANK = 2 * 2 * 8  # micro-batch x accumulation x segment
 
 @pytest.fixture(scope="module")
 def copy_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("copy")
-    prefix = str(out / "copy")
-    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
-                    "--segment-multiple", "8", "--train-size", "3000", "--valid-size", "40", "--test-size", "40",
-                    "--seed", "3", "--output-prefix", prefix], check=True, capture_output=True, timeout=120)
-    return prefix
+    return copy_task(tmp_path_factory.mktemp("copy") / "copy", train_size=3000, eval_size=40)
 
 
 def launch(nproc, workdir, zero, precision, tag, args, source=None, source_zero=None, source_precision=None,

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, copy_task, free_port
 
 PY = sys.executable
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1",
@@ -28,12 +28,7 @@ TINY = ["--model.n_layer", "2", "--model.d_model", "32", "--model.n_head", "2", 
 
 @pytest.fixture(scope="module")
 def copy_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("copy")
-    prefix = str(out / "copy")
-    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
-                    "--segment-multiple", "8", "--train-size", "3000", "--valid-size", "100", "--test-size", "100",
-                    "--seed", "3", "--output-prefix", prefix], check=True, capture_output=True, timeout=120)
-    return prefix
+    return copy_task(tmp_path_factory.mktemp("copy") / "copy", train_size=3000, eval_size=100)
 
 
 def train(data, save, *args, env=None, timeout=480):

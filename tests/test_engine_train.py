@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, copy_task, free_port
 
 PY = sys.executable
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1",
@@ -33,12 +33,7 @@ TINY = ["--model.n_layer", "2", "--model.d_model", "32", "--model.n_head", "2", 
 
 @pytest.fixture(scope="module")
 def copy_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("copy")
-    prefix = str(out / "copy")
-    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
-                    "--segment-multiple", "8", "--train-size", "12000", "--valid-size", "200", "--test-size", "200",
-                    "--seed", "3", "--output-prefix", prefix], check=True, capture_output=True, timeout=120)
-    return prefix
+    return copy_task(tmp_path_factory.mktemp("copy") / "copy", train_size=12000, eval_size=200)
 
 
 def torchrun(nproc, args, timeout=300):
@@ -355,10 +350,7 @@ def _hand_masked_copy(tmp_path):
     per step, the rows of step 1 score 0, 3 (in the first 8 targets), 16 and 5 (in the last 8) targets."""
     import numpy as np
     from data_tools.indexed import IndexedDataset, bin_path
-    prefix = str(tmp_path / "copy")
-    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
-                    "--segment-multiple", "8", "--train-size", "64", "--valid-size", "4", "--test-size", "4",
-                    "--seed", "5", "--output-prefix", prefix], check=True, capture_output=True, timeout=120)
+    prefix = copy_task(tmp_path / "copy", train_size=64, eval_size=4, seed=5)
     tokens = IndexedDataset(prefix + "_train")
     mask = np.memmap(bin_path(prefix + "_train.mask"), dtype=IndexedDataset(prefix + "_train.mask").dtype,
                      mode="r+")

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from data_tools.preprocess import main as preprocess_main  # noqa: E402
 from pretrain import evaluate, evaluate_memory  # noqa: E402
 from pretrain.engine.context import recl  # noqa: E402
-from test_commands import TEXT, _export, one_line_error, run_main  # noqa: E402
+from test_commands import TEXT, _char_data, _export, one_line_error, run_main  # noqa: E402
 
 SMALL = TEXT[:4000]  # valid split: 400 characters, 50 segments of 8
 
@@ -21,10 +21,7 @@ SMALL = TEXT[:4000]  # valid split: 400 characters, 50 segments of 8
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mem")
-    (tmp / "text.txt").write_text(SMALL)
-    assert preprocess_main(["--input", str(tmp / "text.txt"), "--tokenizer", "chars", "--split", "90,10",
-                            "--output-prefix", str(tmp / "data" / "c"), "--no-progress"]) == 0
-    prefix = str(tmp / "data" / "c")
+    prefix = _char_data(tmp, SMALL)
     out = {"dir": tmp, "data": prefix}
     for seed, (key, attn, mem) in enumerate((("xl", 0, 8), ("lamemo", 3, 8), ("nomem", 0, 0))):
         (tmp / key).mkdir()

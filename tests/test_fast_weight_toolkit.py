@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 
 F64 = torch.float64
 EPS = 1e-5                                  # the toolkit's eps, in every layer above
@@ -40,9 +40,7 @@ SHAPES = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=
 N = 9                                       # segment length
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 # ---- the toolkit's equations ------------------------------------------------------------------------------

@@ -15,17 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import run_tiny_preset
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel
+from pretrain.model import ModelConfig, build_model, load_model_config
 from pretrain.model.mixer import SegmentContext
 
 BASE = dict(n_layer=2, d_model=32, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=8,
             mem_len=0, attn_type=70)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _mixer(**kw):
@@ -209,14 +208,8 @@ def test_value_width_must_be_an_integer_for_the_model_head_width():
 
 @pytest.mark.parametrize("name", ["gdn_tiny", "gdn_hybrid_tiny"])
 def test_tiny_presets_run(name):
-    mem = load_model_config(name).mem_len
-    cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8 if mem else 0))
-    model = build_model(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
-    state = model.init_state(2)
-    for s in range(2):
-        out, state = model(tokens[:, 8 * s:8 * s + 8], state, tokens[:, 8 * s + 1:8 * s + 9])
-        assert torch.isfinite(out.nll).all()
+    cfg, model, losses = run_tiny_preset(name)
+    assert all(torch.isfinite(nll).all() for nll in losses)
     assert model.stack.carries(cfg.mem_len)["layers.0"] == "all"
 
 

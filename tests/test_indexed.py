@@ -116,12 +116,25 @@ def test_failure_leaves_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- damaged files
+N_DOCS = 3  # in the damaged dataset
+# an index field overwritten: (byte offset, new bytes); the header is 34 bytes, then sizes (4 bytes per sequence),
+# sequence pointers and document indices (8 bytes each)
+INDEX_DAMAGE = {
+    "magic": (0, b"TNTIDX\x00\x00\x00"),
+    "version": (9, struct.pack("<Q", 2)),
+    "dtype code": (17, bytes([9])),
+    "pointers": (34 + 4 * N_DOCS + 8, struct.pack("<q", 4)),
+    "doc end": (34 + 12 * N_DOCS + 8 * 3, struct.pack("<q", 2)),
+    "doc start": (34 + 12 * N_DOCS, struct.pack("<q", 1)),
+    "doc order": (34 + 12 * N_DOCS + 8, struct.pack("<q", 3)),
+}
+
+
 def _damage(tmp_path, how):
     prefix = tmp_path / "d"
     write(prefix, [[1, 2, 3], [4, 5], [6]])
     idx, binf = tmp_path / "d.idx", tmp_path / "d.bin"
     raw = bytearray(idx.read_bytes())
-    n = 3
     if how == "truncated bin":
         binf.write_bytes(binf.read_bytes()[:-2])
     elif how == "odd bin":
@@ -132,30 +145,9 @@ def _damage(tmp_path, how):
         idx.write_bytes(raw[:-5])
     elif how == "tiny idx":
         idx.write_bytes(raw[:20])
-    elif how == "magic":
-        raw[:9] = b"TNTIDX\x00\x00\x00"
-        idx.write_bytes(raw)
-    elif how == "version":
-        raw[9:17] = struct.pack("<Q", 2)
-        idx.write_bytes(raw)
-    elif how == "dtype code":
-        raw[17] = 9
-        idx.write_bytes(raw)
-    elif how == "pointers":
-        off = 34 + 4 * n + 8
-        raw[off:off + 8] = struct.pack("<q", 4)
-        idx.write_bytes(raw)
-    elif how == "doc end":
-        off = 34 + 12 * n + 8 * 3
-        raw[off:off + 8] = struct.pack("<q", 2)
-        idx.write_bytes(raw)
-    elif how == "doc start":
-        off = 34 + 12 * n
-        raw[off:off + 8] = struct.pack("<q", 1)
-        idx.write_bytes(raw)
-    elif how == "doc order":
-        off = 34 + 12 * n + 8
-        raw[off:off + 8] = struct.pack("<q", 3)
+    elif how in INDEX_DAMAGE:
+        offset, data = INDEX_DAMAGE[how]
+        raw[offset:offset + len(data)] = data
         idx.write_bytes(raw)
     elif how == "missing bin":
         binf.unlink()

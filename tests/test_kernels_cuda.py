@@ -190,14 +190,9 @@ def test_model_attention_fused_equals_reference(ext, attn_type, same_length, doc
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (the model needs it)")
     from pretrain.model import parallel
     parallel.initialize(1)
-    cfg = dict(n_layer=2, d_model=64, n_head=2, d_head=32, d_inner=96, vocab_size=61, dropout=0.0,
-               attn_type=attn_type, tgt_len=48, mem_len=40, seed=5)
-    N, M, B = 48, 40, 2
-    tokens = torch.randint(0, 61, (B, 3 * N + 1), generator=torch.Generator().manual_seed(1))
-    reset = None
-    if docs:
-        reset = torch.zeros(B, 3 * N, dtype=torch.bool)
-        reset[0, 70] = reset[1, 100] = True
+    N, M = 48, 40
+    cfg = kc.model_config(32, 61, N, M, attn_type=attn_type)
+    tokens, reset = kc.model_inputs(61, N, seed=1, doc_starts=[(0, 70), (1, 100)] if docs else ())
     fused = kc.model_run(cfg, tokens, N, M, reset, same_length, device=CUDA)
     with kernels.disabled():
         ref = kc.model_run(cfg, tokens, N, M, reset, same_length, device=CUDA)
@@ -210,11 +205,10 @@ def test_model_fast_weight_fused_equals_chunk(ext):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (the model needs it)")
     from pretrain.model import parallel
     parallel.initialize(1)
-    tokens = torch.randint(0, 61, (2, 3 * 48 + 1), generator=torch.Generator().manual_seed(2))
+    tokens, _ = kc.model_inputs(61, 48, seed=2)
     res = {}
     for impl in ("fused", "chunk"):
-        cfg = dict(n_layer=2, d_model=64, n_head=2, d_head=32, d_inner=96, vocab_size=61, dropout=0.0,
-                   attn_type=24, tgt_len=48, mem_len=0, seed=5, fast_weight={"impl": impl})
+        cfg = kc.model_config(32, 61, 48, 0, attn_type=24, fast_weight={"impl": impl})
         res[impl] = kc.model_run(cfg, tokens, 48, 0, device=CUDA)
     kc.assert_close("nll", res["fused"][0], res["chunk"][0], 1e-5)
     for name in res["chunk"][2]:

@@ -128,14 +128,9 @@ def test_model_fused_attention_equals_reference(fused_on_cpu, monkeypatch, attn_
     from pretrain.model import parallel
     from pretrain.model.mechanisms.xl import mixer as xl
     parallel.initialize(1)
-    cfg = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=48, vocab_size=37, dropout=0.0,
-               attn_type=attn_type, tgt_len=20, mem_len=24, seed=5)
-    N, M, B = 20, 24, 2
-    tokens = torch.randint(0, 37, (B, 3 * N + 1), generator=torch.Generator().manual_seed(1))
-    reset = None
-    if docs:
-        reset = torch.zeros(B, 3 * N, dtype=torch.bool)
-        reset[0, 27] = reset[1, 45] = reset[1, 50] = True
+    N, M = 20, 24
+    cfg = kc.model_config(16, 37, N, M, attn_type=attn_type)
+    tokens, reset = kc.model_inputs(37, N, seed=1, doc_starts=[(0, 27), (1, 45), (1, 50)] if docs else ())
     nll_f, st_f, g_f = kc.model_run(cfg, tokens, N, M, reset, same_length)
     per_layer = 1 if attn_type == 0 else 2                 # XL: the current queries; LaMemo: + the memory's
     assert fused_on_cpu.get("rel_attention_forward") == per_layer * cfg["n_layer"] * 3, fused_on_cpu
@@ -158,11 +153,10 @@ def test_model_fused_fast_weight_equals_chunk(fused_on_cpu):
     state and gradients, state carried over three segments."""
     from pretrain.model import parallel
     parallel.initialize(1)
-    tokens = torch.randint(0, 37, (2, 61), generator=torch.Generator().manual_seed(2))
+    tokens, _ = kc.model_inputs(37, 20, seed=2)
     res = {}
     for impl in ("fused", "chunk"):
-        cfg = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=48, vocab_size=37, dropout=0.0,
-                   attn_type=24, tgt_len=20, mem_len=0, seed=5, fast_weight={"impl": impl, "chunk_size": 32})
+        cfg = kc.model_config(16, 37, 20, 0, attn_type=24, fast_weight={"impl": impl, "chunk_size": 32})
         res[impl] = kc.model_run(cfg, tokens, 20, 0)
         if impl == "fused":
             assert fused_on_cpu == {"fast_weight_forward": 6, "fast_weight_backward": 6}, fused_on_cpu

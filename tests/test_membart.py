@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import parallel
 from pretrain.model.membart import STATE_KEY, build_membart
 from pretrain.model.membart_config import (MemBartConfig, from_hf_config, is_membart_preset, load_membart_config,
                                            to_hf_config)
@@ -24,9 +23,7 @@ TINY = dict(vocab_size=53, d_model=16, encoder_layers=2, decoder_layers=2, encod
 PAD, EOS = 1, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tp1():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import parallel
 from pretrain.model.membart import ACTIVATION_FNS, build_membart
 from pretrain.model.membart_config import ACTIVATIONS, MemBartConfig
 from pretrain.model.membart_weights import (WeightsError, check_hf_config, from_hf, load_pretrained, read_state_dict,
@@ -26,9 +25,7 @@ BASE = dict(vocab_size=53, d_model=16, encoder_layers=2, decoder_layers=2, encod
 TOL = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tp1():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _hf_model(seed=0, **fields):

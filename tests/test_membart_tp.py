@@ -5,13 +5,11 @@ tied (BART) and untied (three vocabulary-parallel tables: encoder, decoder, outp
 import gc
 import os
 import tempfile
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, spawn_tp2
 from pretrain.model import parallel, weights
 from pretrain.model.membart import STATE_KEY, build_membart
 from pretrain.model.membart_config import MemBartConfig
@@ -69,14 +67,7 @@ def test_membart_tensor_parallel_2_equals_1(tie):
     with tempfile.TemporaryDirectory() as tmp:
         ref = _run(os.path.join(tmp, "tp1"), tie)
         out_path = os.path.join(tmp, "tp2.pt")
-        ctx = mp.start_processes(_worker, args=(2, free_port(), out_path, os.path.join(tmp, "tp2"), tie), nprocs=2,
-                                 join=False, start_method="spawn")
-        deadline = time.time() + 180
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("TP = 2 workers timed out")
+        spawn_tp2(_worker, (2, free_port(), out_path, os.path.join(tmp, "tp2"), tie), timeout=180)
         got = torch.load(out_path, weights_only=False)
         files = [read_state_dict(os.path.join(tmp, d)) for d in ("tp1", "tp2")]
     assert set(got["weights"]) == set(ref["weights"])

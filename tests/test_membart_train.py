@@ -144,6 +144,7 @@ def test_membart_memory_replay_backprop_equals_bptt():
     from pretrain.model import parallel
     from pretrain.model.membart import build_membart
     from pretrain.model.membart_config import load_membart_config
+    from test_engine_components import unrolled_gradients
     parallel.initialize(1)
     k = 3
     cfg = load_membart_config("membart_tiny", {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
@@ -162,16 +163,9 @@ def test_membart_memory_replay_backprop_equals_bptt():
         slots = MemorySlots(model, 1, 2, torch.device("cpu"), bptt_segments=k)
         slots.states[0] = slots.states[0].replace(**{"slots.mem": torch.randn(2, 4, 32, dtype=torch.float64,
                                                                                generator=torch.Generator().manual_seed(5))})
-        model.zero_grad()
-        torch.manual_seed(123)
-        if mode == "bptt":
-            outs = slots.unroll(0, batch, model)
-            sum(loss_fn(seg, out) for seg, out in outs).backward()
-        else:
-            replay = slots.replay_forward(0, batch, model)
-            replay.backward(loss_fn, lambda loss, last: (loss.backward(), 1.0)[1])
+        grads = unrolled_gradients(slots, batch, model, loss_fn, mode)
         slots.commit(0)
-        results.append(([p.grad.clone() if p.grad is not None else None for p in model.parameters()], slots[0]))
+        results.append((grads, slots[0]))
     (g1, s1), (g2, s2) = results
     assert s1.equal(s2, atol=1e-12)
     assert model.encoder.memory_bias.grad is not None and model.encoder.memory_bias.grad.abs().sum() > 0

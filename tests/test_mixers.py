@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import MemoryState, ModelConfig, build_model, parallel, registry
+from pretrain.model import MemoryState, ModelConfig, build_model, registry
+from model_checks import logits_by_segment
 from test_model_reference import BASE as REF_BASE, compare
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=4)
@@ -86,19 +87,7 @@ def _model(cfg):
     return build_model(cfg).double().eval()
 
 
-def _run(model, tokens, n, mem_len):
-    """Log-probabilities of every position, segment by segment: [B, T, V]."""
-    state = model.init_state(tokens.shape[0], mem_len=mem_len)
-    outs = []
-    for s in range(0, tokens.shape[1], n):
-        out, state = model(tokens[:, s:s + n], state, return_logits=True)
-        outs.append(out.logits)
-    return torch.cat(outs, 1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def test_the_matrix_covers_every_registered_code():
@@ -126,11 +115,11 @@ def test_no_future_leakage(case):
     model = _model(cfg)
     torch.manual_seed(0)
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12))
-    base = _run(model, tokens, 4, cfg.mem_len)
+    base = logits_by_segment(model, tokens, 4, cfg.mem_len)
     for p in (1, 5, 6, 9):                  # inside the first segment, first/second token of later ones
         changed = tokens.clone()
         changed[:, p:] = (changed[:, p:] + 1 + torch.arange(12 - p)) % BASE["vocab_size"]
-        out = _run(model, changed, 4, cfg.mem_len)
+        out = logits_by_segment(model, changed, 4, cfg.mem_len)
         assert torch.equal(out[:, :p], base[:, :p]), f"position {p} leaks into earlier outputs"
         assert (out[:, p] - base[:, p]).abs().max() > 1e-9, "the changed position itself must change"
 
@@ -143,8 +132,8 @@ def test_recurrence_equals_long_context(case):
     model = _model(cfg)
     torch.manual_seed(1)
     tokens = torch.randint(0, BASE["vocab_size"], (3, total))
-    pieces = _run(model, tokens, 4, cfg.mem_len)
-    whole = _run(model, tokens, total, cfg.mem_len)
+    pieces = logits_by_segment(model, tokens, 4, cfg.mem_len)
+    whole = logits_by_segment(model, tokens, total, cfg.mem_len)
     assert (pieces - whole).abs().max().item() < 1e-6          # fp32 softmax of fp64 hidden states
 
 
@@ -251,8 +240,8 @@ def test_decode_policy_follows_what_the_state_carries(case, mem_len):
     state_matters = (carried.logits - fresh.logits).abs().max().item() > 1e-9
     assert (policy == "window") == (not state_matters), (policy, model.stack.carries(mem_len))
     if policy == "token":
-        by_token = _run(model, tokens, 1, mem_len)
-        assert (by_token - _run(model, tokens, 4, mem_len)).abs().max().item() < 1e-6
+        by_token = logits_by_segment(model, tokens, 1, mem_len)
+        assert (by_token - logits_by_segment(model, tokens, 4, mem_len)).abs().max().item() < 1e-6
 
 
 def test_decode_policy_of_a_new_mechanism_follows_its_declared_state():
@@ -297,7 +286,7 @@ def _teacher_forced(model, seq, n, mem_len, policy):
     positions exist): a sliding window."""
     full = torch.tensor([_padded(seq, n)])
     if policy != "window":
-        return _run(model, full, n, mem_len)[0, :len(seq)]
+        return logits_by_segment(model, full, n, mem_len)[0, :len(seq)]
     rows = []
     for p in range(len(seq)):
         s = max(0, p - n + 1)

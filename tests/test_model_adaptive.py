@@ -3,7 +3,7 @@ projections shared (one parameter), WikiText-103-style clusters."""
 import pytest
 import torch
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 
 BASE = dict(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=53, dropout=0.0,
             tgt_len=5, mem_len=5, attn_type=0)
@@ -16,9 +16,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))

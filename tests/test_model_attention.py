@@ -3,7 +3,8 @@ empty memory equals no memory, and the position realignment / masks against thei
 import pytest
 import torch
 
-from pretrain.model import ModelConfig, build_model, parallel
+from model_checks import logits_by_segment
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.modules.attention import position_scores
 from pretrain.model.positions import (causal_distances, causal_mask, lookahead_distances,
                                       lookahead_skew_offset)
@@ -12,23 +13,11 @@ BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31
 ALL_TYPES = [0, 1, 2, 3, 31, 32, 33]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):
     return build_model(ModelConfig(**{**BASE, **kw})).double().eval()
-
-
-def _run(model, tokens, n, mem_len):
-    """Log-probabilities of every position, segment by segment: [B, T, V]."""
-    state = model.init_state(tokens.shape[0], mem_len=mem_len)
-    outs = []
-    for s in range(0, tokens.shape[1], n):
-        out, state = model(tokens[:, s:s + n], state, return_logits=True)
-        outs.append(out.logits)
-    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("attn_type", ALL_TYPES)
@@ -38,11 +27,11 @@ def test_no_future_leakage(attn_type):
     model = _model(attn_type=attn_type, tgt_len=n, mem_len=m)
     torch.manual_seed(0)
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12))
-    base = _run(model, tokens, n, m)
+    base = logits_by_segment(model, tokens, n, m)
     for p in (1, 5, 6, 9):                  # inside the first segment, first/second token of later ones
         changed = tokens.clone()
         changed[:, p:] = (changed[:, p:] + 1 + torch.arange(12 - p)) % BASE["vocab_size"]
-        out = _run(model, changed, n, m)
+        out = logits_by_segment(model, changed, n, m)
         assert torch.equal(out[:, :p], base[:, :p]), f"position {p} leaks into earlier outputs"
         assert (out[:, p] - base[:, p]).abs().max() > 1e-9, "the changed position itself must change"
 
@@ -56,10 +45,10 @@ def test_recurrence_equals_long_context(attn_type, n, m):
     model.stack.register_forward_hook(lambda mod, args, out: hidden.append(out[0]))
     torch.manual_seed(1)
     tokens = torch.randint(0, BASE["vocab_size"], (3, 2 * n if m >= n else n + m))
-    segments = _run(model, tokens, n, m)
+    segments = logits_by_segment(model, tokens, n, m)
     seg_hidden = torch.cat(hidden, 1)
     hidden.clear()
-    whole = _run(model, tokens, tokens.shape[1], 0)
+    whole = logits_by_segment(model, tokens, tokens.shape[1], 0)
     assert (seg_hidden - hidden[0]).abs().max().item() < 1e-12
     assert (segments - whole).abs().max().item() < 1e-6          # fp32 softmax of fp64 hidden states
 
@@ -80,7 +69,8 @@ def test_memory_is_used():
     tokens = torch.randint(0, BASE["vocab_size"], (1, 8))
     other = tokens.clone()
     other[:, :4] = (other[:, :4] + 1) % BASE["vocab_size"]
-    assert (_run(model, tokens, 4, 4)[:, 4:] - _run(model, other, 4, 4)[:, 4:]).abs().max() > 1e-9
+    changed = logits_by_segment(model, tokens, 4, 4)[:, 4:] - logits_by_segment(model, other, 4, 4)[:, 4:]
+    assert changed.abs().max() > 1e-9
 
 
 def test_causal_mask_definition():

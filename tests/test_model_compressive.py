@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import copy_task
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel, weights
+from pretrain.model import ModelConfig, build_model, load_model_config, weights
 from pretrain.model.mechanisms.compressive.mixer import evict, last_start, push
 from pretrain.model.reference import ReferenceLM
 from test_model_reference import BASE, compare
@@ -26,9 +27,7 @@ from test_model_reference import BASE, compare
 CONV = dict(attn_type=60, compressive=dict(cmem_len=3, cmem_ratio=2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,14 +362,10 @@ def test_training_resumes_exactly(tmp_path):
     final memory states (memory, compressed memory, pending positions and their counts) of a run that never
     stopped."""
     import test_engine_train as eng
-    data = tmp_path / "copy"
-    import subprocess
-    subprocess.run([eng.PY, "data_tools/synthetic.py", "copy", "--length", "8", "--segment-multiple", "8",
-                    "--train-size", "2000", "--valid-size", "50", "--test-size", "50", "--seed", "3",
-                    "--output-prefix", str(data)], cwd=eng.ROOT, check=True, capture_output=True, timeout=120)
+    data = copy_task(tmp_path / "copy", train_size=2000, eval_size=50)
     tiny = list(eng.TINY)
     tiny[tiny.index("--model.mem_len") + 1] = "8"                    # 2 segments: compression fires early
-    extra = ["--data-path", str(data), "--model.attn_type", "60", "--model.compressive.cmem_len", "3",
+    extra = ["--data-path", data, "--model.attn_type", "60", "--model.compressive.cmem_len", "3",
              "--model.compressive.cmem_ratio", "3", "--model.compressive.gru_gating", "true", "--model.dropout",
              "0.1", "--data.reset_memory", "true", "--train-iters", "6"] + tiny
     results = eng.driver(tmp_path, 1, "resume", "0", extra)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from model_checks import run_tiny_preset
 from pretrain.config_base import ConfigError
 from pretrain.model import ModelConfig, build_model, load_model_config, parallel
 from pretrain.model.membart_config import is_membart_preset
@@ -16,9 +17,7 @@ PRESETS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG
                  if not is_membart_preset(p))           # the encoder-decoder presets: tests/test_membart.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -91,15 +90,10 @@ def test_preset_sizes_match_the_published_models(monkeypatch):
 @pytest.mark.parametrize("name", ["xl_tiny", "lamemo_tiny", "delta_tiny", "linear_tiny", "hybrid_tiny", "rmt_tiny",
                                   "rmt_xl_tiny"])
 def test_tiny_presets_run(name):
-    mem = load_model_config(name).mem_len
-    cfg = load_model_config(name, overrides=dict(tgt_len=8, mem_len=8 if mem else 0))
-    model = build_model(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
-    state = model.init_state(2)
-    for s in range(2):
-        out, state = model(tokens[:, 8 * s:8 * s + 8], state, tokens[:, 8 * s + 1:8 * s + 9])
-        assert torch.isfinite(out.nll).all()
-        assert out.nll.mean().item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.5)
+    _, _, losses = run_tiny_preset(name)
+    for nll in losses:
+        assert torch.isfinite(nll).all()
+        assert nll.mean().item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.5)
 
 
 def test_presets_inherit_from_a_base(tmp_path):

@@ -6,16 +6,14 @@ import torch
 
 from conftest import stacked
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.mechanisms.lamemo.mixer import merge
 from pretrain.model.positions import lookahead_mask
 
 BASE = dict(n_layer=3, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

@@ -5,16 +5,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import stacked
+from model_checks import check_bf16_against_fp32
 
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.embeddings import cluster_bounds
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=37, tgt_len=4, mem_len=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 @pytest.mark.parametrize("attn_type", [0, 3])
@@ -22,15 +21,7 @@ def test_bf16_parameters_keep_normalisers_and_loss_in_fp32(attn_type):
     cfg = ModelConfig(attn_type=attn_type, dropout=0.0, **BASE)
     ref = build_model(cfg)
     model = build_model(cfg).to(torch.bfloat16)
-    tokens = torch.randint(0, 37, (2, 13))
-    st, st_ref = model.init_state(2), ref.init_state(2)
-    for s in range(3):
-        x, y = tokens[:, 4 * s:4 * s + 4], tokens[:, 4 * s + 1:4 * s + 5]
-        out, st = model(x, st, y)
-        out_ref, st_ref = ref(x, st_ref, y)
-        out.nll.mean().backward()
-        assert out.nll.dtype == torch.float32 and torch.isfinite(out.nll).all()
-        assert (out.nll - out_ref.nll).abs().max() < 0.05
+    st, st_ref = check_bf16_against_fp32(model, ref, torch.randint(0, 37, (2, 13)), segments=3)
     if attn_type == 3:
         assert stacked(st, "lse").dtype == torch.float32 and stacked(st, "attn").dtype == torch.bfloat16
         assert (stacked(st, "lse") - stacked(st_ref, "lse")).abs().max() < 0.05

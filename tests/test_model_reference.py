@@ -9,15 +9,13 @@ tolerances on log-probabilities and gradients."""
 import pytest
 import torch
 
-from pretrain.model import ModelConfig, build_model, parallel, weights
+from pretrain.model import ModelConfig, build_model, weights
 from pretrain.model.reference import ReferenceLM
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=37, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _detach(mem):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, parallel
+from pretrain.model import ModelConfig, build_model
 from pretrain.model.mixer import SegmentContext
 from pretrain.model.positions import causal_mask
 from pretrain.model.reference import ReferenceLM
@@ -21,9 +21,7 @@ from pretrain.model.reference import ReferenceLM
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0, tgt_len=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

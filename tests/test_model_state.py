@@ -4,15 +4,13 @@ import io
 import pytest
 import torch
 
-from pretrain.model import MemoryState, ModelConfig, build_model, parallel
+from pretrain.model import MemoryState, ModelConfig, build_model
 
 BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31, dropout=0.0,
             tgt_len=4, mem_len=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):

@@ -10,13 +10,11 @@ activation checkpointing replays the per-rank dropout streams (same losses and g
 import gc
 import os
 import tempfile
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, spawn_tp2
 from test_mixers import CASES as MATRIX
 from pretrain.model import MemoryState, ModelConfig, build_model, parallel, weights
 
@@ -140,14 +138,7 @@ def test_tensor_parallel_2_equals_1():
     with tempfile.TemporaryDirectory() as tmp:
         ref_path, out_path = os.path.join(tmp, "ref.pt"), os.path.join(tmp, "tp2.pt")
         torch.save(refs, ref_path)
-        ctx = mp.start_processes(_worker, args=(2, free_port(), ref_path, out_path), nprocs=2, join=False,
-                                 start_method="spawn")
-        deadline = time.time() + 240
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("TP = 2 workers timed out")
+        spawn_tp2(_worker, (2, free_port(), ref_path, out_path), timeout=240)
         tp2 = torch.load(out_path, weights_only=False)
     assert tp2["dropout"]["split_differs"], "tensor-parallel regions must draw different masks per rank"
     assert tp2["dropout"]["replicated_same"], "replicated regions must draw the same masks on every rank"

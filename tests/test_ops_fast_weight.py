@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pretrain.ops.fast_weight as fw
+from kernel_checks import fast_weight_inputs
 from pretrain.ops import feature_maps as fm
 from pretrain.ops.fast_weight import delta_rule, key_sum, naive, sum_rule
 
@@ -23,13 +24,8 @@ F64 = torch.float64
 
 def make(B=2, H=3, T=13, Dk=5, Dv=3, dtype=F64, init=True, seed=0):
     """q, k, v, beta, initial state: L2-normalised keys (the delta rule's intended regime), beta in (0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, Dk, generator=g, dtype=F64)
-    k = torch.nn.functional.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=F64), dim=-1)
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=F64)
-    beta = torch.rand(B, H, T, generator=g, dtype=F64) * 0.98 + 0.01
-    s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64) if init else None
-    return [None if t is None else t.to(dtype) for t in (q, k, v, beta, s0)]
+    inputs = fast_weight_inputs(torch.Generator().manual_seed(seed), B, H, T, Dk, Dv, init)
+    return [None if t is None else t.to(dtype) for t in inputs]
 
 
 def resets(B, T, pattern):

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from model_checks import check_bf16_against_fp32
 from pretrain.config_base import ConfigError
-from pretrain.model import ModelConfig, build_model, load_model_config, parallel
+from pretrain.model import ModelConfig, build_model, load_model_config
 from pretrain.model.mixer import SegmentContext
 from pretrain.model.mechanisms.slots.mixer import READ, START, STREAM
 
@@ -21,9 +22,7 @@ BASE = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, vocab_size=31
             mem_len=0, attn_type=50, slots=dict(num_slots=4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _parallel():
-    parallel.initialize(1)
+pytestmark = pytest.mark.usefixtures("tp1")
 
 
 def _model(**kw):
@@ -112,14 +111,7 @@ def test_bf16_parameters():
     ref = _model().float()
     model = _model().to(torch.bfloat16)
     tokens = torch.randint(0, 31, (2, 13), generator=torch.Generator().manual_seed(4))
-    st, st_ref = model.init_state(2), ref.init_state(2)
-    for s in range(3):
-        x, y = tokens[:, 4 * s:4 * s + 4], tokens[:, 4 * s + 1:4 * s + 5]
-        out, st = model(x, st, y)
-        out_ref, st_ref = ref(x, st_ref, y)
-        out.nll.mean().backward()
-        assert out.nll.dtype == torch.float32 and torch.isfinite(out.nll).all()
-        assert (out.nll - out_ref.nll).abs().max() < 0.05
+    st, st_ref = check_bf16_against_fp32(model, ref, tokens, segments=3)
     assert st["slots.mem"].dtype == torch.bfloat16
     assert (st["slots.mem"].float() - st_ref["slots.mem"]).abs().max() < 0.1
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, copy_task, free_port
 
 PY = sys.executable
 NODES = ["mtnode1", "mtnode2"]
@@ -265,11 +265,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def data(slurm):
-    prefix = slurm.dir / "data" / "copy"
-    subprocess.run([PY, os.path.join(ROOT, "data_tools", "synthetic.py"), "copy", "--length", "8",
-                    "--segment-multiple", "8", "--train-size", "4000", "--valid-size", "100", "--test-size", "100",
-                    "--seed", "3", "--output-prefix", str(prefix)], check=True, capture_output=True, timeout=120)
-    return str(prefix)
+    return copy_task(slurm.dir / "data" / "copy", train_size=4000, eval_size=100)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
