@@ -110,6 +110,18 @@ def test_resume_is_exact_with_rmt_memory_tokens_and_bptt(copy_data, tmp_path):
     check_resume(driver(tmp_path, 1, "resume", "0,3", extra), [0, 3])
 
 
+@pytest.mark.parametrize("memory", [["--model.attn_type", "70", "--model.mem_len", "0"],
+                                    ["--model.attn_type", "0", "--model.mem_len", "0", "--model.armt.num_mem_tokens",
+                                     "2"]], ids=["gdn", "armt"])
+def test_resume_is_exact_with_gated_deltanet_and_armt_and_bptt(copy_data, tmp_path, memory):
+    """Gated DeltaNet's state (matrix and convolution inputs) and ARMT's associative memories, gradients through 2
+    segments per micro-batch, dropout on, resets at documents: stopped and resumed, the run is the one that never
+    stopped (ZeRO-0)."""
+    extra = ["--data-path", copy_data, "--train.bptt_segments", "2", "--model.dropout", "0.1",
+             "--data.roll", "true", "--data.reset_memory", "true", "--train-iters", "6"] + TINY + memory
+    check_resume(driver(tmp_path, 1, "resume", "0", extra), [0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_memory_replay_backprop_trains_as_backprop_through_the_unroll(copy_data, tmp_path, precision):
