@@ -96,13 +96,32 @@ def precision_name(dtype: torch.dtype) -> str:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_path: Optional[str]):
+        """Everything a run needs, checked before anything is written: data, process groups, the model family and
+        its streams, the checkpoint to resume from, the model, the DeepSpeed engine, the memory states; then the
+        run directory.  ``ConfigError`` (one line naming the field or flag) for bad settings or data."""
         self.cfg = cfg
         ds_raw = load_ds_config(ds_path)
         self.data = load_data_info(cfg.data.path)  # every split opened and checked, before any process talks
         set_threads(cfg)
-        self.info = pdist.initialize()
         from pretrain.model import parallel
-        parallel.initialize(cfg.parallel.tp)
+        self._init_parallel(parallel)
+        self._init_family(ds_raw, ds_path)
+        self._open_streams_and_plan()
+        self._build_model(parallel)
+        self._build_engine(parallel)
+        self._init_step_state()
+        rng_state = self._resume(self.plan) if self.plan is not None else None
+        self._open_run_dir()
+        # last, so that nothing after it draws from the restored random generators
+        if rng_state is not None:
+            self.rng.load_state_dict(rng_state)
+        self._batches = iter(self.stream)  # continues from the stream's (possibly restored) position
+
+    def _init_parallel(self, parallel) -> None:
+        """Process groups (DeepSpeed's world, megatron-core's tensor- and data-parallel groups) and this rank's
+        place in them."""
+        self.info = pdist.initialize()
+        parallel.initialize(self.cfg.parallel.tp)
         from megatron.core import parallel_state as ps
         self.ps = ps
         self.rank = self.info.rank
@@ -111,6 +130,10 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.device = self.info.device
 
+    def _init_family(self, ds_raw, ds_path: Optional[str]) -> None:
+        """The model family, the vocabulary it adopts from the data, the validated config and DeepSpeed config,
+        precision, ZeRO stage, segment length and BPTT depth."""
+        cfg = self.cfg
         # the model family (decoder LM or MemBART): streams, batches, model, export
         self.family = family_for(cfg)
         # the vocabulary size comes from the data (a decoder LM's) or must hold it (MemBART's); every split's token
@@ -128,7 +151,10 @@ class Trainer:
             raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
         self.family.check()
 
-        # streams: built (and so checked) now, not at the first evaluation
+    def _open_streams_and_plan(self) -> None:
+        """The training and evaluation streams (built, and so checked, now, not at the first evaluation) and the
+        checkpoint to resume from (chosen, verified and compared with this run before anything is loaded)."""
+        cfg = self.cfg
         self.stream = self._open(lambda: self.family.train_stream(
             self.data.prefixes["train"], self.data, self.dp_rank, self.dp_size, self.micro, self.accum, self.k),
             "train")
@@ -140,6 +166,10 @@ class Trainer:
                                            self.dp_size, self.tp_size, self.rank)
         self.plan = self._plan_resume()
 
+    def _build_model(self, parallel) -> None:
+        """The model, with the weights of the checkpoint's model checked against it (and converted when the layout
+        changed) or the initial weights loaded; the dropout generators seeded per data-parallel rank."""
+        cfg = self.cfg
         # model, optimizer, schedule, DeepSpeed; --seed governs the weights and every generator a checkpoint
         # records (Python's, numpy's, torch's, as Megatron's _set_random_seed), so that the checkpoint of a resumed
         # run holds what the uninterrupted run's holds
@@ -160,6 +190,10 @@ class Trainer:
         parallel.seed_rng(cfg.train.seed + 1000 * self.dp_rank)
         if self.zero == 3:
             self._declare_zero3_units()
+
+    def _build_engine(self, parallel) -> None:
+        """Optimizer, learning-rate schedule and the DeepSpeed engine around the model."""
+        cfg = self.cfg
         optimizer = build_optimizer(self.model, cfg, self.ds_config, self.ps.get_tensor_model_parallel_group())
         names = {id(p): n for n, p in self.model.named_parameters()}
         # the parameters of each group of the client optimizer, in order (a ZeRO-0 checkpoint's optimizer state is
@@ -185,6 +219,10 @@ class Trainer:
         if cfg.model.checkpoint_activations and self.tp_size > 1:
             self._use_deepspeed_checkpointing(parallel)
 
+    def _init_step_state(self) -> None:
+        """The memory states of the accumulation slots, the counters of a fresh run and the per-step FLOPs and
+        tokens (a resume then overwrites the counters)."""
+        cfg = self.cfg
         self.memory = MemorySlots(self.model, self.accum, self.micro, self.device, reset_memory=cfg.data.reset_memory,
                                   bptt_segments=self.k)
         self.rng = ckpt.RNGState()
@@ -201,9 +239,11 @@ class Trainer:
         self.resume_record: Optional[Dict[str, Any]] = None
         self.saved_step: Optional[int] = None   # the step this run's run directory already holds a checkpoint of
         self.stopped: Optional[str] = None      # why train() stopped before train.iters (signal, guard, interval)
-        rng_state = self._resume(self.plan) if self.plan is not None else None
 
-        # nothing failed: only now is the run directory written
+    def _open_run_dir(self) -> None:
+        """Nothing failed: only now is the run directory written (resolved config, DeepSpeed config), the metrics
+        writer opened and the run's layout logged."""
+        cfg = self.cfg
         if self.rank == 0 and self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             save_resolved(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -223,10 +263,6 @@ class Trainer:
             f"{self.accum}, {self.family.describe(self.k)}; "
             f"{self.stream.steps_per_epoch} steps per epoch; peak {self.peak:.2f} TFLOP/s ({self.peak_src})",
             self.rank)
-        # last, so that nothing after it draws from the restored random generators
-        if rng_state is not None:
-            self.rng.load_state_dict(rng_state)
-        self._batches = iter(self.stream)  # continues from the stream's (possibly restored) position
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _check_token_ids(self) -> None:
