@@ -21,9 +21,9 @@ Scenarios:
   ``zero3_linear_wrap``, which a ZeRO-3 engine installs for the rest of its process): a ZeRO 0-2 run then
   computes what ZeRO-3 computes from the same state.
 * ``stops``: an uninterrupted run of 6 steps, then for every stop kind (``--kinds``: exit interval, SIGTERM,
-  SIGUSR1 -- sent by the last rank to itself --, the wall-time guard, the end of a shorter run) at a step that is
-  a save-interval step (``on``) and one that is not (``between``): a run that stops there and the same command
-  without the stop, which resumes.  Records for each run the losses, the final weights (a hash per rank), memory
+  SIGUSR1, SIGUSR2 -- sent by the last rank to itself --, the wall-time guard, the end of a shorter run) at a
+  step that is a save-interval step (``on``) and one that is not (``between``): a run that stops there and the
+  same command without the stop, which resumes.  Records for each run the losses, the final weights (a hash per rank), memory
   sums and stream position, every checkpoint saved (tag and meta.json's reason) and where the resume started.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
@@ -210,7 +210,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops", "grads"],
                    required=True)
-    p.add_argument("--kinds", default="exit_interval,SIGTERM,SIGUSR1,walltime,end",
+    p.add_argument("--kinds", default="exit_interval,SIGTERM,SIGUSR1,SIGUSR2,walltime,end",
                    help="stops: comma-separated stop kinds")
     p.add_argument("--layouts", default="[]", help="grads: JSON list of {name, zero, args}")
     p.add_argument("--tag", default="run")

@@ -1,7 +1,7 @@
 """Every checkpoint a run writes can be resumed: each step is saved at most once, whatever stops the run there, and
 a resume never takes an older checkpoint while a newer complete one exists.
 
-* The stop matrix (``tests/engine_driver.py --scenario stops``): every stop kind (exit interval, SIGTERM, SIGUSR1,
+* The stop matrix (``tests/engine_driver.py --scenario stops``): every stop kind (exit interval, SIGTERM, SIGUSR1, SIGUSR2,
   the wall-time guard, the end of a shorter run) at a save-interval step and between two, in 1 and 2 processes;
   the same command resumed gives the uninterrupted run: losses, weights, memory and stream position identical.
 * SIGKILL at each point of a save (nothing written yet; DeepSpeed's and the rank files; meta.json but not
@@ -22,7 +22,7 @@ from conftest import ROOT
 from test_engine_resume import PY, ENV, TINY, copy_data, ok, records, train  # noqa: F401  (the fixture too)
 from test_engine_train import driver
 
-KINDS = ["exit_interval", "SIGTERM", "SIGUSR1", "walltime", "end"]
+KINDS = ["exit_interval", "SIGTERM", "SIGUSR1", "SIGUSR2", "walltime", "end"]
 # constant rate: a run stopped by a shorter --train-iters follows the same schedule as the longer one
 STOPS = ["--model.attn_type", "0", "--model.dropout", "0.1", "--data.reset_memory", "true",
          "--optim.schedule", "constant", "--train.grad_accum", "2"]

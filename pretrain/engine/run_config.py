@@ -56,7 +56,7 @@ class TrainConfig:
     exit_duration_mins: float = F(0.0, "save and exit after this many minutes (0 = no limit)")
     exit_interval: int = F(0, "save and exit when the step is a multiple of this (0 = never; Megatron's "
                               "--exit-interval)")
-    exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1")
+    exit_on_signal: bool = F(True, "save and exit on SIGTERM / SIGUSR1 / SIGUSR2")
     threads: int = F(0, "torch CPU threads per process (0 = cores / processes on this node)")
     mrbp: bool = F(False, "backpropagate through the bptt_segments by memory replay (MemBART's MRBP): forward "
                           "them without a graph, then recompute and backpropagate one segment at a time, last "
@@ -192,15 +192,15 @@ class DebugConfig:
                                         "non-finite guard)")
     signal_at: List[int] = F([], "fault injection: steps at whose end rank debug.signal_rank sends itself "
                                  "debug.signal (tests preemption)")
-    signal: str = F("SIGTERM", "the signal of debug.signal_at: SIGTERM or SIGUSR1")
+    signal: str = F("SIGTERM", "the signal of debug.signal_at: SIGTERM, SIGUSR1 or SIGUSR2")
     signal_rank: int = F(0, "the global rank that receives debug.signal_at's signal")
     kill_in_save: str = F("", "fault injection: die by SIGKILL inside the save of step debug.kill_in_save_step, at "
                               "start | rank_files | meta | latest (tests interrupted saves)")
     kill_in_save_step: int = F(0, "the step of debug.kill_in_save")
 
     def validate(self):
-        if self.signal not in ("SIGTERM", "SIGUSR1"):
-            raise ConfigError("signal", f"must be SIGTERM or SIGUSR1, got {self.signal!r}")
+        if self.signal not in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+            raise ConfigError("signal", f"must be SIGTERM, SIGUSR1 or SIGUSR2, got {self.signal!r}")
         if self.kill_in_save not in ("", "start", "rank_files", "meta", "latest"):
             raise ConfigError("kill_in_save", f"must be start, rank_files, meta or latest, got {self.kill_in_save!r}")
 

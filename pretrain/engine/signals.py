@@ -1,8 +1,9 @@
 """Stop cleanly on a signal or a time limit: the trainer saves a checkpoint and exits.
 
-SIGTERM (Slurm's preemption / time-limit warning with ``#SBATCH --signal=B:TERM@120``, or ``scancel``) and
-SIGUSR1 (``--signal=USR1@120``) set a flag; the training loop checks it once per step, all ranks agree on it
-with a MAX all-reduce (one rank receiving the signal is enough), then every rank saves and leaves the loop.
+SIGTERM (Slurm's preemption / time-limit warning with ``#SBATCH --signal=B:TERM@120``, or ``scancel``), SIGUSR1
+(``--signal=USR1@120``) and SIGUSR2 (``--signal=USR2@120``; the Slurm scripts forward both user signals) set a
+flag; the training loop checks it once per step, all ranks agree on it with a MAX all-reduce (one rank receiving
+the signal is enough), then every rank saves and leaves the loop.
 ``ExitTimer`` does the same after ``--exit-duration-in-mins`` of wall time.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pretrain.engine.dist import all_reduce_max
 
 
 class StopRequest:
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1),
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2),
                  exit_duration_mins: Optional[float] = None):
         self.received: Optional[int] = None
         self._previous = {}
