@@ -148,8 +148,9 @@ def sections() -> Dict[str, type]:
 
 # Module paths of earlier layouts (one file per mixer in pretrain/model/mixers/; the building blocks in
 # pretrain/model/attention.py; MemBART's files pretrain/model/membart_*.py) -> the modules that hold their names
-# now, searched in order.  A path whose module moved whole (one module here) is also importable under its old
-# name (``LegacyModuleFinder``).
+# now, searched in order (``load("module:attr")``).  A path whose module moved whole (one module here) and whose
+# parent package still exists (``pretrain.model.membart_*``) is also importable under its old name
+# (``LegacyModuleFinder``); the ``mixers.*`` paths resolve through ``load`` only (``pretrain.model.mixers`` is gone).
 LEGACY_MODULES: Dict[str, Tuple[str, ...]] = {
     "pretrain.model.mixers.xl": ("pretrain.model.mechanisms.xl.mixer", "pretrain.model.modules.memory",
                                  "pretrain.model.modules.rel_attention"),
