@@ -1,4 +1,5 @@
-"""Synthetic memory tasks of the Recurrent Memory Transformer paper, written as indexed datasets.
+"""Synthetic memory tasks (the Recurrent Memory Transformer paper's, MQAR, bAbI facts in a haystack), written as
+indexed datasets.
 
 Tasks (each example is one document, one language-model sequence ``[problem ; answer]``):
 
@@ -12,6 +13,14 @@ Tasks (each example is one document, one language-model sequence ``[problem ; an
   then the canonical form, the discriminant, the root formula and the answer (the distinct roots, or
   nothing); every chunk ends with ``;``.  ``--score solution`` (default, RMT's training target) scores every
   chunk after the equation, ``--score answer`` only the answer chunk.
+* ``mqar``: multi-query associative recall (Zoology, Arora et al. 2023): ``k1 v1 ... kP vP``, ``--gap``
+  filler tokens, then ``q1 a1 ... qQ aQ``: Q distinct keys of the pairs, each followed by its value (scored).
+  Keys and values come from disjoint vocabularies (``--key-vocab``, ``--value-vocab``); ``--example-len``
+  pads the front with filler so the queries end the example.  The query of pair i asked j-th (0-based) lies
+  ``2 (P - i) + gap + 2 j`` tokens after the pair's key.
+* ``babifacts``: BABILong-style: a bAbI qa1 fact (``Mary went to the kitchen.``) at a chosen depth
+  (``--depth`` fraction or ``--depth-tokens``) of ``--haystack-len`` characters of real text (``--text``,
+  default tinyshakespeare), then ``Where is Mary?`` and the place, which alone is scored; characters.
 
 Token 0 is the pad in every vocabulary.  Examples are padded at the end to a multiple of
 ``--segment-multiple`` so that, read by an ordered stream with ``align="document"`` and that segment length,
@@ -26,6 +35,8 @@ Usage::
 
     python data_tools/synthetic.py copy --output-prefix data/copy24 --length 24 --segment-multiple 8
     python data_tools/synthetic.py equations --output-prefix data/sqeq --format jsonl
+    python data_tools/synthetic.py mqar --output-prefix data/mqar --num-pairs 4 --num-queries 4 --gap 64
+    python data_tools/synthetic.py babifacts --output-prefix data/facts --haystack-len 2048 --depth 0.25
 """
 if __name__ == "__main__":
     import os, signal, sys  # noqa: E401
@@ -86,6 +97,7 @@ class Task:
     symbols: List[str]
     split = "whitespace"
     example_len: int
+    draw = DRAW  # candidates per draw, a function of the options only
 
     def tokenizer(self) -> VocabTokenizer:
         return VocabTokenizer(self.symbols, split=self.split, pad=PAD)
@@ -279,7 +291,227 @@ class EquationTask(Task):
                 "chunks": list(self.chunks)}
 
 
-TASKS = {"copy": CopyTask, "reverse": ReverseTask, "retrieval": RetrievalTask, "equations": EquationTask}
+# --------------------------------------------------------------------------------------------- mqar
+def _distinct(rng: np.random.Generator, n: int, pool: int, k: int) -> np.ndarray:
+    """[n, k] integers in [0, pool), distinct within each row, uniformly ordered."""
+    if n * pool <= 1 << 22:
+        return np.argsort(rng.random((n, pool)), axis=1)[:, :k]
+    return np.stack([rng.choice(pool, size=k, replace=False) for _ in range(n)])
+
+
+def _draw_size(example_len: int) -> int:
+    """Examples per draw: DRAW, fewer for long examples (about 16M tokens a draw), a function of the options."""
+    return max(16, min(DRAW, (1 << 24) // max(1, example_len)))
+
+
+class MQARTask(Task):
+    """Multi-query associative recall (Arora et al. 2023, Zoology), with filler between pairs and queries.
+
+    Layout: ``[lead filler][k1 v1 ... kP vP][gap filler][q1 a1 ... qQ aQ]``.  Keys are distinct tokens of
+    ``--key-vocab``, values tokens of the disjoint ``--value-vocab`` (distinct when it has at least P of
+    them, as Zoology), the queries Q distinct keys of the pairs in random order; each answer ``a`` is the
+    value paired with the query just before it, and only the answers are scored.  The query of pair i
+    (0-based) asked j-th lies ``2 (P - i) + G + 2 j`` tokens after that pair's key.  ``--example-len``
+    pads the front with filler so the queries end the example whatever the gap.
+    """
+
+    name = "mqar"
+
+    def __init__(self, num_pairs: int = 8, num_queries: int = 8, key_vocab: int = 64, value_vocab: int = 64,
+                 gap: int = 0, filler_vocab: int = 1, example_len: int = 0):
+        self.num_pairs = P = _check_int("--num-pairs", num_pairs, 1)
+        self.num_queries = Q = _check_int("--num-queries", num_queries, 1)
+        self.key_vocab = K = _check_int("--key-vocab", key_vocab, 1)
+        self.value_vocab = V = _check_int("--value-vocab", value_vocab, 1)
+        self.gap = G = _check_int("--gap", gap, 0)
+        self.filler_vocab = F = _check_int("--filler-vocab", filler_vocab, 1)
+        length = _check_int("--example-len", example_len, 0)
+        if Q > P:
+            raise TaskError(f"--num-queries {Q} is more than --num-pairs {P}: every query asks a distinct key "
+                            f"of the pairs; lower --num-queries or raise --num-pairs")
+        if K < P:
+            raise TaskError(f"--key-vocab {K} is too small for --num-pairs {P} distinct keys; "
+                            f"use --key-vocab {P} or more")
+        core = 2 * P + 2 * Q
+        if length and core > length:
+            raise TaskError(f"an example needs {2 * P} pair tokens and {2 * Q} query tokens, {core} in all, more "
+                            f"than --example-len {length}; raise --example-len or lower --num-pairs/--num-queries")
+        if length and core + G > length:
+            raise TaskError(f"--gap {G} puts the pairs before the start of the example: with --example-len {length}, "
+                            f"--num-pairs {P} and --num-queries {Q} the gap is at most {length - core} "
+                            f"(or raise --example-len to {core + G}, or leave it 0)")
+        self.example_len = length or core + G
+        self.lead = self.example_len - core - G
+        if K + V + F + 1 > np.iinfo(np.int32).max:
+            raise TaskError("--key-vocab + --value-vocab + --filler-vocab must stay below 2^31")
+        self.symbols = ([PAD] + [f"k{i}" for i in range(K)] + [f"v{i}" for i in range(V)]
+                        + [f"f{i}" for i in range(F)])
+        self.draw = _draw_size(self.example_len)
+
+    @property
+    def pairs_start(self) -> int:
+        return self.lead
+
+    @property
+    def queries_start(self) -> int:
+        return self.lead + 2 * self.num_pairs + self.gap
+
+    def distance(self, pair: int, query: int) -> int:
+        """Tokens from the key of pair ``pair`` to its query when it is asked ``query``-th (both 0-based)."""
+        return 2 * (self.num_pairs - pair) + self.gap + 2 * query
+
+    def sample(self, rng, n):
+        P, Q, K, V, F = self.num_pairs, self.num_queries, self.key_vocab, self.value_vocab, self.filler_vocab
+        keys = _distinct(rng, n, K, P) + 1
+        values = (_distinct(rng, n, V, P) if V >= P else rng.integers(0, V, size=(n, P))) + 1 + K
+        which = np.argsort(rng.random((n, P)), axis=1)[:, :Q]
+        dtype = optimal_dtype(len(self.symbols))
+        filler_id = 1 + K + V
+        tokens = np.full((n, self.example_len), filler_id, dtype)
+        free = self.lead + self.gap
+        fill = rng.integers(0, F, size=(n, free)) + filler_id if F > 1 else None
+        if fill is not None:
+            tokens[:, :self.lead] = fill[:, :self.lead]
+            tokens[:, self.lead + 2 * P:self.queries_start] = fill[:, self.lead:]
+        s, q = self.pairs_start, self.queries_start
+        tokens[:, s:s + 2 * P:2] = keys
+        tokens[:, s + 1:s + 2 * P:2] = values
+        tokens[:, q::2] = np.take_along_axis(keys, which, axis=1)
+        tokens[:, q + 1::2] = np.take_along_axis(values, which, axis=1)
+        mask = np.zeros(tokens.shape, np.uint8)
+        mask[:, q + 1::2] = 1
+        parts = [keys, values, which] + ([fill] if fill is not None else [])
+        problems = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.int32)
+        return Batch(tokens, mask, [row.tobytes() for row in problems])
+
+    def space_size(self):
+        P, Q, K, V = self.num_pairs, self.num_queries, self.key_vocab, self.value_vocab
+        values = math.perm(V, P) if V >= P else V ** P
+        return math.perm(K, P) * values * math.perm(P, Q) * self.filler_vocab ** (self.lead + self.gap)
+
+    def params(self):
+        return {"name": self.name, "num_pairs": self.num_pairs, "num_queries": self.num_queries,
+                "key_vocab": self.key_vocab, "value_vocab": self.value_vocab, "gap": self.gap,
+                "filler_vocab": self.filler_vocab, "lead": self.lead, "pairs_start": self.pairs_start,
+                "queries_start": self.queries_start, "min_distance": self.distance(self.num_pairs - 1, 0),
+                "max_distance": self.distance(0, self.num_queries - 1)}
+
+
+# ---------------------------------------------------------------------------------------- babifacts
+DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "corpora", "tinyshakespeare", "input.txt.xz")
+NAMES = ("Mary", "John", "Daniel", "Sandra", "Fred", "Bill", "Julie", "Emily")  # bAbI's people
+PLACES = ("bathroom", "hallway", "garden", "office", "bedroom", "kitchen")        # bAbI qa1's locations
+MOVES = ("went to", "moved to", "journeyed to", "travelled to", "went back to")     # bAbI qa1's verbs
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file, ``.xz`` files decompressed with lzma."""
+    import lzma
+    try:
+        with (lzma.open(path, "rt", encoding="utf-8") if path.endswith(".xz") else
+              open(path, encoding="utf-8")) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError, lzma.LZMAError) as e:
+        raise TaskError(f"--text {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") \
+            from None
+
+
+class BabiFactsTask(Task):
+    """BABILong-style fact in a haystack: one bAbI qa1 fact inside real text, then its question.
+
+    Layout (characters): ``text[s:s+d] "\\n<Name> <moved> to the <place>.\\n" text[s+d:s+H]
+    "\\nWhere is <Name>?\\n" <place>``, padded to the longest example; ``s`` is a random offset into
+    ``--text``, ``H`` is ``--haystack-len`` and ``d`` the depth (``--depth`` as a fraction of H, rounded, or
+    ``--depth-tokens``).  Only the place after the question is scored.
+    """
+
+    name = "babifacts"
+    split = "chars"
+
+    def __init__(self, haystack_len: int = 1024, depth: Optional[float] = None, depth_tokens: Optional[int] = None,
+                 text: Optional[str] = None):
+        self.text_path = DEFAULT_TEXT if text is None else str(text)
+        corpus = read_text(self.text_path)
+        self.haystack_len = H = _check_int("--haystack-len", haystack_len, 1)
+        if H > len(corpus):
+            raise TaskError(f"--haystack-len {H} is longer than the text --text {self.text_path} "
+                            f"({len(corpus)} characters); lower --haystack-len or give a longer --text")
+        if depth is not None and depth_tokens is not None:
+            raise TaskError("give --depth (a fraction of the haystack) or --depth-tokens, not both")
+        if depth_tokens is not None:
+            d = _check_int("--depth-tokens", depth_tokens, 0)
+            if d > H:
+                raise TaskError(f"--depth-tokens {d} lies outside the haystack: at most --haystack-len {H}")
+            self.depth = None
+        else:
+            depth = 0.5 if depth is None else depth
+            if isinstance(depth, bool) or not isinstance(depth, (int, float, np.floating)) or not 0 <= depth <= 1:
+                raise TaskError(f"--depth must be a number in [0, 1] (the fraction of --haystack-len before the "
+                                f"fact), got {depth!r}")
+            self.depth = float(depth)
+            d = int(round(self.depth * H))
+        self.depth_tokens = d
+        facts = [self.fact(n, m, p) for n in NAMES for m in MOVES for p in PLACES]
+        extra = sorted(set("".join(facts) + "".join(self.question(n) for n in NAMES)) - set(corpus))
+        self.symbols = [PAD] + sorted(set(corpus)) + extra
+        tok = self.tokenizer()
+        self.corpus = tok.encode_ids(corpus).astype(optimal_dtype(len(self.symbols)))
+        self.text_chars = len(corpus)
+        import hashlib
+        self.text_sha256 = hashlib.sha256(corpus.encode("utf-8")).hexdigest()
+        self._facts = [tok.encode_ids(f) for f in facts]
+        self._questions = [tok.encode_ids(self.question(n)) for n in NAMES]
+        self._answers = [tok.encode_ids(p) for p in PLACES]
+        self.example_len = (H + max(map(len, self._facts)) + max(map(len, self._questions))
+                            + max(map(len, self._answers)))
+        self.draw = _draw_size(self.example_len)
+
+    @staticmethod
+    def fact(name: str, move: str, place: str) -> str:
+        return f"\n{name} {move} the {place}.\n"
+
+    @staticmethod
+    def question(name: str) -> str:
+        return f"\nWhere is {name}?\n"
+
+    def sample(self, rng, n):
+        H, d = self.haystack_len, self.depth_tokens
+        start = rng.integers(0, len(self.corpus) - H + 1, size=n)
+        name = rng.integers(0, len(NAMES), size=n)
+        move = rng.integers(0, len(MOVES), size=n)
+        place = rng.integers(0, len(PLACES), size=n)
+        tokens = np.zeros((n, self.example_len), self.corpus.dtype)
+        mask = np.zeros((n, self.example_len), np.uint8)
+        per_name = len(MOVES) * len(PLACES)
+        for i in range(n):
+            s = int(start[i])
+            fact = self._facts[name[i] * per_name + move[i] * len(PLACES) + place[i]]
+            q, a = self._questions[name[i]], self._answers[place[i]]
+            tokens[i, :d] = self.corpus[s:s + d]
+            e = d + len(fact)
+            tokens[i, d:e] = fact
+            tokens[i, e:e + H - d] = self.corpus[s + d:s + H]
+            e += H - d
+            tokens[i, e:e + len(q)] = q
+            e += len(q)
+            tokens[i, e:e + len(a)] = a
+            mask[i, e:e + len(a)] = 1
+        problems = np.stack([start, name, move, place], axis=1).astype(np.int64)
+        return Batch(tokens, mask, [row.tobytes() for row in problems])
+
+    def space_size(self):
+        return (len(self.corpus) - self.haystack_len + 1) * len(NAMES) * len(MOVES) * len(PLACES)
+
+    def params(self):
+        return {"name": self.name, "text": self.text_path, "text_chars": self.text_chars,
+                "text_sha256": self.text_sha256, "haystack_len": self.haystack_len, "depth": self.depth,
+                "depth_tokens": self.depth_tokens, "names": list(NAMES), "moves": list(MOVES),
+                "places": list(PLACES)}
+
+
+TASKS = {"copy": CopyTask, "reverse": ReverseTask, "retrieval": RetrievalTask, "equations": EquationTask,
+         "mqar": MQARTask, "babifacts": BabiFactsTask}
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -305,8 +537,8 @@ def draw_splits(task: Task, sizes: Dict[str, int], seed: int, progress: bool = F
             if drawn > budget:
                 raise TaskError(f"only {len(seen)} distinct {task.name} examples found in {drawn} draws for "
                                 f"{need} requested; the task's problem space is too small for these sizes")
-            batch = task.sample(rng, DRAW)
-            drawn += DRAW
+            batch = task.sample(rng, task.draw)
+            drawn += task.draw
             fresh = []
             for i, key in enumerate(batch.keys):
                 if key not in seen:
@@ -437,7 +669,8 @@ def generate(task: Task, output_prefix: str, sizes: Dict[str, int], seed: int = 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="synthetic.py",
-                           description="Generate the RMT synthetic memory tasks as indexed datasets with answer masks.")
+                           description="Generate synthetic memory tasks (RMT's, MQAR, bAbI facts in a haystack) as "
+                                       "indexed datasets with answer masks.")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     common = CommandParser(add_help=False)
     common.add_argument("--output-prefix", required=True,
@@ -469,6 +702,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per chunk; 0 = longest possible (default)")
     p.add_argument("--score", choices=("solution", "answer"), default="solution",
                    help="mask every chunk after the equation (default) or the answer chunk only")
+    p = sub.add_parser("mqar", parents=[common], help="k1 v1 ... kP vP <gap filler> q1 a1 ... qQ aQ (Zoology's MQAR)")
+    p.add_argument("--num-pairs", type=int_at_least(1), default=8, help="key-value pairs P (default 8)")
+    p.add_argument("--num-queries", type=int_at_least(1), default=8,
+                   help="queries Q, distinct keys of the pairs, Q <= P (default 8)")
+    p.add_argument("--key-vocab", type=int_at_least(1), default=64, help="key tokens, at least P (default 64)")
+    p.add_argument("--value-vocab", type=int_at_least(1), default=64,
+                   help="value tokens, disjoint from the keys (default 64)")
+    p.add_argument("--gap", type=int_at_least(0), default=0,
+                   help="filler tokens between the last pair and the first query (default 0); k*N with segments "
+                        "of N tokens puts k segments of filler between every pair and its query")
+    p.add_argument("--filler-vocab", type=int_at_least(1), default=1,
+                   help="filler tokens drawn uniformly from this many symbols; 1 = one constant filler (default)")
+    p.add_argument("--example-len", type=int_at_least(0, "0 = 2P + gap + 2Q"), default=0,
+                   help="pad the front with filler to this many tokens, so the queries end every example "
+                        "whatever the gap; 0 = 2P + gap + 2Q (default)")
+    p = sub.add_parser("babifacts", parents=[common], help="a bAbI fact at a chosen depth of real text, its question")
+    p.add_argument("--text", default=None,
+                   help="UTF-8 text file of the haystack, .xz read with lzma "
+                        "(default: the repository's corpora/tinyshakespeare/input.txt.xz)")
+    p.add_argument("--haystack-len", type=int_at_least(1), default=1024,
+                   help="characters of text around the fact (default 1024)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--depth", type=bounded(float, 0, 1), default=None,
+                       help="share of the haystack before the fact: 0 = first, 1 = just before the question "
+                            "(default 0.5)")
+    where.add_argument("--depth-tokens", type=int_at_least(0), default=None,
+                       help="haystack characters before the fact, at most --haystack-len")
     return parser
 
 
@@ -477,6 +737,13 @@ def make_task(args: argparse.Namespace) -> Task:
         return TASKS[args.task](length=args.length, num_symbols=args.num_symbols)
     if args.task == "retrieval":
         return RetrievalTask(num_pairs=args.num_pairs)
+    if args.task == "mqar":
+        return MQARTask(num_pairs=args.num_pairs, num_queries=args.num_queries, key_vocab=args.key_vocab,
+                        value_vocab=args.value_vocab, gap=args.gap, filler_vocab=args.filler_vocab,
+                        example_len=args.example_len)
+    if args.task == "babifacts":
+        return BabiFactsTask(haystack_len=args.haystack_len, depth=args.depth, depth_tokens=args.depth_tokens,
+                             text=args.text)
     return EquationTask(max_root=args.max_root, max_scale=args.max_scale, no_root_fraction=args.no_root_fraction,
                         chunk_len=args.chunk_len, score=args.score)
 
