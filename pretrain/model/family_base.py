@@ -32,8 +32,6 @@ class ModelFamilyMixin:
             raise ValueError(f"state has {state.batch_size} rows, the batch has {batch_size}")
         self._check_state_fits(state)
 
-    _check_state = check_state          # the name of earlier versions
-
     def _owns_state(self, state: MemoryState) -> bool:
         """Whether a state of this model's ``state_signature`` holds the entries the model reads."""
         return True
