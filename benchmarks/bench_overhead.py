@@ -155,6 +155,7 @@ def make_corpus(workdir: str) -> str:
 
 def run_train(args, data: str, variant: str, nproc: int, stage: int, workdir: str, root: str = ROOT) -> list:
     """Step seconds of one ``train.py`` run of the checkout ``root``, one per log window after the warm-up."""
+    from pretrain.engine import dist
     save = tempfile.mkdtemp(dir=workdir)
     threads = max(1, args.threads // nproc)
     iters = args.warmup + args.steps
@@ -168,7 +169,7 @@ def run_train(args, data: str, variant: str, nproc: int, stage: int, workdir: st
         cmd = [PY, script] + flags
     else:
         cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), script] + flags
+               str(dist.free_port()), script] + flags
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=root)
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=args.timeout)
     if r.returncode != 0:
@@ -195,13 +196,6 @@ def run_raw(args, variant: str, nproc: int) -> list:
             raise SystemExit(f"raw step failed:\n{out[-3000:]}{err[-3000:]}")
         times += json.loads(out.strip().splitlines()[-1])["step_s"]
     return times
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ profile

@@ -36,40 +36,11 @@ def stacked(state, name):
     return torch.stack([state[k] for k in keys])
 
 
-_ISSUED_PORTS: set[int] = set()
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo, hi = (int(v) for v in f.read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def free_port() -> int:
-    """A TCP port free now, never handed out before in this pytest process, and outside the kernel's ephemeral
-    range: a port the kernel picked for ``bind(0)`` is released before the test's processes listen on it, and
-    jobs running side by side open outgoing connections (gloo, TCPStore clients) whose local ports come from that
-    range, so such a port can be taken in between (EADDRINUSE at rendezvous)."""
-    import random
-    lo, hi = _ephemeral_range()
-    ranges = [r for r in ((10000, min(lo, 30000)), (hi + 1, 65535)) if r[1] - r[0] > 1000]
-    rng = random.Random()
-    for _ in range(1000):
-        a, b = rng.choice(ranges)
-        port = rng.randrange(a, b)
-        if port in _ISSUED_PORTS:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        _ISSUED_PORTS.add(port)
-        return port
-    raise RuntimeError(f"no free TCP port found outside the ephemeral range {lo}-{hi}")
+    """A rendezvous port for processes a test starts (``pretrain.engine.dist.free_port``: outside the ephemeral
+    range, never the same twice in this process)."""
+    from pretrain.engine.dist import free_port as pick
+    return pick()
 
 
 @pytest.fixture(scope="module")

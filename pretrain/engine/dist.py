@@ -20,10 +20,12 @@ ends, whatever the launcher.
 from __future__ import annotations
 
 import gc
+import random
 import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,10 +40,42 @@ class DistInfo:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ISSUED_PORTS: set = set()
+
+
+def _ephemeral_range() -> Tuple[int, int]:
+    """The kernel's range for local ports of outgoing connections and ``bind(0)`` (Linux), else its default."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A TCP port free now, outside the kernel's ephemeral range and never returned before by this process.
+
+    A port from ``bind(0)`` comes from the ephemeral range and is released before the rendezvous listens on it;
+    in between, any outgoing connection on the machine (another run's gloo or TCPStore clients) may be given it
+    (``EADDRINUSE`` at start-up).  Ports below the range are never handed out by the kernel that way.
+    RuntimeError when none is found in 1000 tries."""
+    lo, hi = _ephemeral_range()
+    ranges = [r for r in ((10000, min(lo, 30000)), (hi + 1, 65535)) if r[1] - r[0] > 1000]
+    rng = random.Random()
+    for _ in range(1000):
+        a, b = rng.choice(ranges)
+        port = rng.randrange(a, b)
+        if port in _ISSUED_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _ISSUED_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port found outside the ephemeral range {lo}-{hi}")
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -78,7 +112,7 @@ def initialize(timeout_minutes: float = 30.0) -> DistInfo:
     map_slurm_env()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
