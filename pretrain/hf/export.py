@@ -40,9 +40,10 @@ from pretrain.engine.export import ExportError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TEMPLATES = ("configuration_memtrain.py", "modeling_memtrain.py")
-# transformers versions the export was tested with (the remote code uses PretrainedConfig, PreTrainedModel,
-# ModelOutput and the auto_map mechanism of trust_remote_code)
-TESTED_TRANSFORMERS = ("4.46", "5.24")
+# transformers versions: the remote code uses PretrainedConfig, PreTrainedModel, ModelOutput, ``dtype=`` and the
+# auto_map mechanism of trust_remote_code as transformers 5 has them; tested with 5.24
+SUPPORTED_TRANSFORMERS = "5.x"
+TESTED_TRANSFORMERS = "5.24"
 # modules every copied file may import besides the copied files
 ALLOWED_IMPORTS = {"torch", "math", "dataclasses", "typing", "__future__", "zlib", "collections", "functools",
                    "itertools"}
@@ -305,6 +306,8 @@ def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
         raise ValueError(f"tokenizer kind {kind!r}: no Hugging Face conversion")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
               "clean_up_tokenization_spaces": False, **special}
+    if kind in ("bytes", "vocab", "words"):     # the text "<eod>" is five bytes / characters, as in the project
+        config["split_special_tokens"] = True
     return {"tokenizer.json": t.to_str(pretty=True).encode("utf-8"), "tokenizer_config.json": _json_bytes(config),
             "special_tokens_map.json": _json_bytes(special)}
 
@@ -364,11 +367,12 @@ def describe_model(cfg) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return fields, favor
 
 
-def hook_targets(cfg) -> Dict[str, str]:
-    """mechanism name -> ``"module:attribute"`` of its reference, for every mechanism ``cfg`` uses."""
+def hook_targets() -> Dict[str, str]:
+    """mechanism name -> ``"module:attribute"`` of its reference, for every registered mechanism: every export
+    carries the same code (transformers caches remote code by the directory's name, so two exports loaded in one
+    process may share it)."""
     from pretrain.model import registry
-    names = {s.mechanism for s in cfg.layer_specs()} | {m.name for m in registry.stack_memories(cfg)}
-    return {n: registry.mechanism(n).reference for n in sorted(names)}
+    return {n: m.reference for n, m in sorted(registry.mechanisms().items()) if m.reference}
 
 
 def check_transformers() -> str:
@@ -378,11 +382,10 @@ def check_transformers() -> str:
     except ImportError:
         raise ExportError("transformers is not installed: pip install 'transformers>=4.46'") from None
     v = transformers.__version__
-    major_minor = tuple(int(x) for x in re.findall(r"\d+", v)[:2])
-    lo, hi = (tuple(int(x) for x in t.split(".")) for t in TESTED_TRANSFORMERS)
-    if not lo <= major_minor <= (hi[0], 10 ** 6) or major_minor[0] > hi[0]:
-        raise ExportError(f"transformers {v}: not supported (tested {TESTED_TRANSFORMERS[0]} to "
-                          f"{TESTED_TRANSFORMERS[1]}.x); install a version in that range")
+    major = int(re.match(r"\d+", v).group()) if re.match(r"\d+", v) else 0
+    if major != 5:
+        raise ExportError(f"transformers {v}: not supported (needs {SUPPORTED_TRANSFORMERS}; tested with "
+                          f"{TESTED_TRANSFORMERS}): pip install 'transformers>=5,<6'")
     return v
 
 
@@ -430,7 +433,7 @@ def model_card(cfg, model_cfg: Dict[str, Any], meta: Dict[str, Any], fields: Dic
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-        "tok = AutoTokenizer.from_pretrained(DIR)",
+        "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)",
         "out = model(ids)                         # a fresh stream",
         "out = model(next_ids, memory=out.memory) # the memory carried to the next segment",
         "model.generate(ids, max_new_tokens=50)   # segments and memory as in training (pretrain/generate.py)",
@@ -474,7 +477,7 @@ def export_hf(source: str, output: str, log=print) -> str:
     version = check_transformers()
     cfg, model_cfg, weights, meta, tok = read_source(source)
     fields, favor = describe_model(cfg)
-    sources = bundle_sources(hook_targets(cfg))
+    sources = bundle_sources(hook_targets())
     eod = meta.get("eod_id")
     tensors = {k: v.float().contiguous() for k, v in sorted(weights.items())}
     tensors.update(favor)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_memtrain import MemTrainConfig
@@ -129,8 +129,9 @@ class _Runner:
         return self.Out(out.logits), self.State(out.memory, state.mem_len)
 
 
-class MemTrainForCausalLM(MemTrainPreTrainedModel):
-    """The decoder-only memory LM (module docstring)."""
+class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
+    """The decoder-only memory LM (module docstring).  ``generate`` is its own (the project's decoding loop);
+    GenerationMixin gives it the generation config that ``from_pretrained`` / ``save_pretrained`` handle."""
 
     def __init__(self, config: MemTrainConfig):
         super().__init__(config)
@@ -222,21 +223,3 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel):
             rows.append(row + new)
         width = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=input_ids.device)
-
-    # -- evaluation -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def score(self, tokens: List[int], segment_length: Optional[int] = None, mem_len: Optional[int] = None,
-              clamp_len: Optional[int] = None, same_length: Optional[bool] = None, memory=None):
-        """Log-likelihood of every token of ``tokens`` (a list of ints) after the one before it, reading them in
-        segments of ``segment_length`` (default: training's) with the memory carried (``evaluate.py``'s
-        ``carry`` / ``train`` protocols on one document).  The first token is the context only.  Returns
-        (float64 tensor [len(tokens) - 1] of log-probabilities, the memory after the last full read)."""
-        n = segment_length or self.config.segment_length
-        x = torch.tensor(tokens, dtype=torch.long)
-        out = []
-        for s in range(0, len(tokens) - 1, n):
-            seg, tgt = x[s:s + n][None], x[s + 1:s + n + 1]
-            seg = seg[:, :tgt.shape[0]]
-            logprobs, memory = self._run(seg, memory, mem_len, clamp_len, same_length)
-            out.append(logprobs[0].gather(-1, tgt[:, None]).squeeze(-1))
-        return (torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)), memory
