@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -181,12 +180,12 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
             params[name].copy_(t.to(params[name].dtype))
     from pretrain.model.weights import gather_full
     return meta["model"], {k: v.float() for k, v in gather_full(model).items()}, \
-        {"step": meta.get("step"), "source": os.path.abspath(os.path.join(load_dir, tag)), "run_dir": load_dir}
+        {"step": meta.get("step"), "source": ckpt.meta_path(os.path.abspath(load_dir), tag), "run_dir": load_dir}
 
 
 def read_source(path: str):
-    """(ModelConfig, model config dict, full fp32 weights, export meta, tokenizer, tokenizer base dir) of an export
-    directory or a checkpoint.  ExportError naming the file or flag on a missing, incomplete or foreign input."""
+    """(ModelConfig, model config dict, full fp32 weights, export meta, tokenizer) of an export directory or a
+    checkpoint.  ExportError naming the file or flag on a missing, incomplete or foreign input."""
     from data_tools.tokenization import TokenizerError, load_tokenizer, tokenizer_from_spec
     from pretrain.config_base import ConfigError, from_dict
     from pretrain.engine.export import read_export, read_weights
@@ -199,49 +198,36 @@ def read_source(path: str):
     if os.path.isfile(os.path.join(path, "model.yaml")) or os.path.isfile(os.path.join(path, "export.json")):
         model_cfg, meta = read_export(path)
         weights = read_weights(path, meta)
-        base = os.path.abspath(path)
+        where = os.path.join(path, "model.yaml")
         try:
-            tok = tokenizer_from_spec(meta["tokenizer"], base)
+            tok = tokenizer_from_spec(meta["tokenizer"], os.path.abspath(path))
         except (TokenizerError, ValueError) as e:
             raise ExportError(f"{path}: the export's tokenizer: {e}") from None
     else:
         model_cfg, weights, meta = _read_checkpoint(path)
-        run_dir = meta.pop("run_dir")
-        tok, base = None, None
+        run_dir, where = meta.pop("run_dir"), meta["source"]
+        config_file = os.path.join(run_dir, "config.yaml")
         try:
             import yaml
-            with open(os.path.join(run_dir, "config.yaml")) as f:
+
+            from pretrain.engine.data import load_data_info
+            with open(config_file) as f:
                 run = yaml.safe_load(f) or {}
-            prefixes = _train_prefix(run)
-            meta["data"] = prefixes
-            if prefixes.get("train"):
-                tok = load_tokenizer(prefixes["train"])
-                base = os.path.dirname(os.path.abspath(prefixes["train"]))
-                meta["tokenizer"] = tok.save(os.path.join(tempfile.mkdtemp(prefix="memtrain-hf-tok-"), "tokenizer"))
-        except (OSError, TokenizerError, ValueError) as e:
-            raise ExportError(f"{os.path.join(run_dir, 'config.yaml')}: cannot find the run's tokenizer ({e}); "
-                              f"export the checkpoint with pretrain/train.py first (SAVE/export)") from None
-        meta.setdefault("eod_id", getattr(tok, "eod_id", None))
+            data = load_data_info((run.get("data") or {}).get("path"))
+            tok = load_tokenizer(data.prefixes["train"])
+            spec_dir = tempfile.mkdtemp(prefix="memtrain-hf-tok-")
+            meta.update(data=data.prefixes, metric=data.metric, eod_id=data.eod_id, pad_id=data.pad_id,
+                        tokenizer=tok.save(os.path.join(spec_dir, "tokenizer")), eval=run.get("eval") or {})
+            shutil.rmtree(spec_dir, ignore_errors=True)
+        except (OSError, TokenizerError, ConfigError, ValueError) as e:
+            raise ExportError(f"{config_file}: cannot find the run's data and tokenizer "
+                              f"({' '.join(str(e).split())[:300]})") from None
     try:
         cfg = from_dict(ModelConfig, dict(model_cfg, dropout=0.0, dropatt=0.0))
         cfg.validate()
     except (ConfigError, TypeError, ValueError) as e:
-        raise ExportError(f"{os.path.join(path, 'model.yaml')}: {e}") from None
+        raise ExportError(f"{where}: {e}") from None
     return cfg, model_cfg, weights, meta, tok
-
-
-def _train_prefix(run: Dict[str, Any]) -> Dict[str, str]:
-    data = (run.get("data") or {}).get("path") or (run.get("data") or {}).get("data_path") or ""
-    if isinstance(data, dict):
-        return {k: str(v) for k, v in data.items()}
-    out = {}
-    for part in str(data).split(","):
-        k, sep, v = part.partition("=")
-        if sep:
-            out[k.strip()] = v.strip()
-        elif part.strip():
-            out["train"] = part.strip()
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -314,7 +300,8 @@ def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
 
 def _bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer maps bytes to)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -333,8 +320,6 @@ def _json_bytes(obj) -> bytes:
 def describe_model(cfg) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(MemTrainConfig fields, extra tensors) of a ModelConfig: layer specs, stack-level memories, the section
     calls, decode policies, and the FAVOR+ projections of its evaluation-mode model (fixed draws)."""
-    import dataclasses
-
     import torch
 
     from pretrain.model import build_model, parallel, registry
@@ -363,7 +348,6 @@ def describe_model(cfg) -> Tuple[Dict[str, Any], Dict[str, Any]]:
                                "settings": dict(s.settings)} for s in specs],
               "stack_memories": stack, "absolute_positions": bool(cfg.absolute_positions()), "section_calls": calls,
               "decode_policies": policies, "favor_layers": sorted(int(k.rsplit(".", 1)[1]) for k in favor)}
-    del dataclasses
     return fields, favor
 
 
@@ -404,8 +388,8 @@ def model_card(cfg, model_cfg: Dict[str, Any], meta: Dict[str, Any], fields: Dic
         "A decoder-only memory-augmented language model trained with the memtrain pipeline (Megatron-core layers, "
         "DeepSpeed) and exported by `pretrain/export_hf.py`.", "",
         "## Mechanism", "", *desc, "",
-        f"Layers: `{layers}` ({cfg.n_layer} layers)." + (f" Stack-level memories: {', '.join(fields['stack_memories'])}."
-                                                        if fields["stack_memories"] else ""), "",
+        f"Layers: `{layers}` ({cfg.n_layer} layers)."
+        + (f" Stack-level memories: {', '.join(fields['stack_memories'])}." if fields["stack_memories"] else ""), "",
         "## Shapes", "",
         "| field | value |", "|---|---|",
         *[f"| {k} | {model_cfg.get(k)} |" for k in ("vocab_size", "n_layer", "d_model", "n_head", "d_head",
