@@ -202,10 +202,25 @@ def test_lm_eval_perplexity_equals_evaluate_py(tmp_path, capsys):
     assert want["scored_tokens"] == len(TEXT)
     out = export_hf(exp, str(tmp_path / "hf-lmeval"), log=lambda m: None)
     card = open(os.path.join(out, "README.md")).read()
-    assert f"| eval.json | test | carry |" in card and str(want["bpc"]) in card, "the model card shows the result"
+    assert "| eval.json | test | carry |" in card and str(want["bpc"]) in card, "the model card shows the result"
     lm = MemTrainLM(path=out)
     got = lm.rolling(text)
     assert abs(-got / len(TEXT) - want["loss"]) < 1e-6
+    # loglikelihood: the context and the continuation read in the same segments (so it is the difference of two
+    # rolling scores: reading is causal); generate_until: the model's generate, cut at the stop string
+    from types import SimpleNamespace as Req
+    ctx, cont = text[:21], text[21:40]
+    (ll, greedy), = lm.loglikelihood([Req(args=(ctx, cont))])
+    assert abs(ll - (lm.rolling(ctx + cont) - lm.rolling(ctx))) < 1e-9 and isinstance(greedy, bool)
+    ids = [256] + list(ctx.encode())
+    new = lm.model.generate(torch.tensor([ids]), max_new_tokens=6)[0, len(ids):].tolist()
+    want_text = lm.tokenizer.decode(new[:new.index(256)] if 256 in new else new)
+    gen, = lm.generate_until([Req(args=(ctx, {"until": [], "max_gen_toks": 6}))])
+    assert gen == want_text
+    if len(want_text) >= 4:
+        stop = want_text[2:4]
+        gen, = lm.generate_until([Req(args=(ctx, {"until": [stop], "max_gen_toks": 6}))])
+        assert gen == want_text[:want_text.index(stop)]
     lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install lm-eval)")
     from lm_eval.tasks import TaskManager
     (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n")

@@ -15,10 +15,9 @@ def test_a_tensor_parallel_checkpoint_exports_as_the_trainers_export(tmp_path):
 
     from pretrain.hf.export import export_hf
     data = copy_task(tmp_path / "copy", train_size=300, eval_size=40)
-    args = ["--data-path", data] + [a if a != "--checkpoint.export" else a for a in TINY] + \
-        ["--eval.micro_batch", "2", "--tensor-model-parallel-size", "2", "--train-iters", "2"]
-    i = args.index("--checkpoint.export")
-    args[i + 1] = "true"
+    args = ["--data-path", data] + TINY + ["--eval.micro_batch", "2", "--tensor-model-parallel-size", "2",
+                                           "--train-iters", "2"]
+    args[args.index("--checkpoint.export") + 1] = "true"           # the trainer's own export, to compare with
     launch(2, tmp_path, "0", "fp32", "src", args)
     run = tmp_path / "z0fp32_src"
     from_ckpt = export_hf(str(run), str(tmp_path / "hf-ckpt"), log=lambda m: None)
