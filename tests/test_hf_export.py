@@ -148,22 +148,24 @@ def test_the_directory_loads_without_the_project(tmp_path, data):
     assert got["generated"] == hf.generate(ids[:, :5], max_new_tokens=6).tolist()
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bytes-eod", "chars", "words"])
+@pytest.mark.parametrize("kind", ["bytes", "bytes-eod", "chars", "words", "gpt2"])
 def test_tokenizer_files_encode_as_the_project(kind, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from data_tools.tokenization import ByteTokenizer, WordTokenizer, build_char_vocab
+    from corpora import gpt2_files
+    from data_tools.tokenization import ByteTokenizer, GPT2Tokenizer, WordTokenizer, build_char_vocab
     from pretrain.hf.export import tokenizer_files
     text = "Héllo wörld\nthe  quick\tfox <eod>\n\nend"
     tok = {"bytes": lambda: ByteTokenizer(), "bytes-eod": lambda: ByteTokenizer(eod=True),
            "chars": lambda: build_char_vocab(text.replace("<eod>", ""), eod="<eod>"),
-           "words": lambda: WordTokenizer(["<unk>", "<eos>", "the", "quick", "fox", "end"])}[kind]()
+           "words": lambda: WordTokenizer(["<unk>", "<eos>", "the", "quick", "fox", "end"]),
+           "gpt2": lambda: GPT2Tokenizer(*gpt2_files())}[kind]()
     for name, blob in tokenizer_files(tok, tok.eod_id).items():
         (tmp_path / name).write_bytes(blob)
     hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     sample = text if kind != "chars" else text.replace("<eod>", "")
     assert hf(sample, add_special_tokens=False)["input_ids"] == tok.encode(sample)
-    if kind in ("bytes", "bytes-eod", "chars"):
+    if kind in ("bytes", "bytes-eod", "chars", "gpt2"):
         assert hf.decode(tok.encode(sample)) == sample
     if tok.eod_id is not None:
         assert hf.convert_tokens_to_ids(hf.eos_token) == tok.eod_id

@@ -234,7 +234,8 @@ def read_source(path: str):
 def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
     """The Hugging Face tokenizer files of a project tokenizer: ``tokenizer.json`` (+ ``tokenizer_config.json``,
     ``special_tokens_map.json``) for bytes, characters, words, GPT-2 BPE and Hugging Face tokenizers (ids equal
-    ``tok.encode``), the sentencepiece model as ``tokenizer.model``.  ValueError for a kind it cannot convert."""
+    ``tok.encode``), the sentencepiece model as it is (``tokenizer.model``, for ``sentencepiece`` itself).
+    ValueError for a kind it cannot convert."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import AddedToken
     kind = getattr(tok, "kind", "?")
@@ -283,11 +284,10 @@ def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
         if getattr(tok, "eod_token", None):
             special["eos_token"] = tok.eod_token
     elif kind == "sentencepiece":
+        # as it is: transformers 5's conversion (LlamaTokenizer) skips the model's normaliser and gives other ids
+        # for some texts (runs of spaces), so no tokenizer config: load it with sentencepiece itself
         with open(tok.path, "rb") as f:
-            data = f.read()
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                  "legacy": True, "model_max_length": 1 << 30}
-        return {"tokenizer.model": data, "tokenizer_config.json": _json_bytes(config)}
+            return {"tokenizer.model": f.read()}
     else:
         raise ValueError(f"tokenizer kind {kind!r}: no Hugging Face conversion")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
@@ -417,7 +417,9 @@ def model_card(cfg, model_cfg: Dict[str, Any], meta: Dict[str, Any], fields: Dic
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-        "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)",
+        "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)"
+        if getattr(tok, "kind", "") != "sentencepiece"
+        else "tok = sentencepiece.SentencePieceProcessor(model_file=DIR + '/tokenizer.model')  # as in training",
         "out = model(ids)                         # a fresh stream",
         "out = model(next_ids, memory=out.memory) # the memory carried to the next segment",
         "model.generate(ids, max_new_tokens=50)   # segments and memory as in training (pretrain/generate.py)",

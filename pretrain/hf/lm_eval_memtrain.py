@@ -50,6 +50,19 @@ def _opt_bool(v) -> Optional[bool]:
     return str(v).lower() in ("1", "true", "yes")
 
 
+class _SentencePiece:
+    """A sentencepiece processor with the two calls the adapter makes of a transformers tokenizer."""
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.sp.encode(text)}
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
 @register_model("memtrain")
 class MemTrainLM(LM):
     """A ``pretrain/export_hf.py`` directory for lm-evaluation-harness (module docstring).
@@ -68,7 +81,14 @@ class MemTrainLM(LM):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                           dtype=getattr(torch, str(dtype))).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        import os
+        if os.path.isfile(os.path.join(path, "tokenizer.model")) and \
+                not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            import sentencepiece                     # a sentencepiece model is exported as it is
+            self.tokenizer = _SentencePiece(sentencepiece.SentencePieceProcessor(
+                model_file=os.path.join(path, "tokenizer.model")))
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         cfg = self.model.config
         ev = cfg.eval if protocol == "xl" else {}
         if protocol not in ("train", "xl"):
