@@ -180,7 +180,8 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
             params[name].copy_(t.to(params[name].dtype))
     from pretrain.model.weights import gather_full
     return meta["model"], {k: v.float() for k, v in gather_full(model).items()}, \
-        {"step": meta.get("step"), "source": ckpt.meta_path(os.path.abspath(load_dir), tag), "run_dir": load_dir}
+        {"step": meta.get("step"), "source": os.path.abspath(os.path.join(load_dir, tag)), "run_dir": load_dir,
+         "meta_file": ckpt.meta_path(os.path.abspath(load_dir), tag)}
 
 
 def read_source(path: str):
@@ -205,7 +206,7 @@ def read_source(path: str):
             raise ExportError(f"{path}: the export's tokenizer: {e}") from None
     else:
         model_cfg, weights, meta = _read_checkpoint(path)
-        run_dir, where = meta.pop("run_dir"), meta["source"]
+        run_dir, where = meta.pop("run_dir"), meta.pop("meta_file")
         config_file = os.path.join(run_dir, "config.yaml")
         try:
             import yaml

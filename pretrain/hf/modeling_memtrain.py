@@ -197,14 +197,20 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
                  mem_len: Optional[int] = None, segment_length: Optional[int] = None, clamp_len: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, **unused) -> torch.LongTensor:
+                 generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
+                 **unused) -> torch.LongTensor:
         """Continue every row of ``input_ids`` [B, P] by up to ``max_new_tokens`` tokens, exactly as
         ``pretrain/generate.py`` does (the same loop, ``memtrain_decoding.generate``): the memory carried from
         segment to segment of ``segment_length`` (default: training's) as in training, the partial segment
         re-read for every new token (or a sliding window, or one token at a time, by ``decode_policy_for``).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` as in ``generate.py``, drawn
-        from ``generator``); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
-        with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64."""
+        from ``generator``; a setting not given comes from the generation config, whose unset fields have
+        transformers' defaults); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
+        with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.  ValueError for padding
+        in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments are ignored."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("attention_mask: padding is not supported (give rows of real tokens; lengths may differ "
+                             "only if generated one call per row)")
         gc = self.generation_config
         do_sample = gc.do_sample if do_sample is None else do_sample
         temperature = (gc.temperature if temperature is None else temperature) if do_sample else 0.0
