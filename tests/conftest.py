@@ -76,3 +76,38 @@ def spawn_tp2(worker, args, timeout: float):
             for p in ctx.processes:
                 p.kill()
             pytest.fail("TP = 2 workers timed out")
+
+
+def write_byte_data(prefix, data: bytes, eod_first: bool = False) -> str:
+    """A one-document byte-level dataset at ``prefix`` (``.bin``/``.idx`` and its metadata): the bytes of ``data``,
+    after an end-of-document id (256; the tokenizer then has one) with ``eod_first``.  Returns ``prefix``."""
+    import numpy as np
+
+    from data_tools.indexed import IndexedDatasetWriter
+    from data_tools.metadata import write_metadata
+    from data_tools.tokenization import ByteTokenizer
+    prefix = str(prefix)
+    tokens = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+    if eod_first:
+        tokens = np.concatenate([np.array([256], np.uint16), tokens])
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_documents(tokens, np.array([len(tokens)]))
+    tok = ByteTokenizer(eod=eod_first)
+    write_metadata(prefix, {"format": "MMIDIDX", "dtype": "uint16", "vocab_size": tok.vocab_size,
+                            "eod_id": tok.eod_id, "pad_id": None, "tokenizer": tok.save(prefix), "documents": 1,
+                            "sequences": 1, "tokens": len(tokens), "producer": "test"})
+    return prefix
+
+
+def write_model_export(out, model, data_prefix, **meta) -> str:
+    """An export directory of ``model`` (``pretrain.engine.export.write_export``: its consolidated weights, config
+    and the tokenizer of the data at ``data_prefix``), as training writes one.  Returns its path."""
+    import json as _json
+
+    from pretrain.config_base import to_dict
+    from pretrain.engine.export import write_export
+    info = _json.load(open(data_prefix + ".json")) if os.path.exists(data_prefix + ".json") else {}
+    meta = {"step": 0, "source": None, "metric": "bpc", "data": {"train": data_prefix, "test": data_prefix},
+            "vocab_size": model.cfg.vocab_size, "eod_id": info.get("eod_id"), "pad_id": info.get("pad_id"),
+            "eval": {}, **meta}
+    return write_export(str(out), model.gather_full_state_dict(), to_dict(model.cfg), data_prefix, meta)

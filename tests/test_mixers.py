@@ -303,13 +303,14 @@ def test_greedy_generation_equals_teacher_forcing(case, mem_len, monkeypatch):
     segment (neither a whole number of segments); the output crosses several segment boundaries.  The weights are
     large enough that the context changes the predictions (checked: else a decode that drops the context would
     pass)."""
+    import pretrain.decoding as dec
     import pretrain.generate as gen
     cfg = _gen_cfg(case, mem_len=mem_len, init_std=0.3)
     model = _model(cfg)
     n = cfg.tgt_len
     seen = []
-    sample_next = gen.sample_next
-    monkeypatch.setattr(gen, "sample_next", lambda lp, *a: seen.append(lp[0]) or sample_next(lp, *a))
+    sample_next = dec.sample_next
+    monkeypatch.setattr(dec, "sample_next", lambda lp, *a: seen.append(lp[0]) or sample_next(lp, *a))
     for length in (2, 6):
         prompt = torch.randint(0, BASE["vocab_size"], (length,), generator=torch.Generator().manual_seed(4)).tolist()
         seen.clear()

@@ -30,19 +30,13 @@ from torch import nn
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from pretrain.model import parallel
+from pretrain.model.clusters import cluster_bounds, cluster_dims  # noqa: F401 (re-exported)
 from pretrain.model.modules.attention import score_dtype
 from pretrain.model.modules.linear import _no_init, column_linear, column_parallel
 from pretrain.model.parallel import ShardSpec
 from pretrain.model.weights import describe
 
 
-def cluster_bounds(cfg) -> List[Tuple[int, int]]:
-    edges = [0] + list(cfg.cutoffs) + [cfg.vocab_size]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def cluster_dims(cfg) -> List[int]:
-    return [cfg.embed_dim // cfg.div_val ** i for i in range(len(cfg.cutoffs) + 1)]
 
 
 def _pad_mask(sections, rank: int, world: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import registry
-from pretrain.model.embeddings import cluster_bounds
+from pretrain.model.clusters import cluster_bounds
 from pretrain.model.positions import sinusoid
 
 
@@ -49,15 +49,22 @@ class Segment:
 
 class ReferenceLM:
     def __init__(self, cfg, weights: Dict[str, torch.Tensor], favor_projections: Optional[Dict[int, torch.Tensor]]
-                 = None):
-        """``favor_projections``: layer index -> the FAVOR+ projection [dh, m] the model used (random draws)."""
+                 = None, hooks: Optional[Dict[str, Callable]] = None, stack_memories: Optional[List[str]] = None):
+        """``favor_projections``: layer index -> the FAVOR+ projection [dh, m] the model used (random draws).
+        ``hooks`` (mechanism name -> its reference hook) and ``stack_memories`` (the names of the stack-level
+        memories ``cfg`` turns on, in registration order): None reads both from the registry; a copy of this file
+        outside the project (an exported Hugging Face model directory, ``pretrain/hf``) passes them."""
         self.cfg = cfg
         self.w = {k: v.double() for k, v in weights.items()}
         self.specs = cfg.layer_specs()
         self.favor = {k: v.double() for k, v in (favor_projections or {}).items()}
+        if hooks is None or stack_memories is None:
+            hooks = {n: registry.reference_hook(n) for n in {s.mechanism for s in self.specs}
+                     | {m.name for m in registry.stack_memories(cfg)}}
+            stack_memories = [m.name for m in registry.stack_memories(cfg)]
         # each mechanism's reference hook (the registration's ``reference``); the stack-level memories' references
-        self.layers: Dict[str, Callable] = {n: registry.reference_hook(n) for n in {s.mechanism for s in self.specs}}
-        self.memories = {m.name: registry.reference_hook(m.name)(self, cfg) for m in registry.stack_memories(cfg)}
+        self.layers: Dict[str, Callable] = {n: hooks[n] for n in {s.mechanism for s in self.specs}}
+        self.memories = {name: hooks[name](self, cfg) for name in stack_memories}
         self.aux_losses: Dict[int, torch.Tensor] = {}      # the last segment's auxiliary losses, by layer
 
     # -- helpers --------------------------------------------------------------------------------------------
