@@ -78,11 +78,11 @@ setup(
     # op tests load its reference functions file by file.  transformers (no torch dependency of its own: it uses
     # the torch installed first) is the reference the MemBART tests compare with (BART, generate).
     # hf: pretrain/export_hf.py (the exported directory itself needs only torch and transformers 5);
-    # lm_eval: the lm-evaluation-harness model (pretrain/hf/lm_eval_memtrain.py).  lm-eval is not in the test
-    # extra: it brings ~45 packages and its typepy[datetime] wants python-dateutil < 3 (constraints.txt has 4.0.0);
-    # tests/test_hf_export.py runs its harness part when it is installed.
+    # lm_eval: the lm-evaluation-harness model (pretrain/hf/lm_eval_memtrain.py); the test extra has it too
+    # (tests/test_hf_export.py scores a local task through the harness), with ~45 packages of its own (its
+    # typepy[datetime] wants python-dateutil < 3: constraints.txt pins 2.9.0.post0).
     extras_require={"test": ["pytest>=8", "pytest-timeout", "tiktoken", "fla-core>=0.6,<0.7",
-                             "transformers>=4.46"],
+                             "transformers>=4.46", "lm-eval>=0.4.13,<0.5"],
                     "hf": ["transformers>=5,<6"],
                     "lm_eval": ["transformers>=5,<6", "lm-eval>=0.4.13,<0.5"]},
     ext_modules=EXT_MODULES,
