@@ -66,7 +66,7 @@ MARK_BEGIN, MARK_END = "<!-- memory_suite:begin -->", "<!-- memory_suite:end -->
 
 # The two settings: every option left unset on the command line takes its value from one of these.
 FULL = dict(tasks="mqar,copy,reverse,retrieval,babifacts", distances="1,2,4", variants="default", segment=8,
-            steps=600, batch=32, lr=1e-3, warmup=50, n_layer=4, d_model=64, n_head=4, d_head=16, d_inner=256,
+            steps=200, batch=32, lr=1e-3, warmup=50, n_layer=4, d_model=64, n_head=4, d_head=16, d_inner=256,
             mem_len=0, seeds="1", train_size=20000, test_size=500, mqar_pairs=4, mqar_queries=4, mqar_vocab=32,
             copy_symbols=8, babi_haystacks="0", threads=1)
 QUICK = dict(FULL, tasks="mqar", distances="1,2", variants="xl,rmt8", segment=8, steps=3, batch=4, warmup=0,
@@ -368,11 +368,11 @@ def plot(report: dict, path: str) -> str:
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4.5), squeeze=False)
     for ax, label in zip(axes[0], labels):
         task = report["tasks"][label]
-        for name, v in task["variants"].items():
+        for i, (name, v) in enumerate(task["variants"].items()):
             pts = [(k, v["accuracy"][str(k)]) for k in task["distances"] if v["accuracy"].get(str(k)) is not None]
             if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, "o-", label=name)
+                xs, ys = zip(*pts)      # ten colours, then the next line style
+                ax.plot(xs, ys, "os^D"[i // 10 % 4] + ("-", "--", ":", "-.")[i // 10 % 4], label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(task["distances"])
         ax.set_xticklabels([str(k) for k in task["distances"]])
@@ -393,9 +393,9 @@ def write_results_md(path: str, report: dict, table: str) -> None:
         raise SuiteError(f"--results-md {path}: no {MARK_BEGIN} ... {MARK_END} block to fill")
     s = report["settings"]
     block = (f"{MARK_BEGIN}\nMeasured {report['date']} on {report['machine']['processor'] or 'CPU'} "
-             f"({report['machine']['cpus']} cores, {s['threads']} thread per run), {report['wall_seconds'] / 60:.0f} "
-             f"minutes; command: `{report['command']}`; {s['steps']} steps of {s['batch']} examples per run, seeds "
-             f"{s['seeds']}.\n\n{table}\n{MARK_END}")
+             f"({report['machine']['cpus']} cores, {s['threads']} thread(s) per run), "
+             f"{report['wall_seconds'] / 3600:.2f} hours; command: `{report['command']}`; {s['steps']} steps of "
+             f"{s['batch']} examples per run, seeds {s['seeds']}.\n\n{table}\n{MARK_END}")
     head, rest = text.split(MARK_BEGIN, 1)
     tail = rest.split(MARK_END, 1)[1]
     tmp = path + ".tmp"
