@@ -12,7 +12,10 @@ from benchmarks import memory_suite as suite
 @pytest.mark.slow
 def test_quick_run_reports_an_accuracy_for_every_variant_and_distance(tmp_path, capsys):
     out = tmp_path / "suite.json"
-    assert suite.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    md = tmp_path / "results.md"
+    md.write_text(f"# Results\n\nbefore\n{suite.MARK_BEGIN}\nNot run yet.\n{suite.MARK_END}\nafter\n")
+    assert suite.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--results-md", str(md),
+                       "--set=--model.dropout", "--set=0.0"]) == 0
     report = json.loads(out.read_text())
     for key in ("date", "command", "machine", "settings", "budget", "seeds", "accuracy", "parameter_matching",
                 "table", "tasks", "wall_seconds"):
@@ -35,8 +38,12 @@ def test_quick_run_reports_an_accuracy_for_every_variant_and_distance(tmp_path, 
             assert isinstance(acc, float) and 0.0 <= acc <= 1.0, (name, k, acc)
             (run,) = v["runs"][k]
             assert run["accuracy"] == acc and "--data.reset_memory" in run["command"]
+            assert run["command"][-2:] == ["--model.dropout", "0.0"]        # --set: after the suite's options
     assert task["variants"]["rmt8"]["params"]["d_inner"] != task["variants"]["xl"]["params"]["d_inner"]
     assert (tmp_path / "suite.png").stat().st_size > 0
+    text = md.read_text()        # the table replaced the block between the markers, the rest kept
+    assert text.startswith("# Results\n\nbefore\n") and text.endswith(f"{suite.MARK_END}\nafter\n")
+    assert "Not run yet" not in text and report["table"] in text
     printed = capsys.readouterr().out
     assert "| xl |" in printed and "| rmt8 |" in printed and "[4/4]" in printed
 
