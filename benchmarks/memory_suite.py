@@ -27,7 +27,8 @@ Variants come from the mechanism registry (``benchmarks/bench_model.py``: ``regi
 mechanism is compared without new code: ``--variants default`` takes the baseline ``none``, for every mixer
 mechanism its first alias (and one more alias per distinct update ``rule``: sum and delta rule), every stack
 memory's benchmark configs (RMT, RMT + XL, ARMT), the hybrids, plus the suite's ``xl_cover`` (Transformer-XL whose
-memory covers the distance: (k+1)*N).  Memory caches use ``--mem-len`` (default N: one segment per layer, shorter
+memory covers the distance: (k+1)*N); ``--variant NAME='--model.x V ...'`` adds a custom one (the fast-weight
+layers' limited-context training, say).  Memory caches use ``--mem-len`` (default N: one segment per layer, shorter
 than every distance above 1; the RMT paper's baseline).  ``--variants all`` takes every registry variant.
 
 Matched parameter count: per task, every variant's feed-forward width (``model.d_inner``) is set so that its
@@ -114,6 +115,29 @@ def default_variants(known: Dict[str, dict]) -> List[str]:
         if n in known and n not in seen:
             seen.append(n)
     return seen
+
+
+def parse_variant(spec: str) -> Tuple[str, dict]:
+    """``NAME=--model.x V --model.y.z W`` -> (NAME, {"x": V, "y": {"z": W}}), values read as YAML scalars."""
+    import yaml
+    name, _, rest = spec.partition("=")
+    tokens = shlex.split(rest)
+    if not name.strip() or not tokens or len(tokens) % 2:
+        raise SuiteError(f"--variant {spec!r}: expected NAME='--model.FIELD VALUE ...' (pairs of option and value)")
+    kw: dict = {}
+    for flag, value in zip(tokens[::2], tokens[1::2]):
+        if not flag.startswith("--model.") or flag == "--model.":
+            raise SuiteError(f"--variant {name}: {flag!r} is not a --model.FIELD option (give other train.py "
+                             f"options to every run with --set)")
+        *path, last = flag[len("--model."):].split(".")
+        node = kw
+        for key in path:
+            node = node.setdefault(key, {})
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[last] = value
+    return name.strip(), kw
 
 
 def resolve(overrides: dict, k: int, segment: int) -> dict:
@@ -440,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--copy-symbols", int, "copy / reverse: alphabet")
     opt("--babi-haystacks", str, "babifacts: comma list of haystack lengths H in characters (0 = (max k + 1) N)")
     opt("--threads", int, "torch threads per run")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="a custom variant: NAME='--model.x V --model.y.z W' (repeatable), e.g. delta_limited="
+                        "'--model.attn_type 24 --model.mem_len 0 --model.fast_weight.carry_state false'")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated tasks")
     p.add_argument("--param-tolerance", type=float, default=0.02,
                    help="relative parameter-count mismatch allowed against xl (default 0.02)")
@@ -499,8 +526,19 @@ def settle(args) -> Tuple[List[int], List[int], List[str]]:
     else:
         names = list(dict.fromkeys(v for v in args.variants.split(",") if v))
     bad = [v for v in names if v not in known]
-    if bad or not names:
+    if bad or (not names and not args.variant):
         raise SuiteError(f"--variants: unknown {bad or 'empty list'} (known: default, all, {', '.join(known)})")
+    args.custom = {}
+    for spec in args.variant:
+        name, kw = parse_variant(spec)
+        try:
+            from pretrain.model import ModelConfig
+            ModelConfig(**{**dict(attn_type=0), **kw}).layer_specs()
+        except Exception as e:                      # noqa: BLE001 (an unknown field or value: name the option)
+            raise SuiteError(f"--variant {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        args.custom[name] = kw
+        if name not in names:
+            names.append(name)
     return distances, seeds, names
 
 
@@ -511,7 +549,7 @@ def main(argv=None) -> int:
         distances, seeds, names = settle(args)
         specs = task_specs(args, distances)
         tasks = {(s.label, k): s.make(k, args) for s in specs for k in distances}   # all checked before any work
-        known = suite_variants()
+        known = {**suite_variants(), **args.custom}
         variants = {n: known[n] for n in names}
         print(f"{PROG}: {len(specs)} task(s) x {len(distances)} distance(s) x {len(variants)} variant(s) x "
               f"{len(seeds)} seed(s), {args.steps} steps each; variants: {', '.join(variants)}", flush=True)

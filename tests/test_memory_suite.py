@@ -57,6 +57,9 @@ def test_quick_run_reports_an_accuracy_for_every_variant_and_distance(tmp_path, 
     (["--variants", "xl,nonesuch"], "--variants"),
     (["--distances", "0,2"], "--distances"),
     (["--results-md", "/nonexistent/results.md"], "--results-md"),
+    (["--variant", "odd=--model.nonesuch 3"], "--variant odd"),
+    (["--variant", "odd=--train.threads 3"], "--variant odd"),
+    (["--variant", "odd=--model.attn_type"], "--variant"),
 ])
 def test_bad_settings_fail_first_with_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
     work = tmp_path / "work"
@@ -76,3 +79,12 @@ def test_default_variants_come_from_the_registry():
     for mech in registry.mechanisms("stack").values():      # every stack memory's benchmark configs
         assert set(mech.bench_configs) <= set(names)
     assert suite.resolve(known["xl_cover"], 3, 8)["mem_len"] == 32
+
+
+def test_custom_variants_become_nested_overrides():
+    name, kw = suite.parse_variant("delta_limited=--model.attn_type 24 --model.mem_len 0 "
+                                   "--model.fast_weight.carry_state false --model.fast_weight.positions absolute")
+    assert name == "delta_limited"
+    assert kw == {"attn_type": 24, "mem_len": 0, "fast_weight": {"carry_state": False, "positions": "absolute"}}
+    assert suite.flags(kw)[-4:] == ["--model.fast_weight.carry_state", "False", "--model.fast_weight.positions",
+                                    "absolute"]
