@@ -542,6 +542,23 @@ def settle(args) -> Tuple[List[int], List[int], List[str]]:
     return distances, seeds, names
 
 
+def check_variants(variants: Dict[str, dict], shape: dict, distances: List[int], segment: int) -> None:
+    """Every variant's model config at the suite's shape is valid (a layer pattern that does not divide
+    --n-layer, a head split that does not fit): SuiteError naming the variant, before anything is generated."""
+    from pretrain.model import ModelConfig
+    for name, ov in variants.items():
+        try:
+            cfg = ModelConfig(**{**shape, "vocab_size": 256, **resolve(ov, max(distances), segment)})
+            cfg.layer_specs()
+            validate = getattr(cfg, "validate", None)
+            if validate:
+                validate()
+        except Exception as e:                      # noqa: BLE001 (ConfigError, TypeError: name the variant)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SuiteError(f"--variants {name}: does not fit the model shape (--n-layer {shape['n_layer']}, "
+                             f"--d-model {shape['d_model']}, ...): {msg}") from None
+
+
 def main(argv=None) -> int:
     t_start = time.time()
     args = build_parser().parse_args(argv)
@@ -551,22 +568,22 @@ def main(argv=None) -> int:
         tasks = {(s.label, k): s.make(k, args) for s in specs for k in distances}   # all checked before any work
         known = {**suite_variants(), **args.custom}
         variants = {n: known[n] for n in names}
+        shape = dict(n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head, d_head=args.d_head,
+                     d_inner=args.d_inner, tgt_len=args.segment, mem_len=args.mem_len, dropout=0.0, attn_type=0)
+        check_variants(variants, shape, distances, args.segment)
+        if args.results_md and MARK_BEGIN not in open(args.results_md).read():
+            raise SuiteError(f"--results-md {args.results_md}: no {MARK_BEGIN} ... {MARK_END} block to fill")
         print(f"{PROG}: {len(specs)} task(s) x {len(distances)} distance(s) x {len(variants)} variant(s) x "
               f"{len(seeds)} seed(s), {args.steps} steps each; variants: {', '.join(variants)}", flush=True)
         prefixes = {}
         for s in specs:
             for k in distances:
                 prefixes[s.label, k] = make_data(s, k, tasks[s.label, k], args)
-        if args.results_md:
-            if MARK_BEGIN not in open(args.results_md).read():
-                raise SuiteError(f"--results-md {args.results_md}: no {MARK_BEGIN} ... {MARK_END} block to fill")
     except SuiteError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     from data_tools.metadata import read_metadata
     count = Counter()
-    shape = dict(n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head, d_head=args.d_head,
-                 d_inner=args.d_inner, tgt_len=args.segment, mem_len=args.mem_len, dropout=0.0, attn_type=0)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT),
                                                             *(sys.argv[1:] if argv is None else argv)]),

@@ -60,6 +60,7 @@ def test_quick_run_reports_an_accuracy_for_every_variant_and_distance(tmp_path, 
     (["--variant", "odd=--model.nonesuch 3"], "--variant odd"),
     (["--variant", "odd=--train.threads 3"], "--variant odd"),
     (["--variant", "odd=--model.attn_type"], "--variant"),
+    (["--variants", "hybrid", "--n-layer", "2"], "--variants hybrid"),
 ])
 def test_bad_settings_fail_first_with_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
     work = tmp_path / "work"
