@@ -86,6 +86,28 @@ def suite_variants() -> Dict[str, dict]:
     from benchmarks.bench_model import registry_variants
     out = registry_variants()
     out["xl_cover"] = dict(attn_type=0, mem_len=COVER)
+    out.update(limited_variants(out))
+    return out
+
+
+def limited_variants(known: Dict[str, dict]) -> Dict[str, dict]:
+    """``<alias>_limited`` for every variant whose mechanism's section has both ``carry_state`` and ``positions``
+    (the fast-weight layers): the state reset at every segment and absolute positions, the fast-weight toolkit's
+    own training setting (docs/results.md, "Fast weights against the fast-weight toolkit"), beside the carried
+    setting the alias itself trains."""
+    import dataclasses
+
+    from pretrain.model import registry
+    out = {}
+    for name, kw in known.items():
+        code = kw.get("attn_type")
+        if not isinstance(code, int) or code not in registry.all_codes():
+            continue
+        mech = registry.mechanism_of_code(code)
+        cls = mech.section_class
+        fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+        if {"carry_state", "positions"} <= fields:
+            out[f"{name}_limited"] = dict(kw, **{mech.section: {"carry_state": False, "positions": "absolute"}})
     return out
 
 
@@ -95,7 +117,7 @@ COVER = "cover"      # mem_len placeholder: (k+1)*N at distance k
 def default_variants(known: Dict[str, dict]) -> List[str]:
     """The default comparison, read from the registry: ``none``, ``xl``, ``xl_cover``; for every mixer mechanism
     its first stand-alone alias, plus one alias per further distinct update ``rule`` (fast weights: sum and delta
-    rule); every stack memory's benchmark configs (RMT, RMT + XL, ARMT); the hybrids of ``registry_variants``."""
+    rule), each fast-weight one also in its toolkit setting (``_limited``, ``limited_variants``); every stack memory's benchmark configs (RMT, RMT + XL, ARMT); the hybrids of ``registry_variants``."""
     from pretrain.model import registry
     names = ["none", "xl", "xl_cover"]
     for mech in registry.mechanisms("mixer").values():
@@ -106,7 +128,7 @@ def default_variants(known: Dict[str, dict]) -> List[str]:
             if var.settings.get("standalone", True) is False or rule in rules:
                 continue
             rules.add(rule)
-            names.append(alias)
+            names += [alias, f"{alias}_limited"]
     for mech in registry.mechanisms("stack").values():
         names += list(mech.bench_configs)
     names += ["hybrid", "slots_xl"]

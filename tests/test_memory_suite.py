@@ -80,6 +80,12 @@ def test_default_variants_come_from_the_registry():
     for mech in registry.mechanisms("stack").values():      # every stack memory's benchmark configs
         assert set(mech.bench_configs) <= set(names)
     assert suite.resolve(known["xl_cover"], 3, 8)["mem_len"] == 32
+    # the fast-weight layers in both settings: carried (the memory) and the toolkit's limited context
+    for name in ("linear", "delta"):
+        assert f"{name}_limited" in names
+        assert known[f"{name}_limited"] == dict(known[name], fast_weight={"carry_state": False,
+                                                                           "positions": "absolute"})
+    assert not any(n.startswith(("gdn", "xl", "rmt")) and n.endswith("_limited") for n in known)
 
 
 def test_custom_variants_become_nested_overrides():
