@@ -27,7 +27,9 @@ Scenarios:
   sums and stream position, every checkpoint saved (tag and meta.json's reason) and where the resume started.
 * ``curriculum``: an uninterrupted run (``train.curriculum`` among the options) saving every step, then for each
   step of ``--resume-points`` a run resumed from a copy of that step's checkpoint alone; records for each the
-  losses, weights, memory sums, stream and curriculum position, as ``stops`` does.
+  losses, weights, memory sums, stream and curriculum position, as ``stops`` does; then the message that refuses
+  the uninterrupted run's last checkpoint to a run without the curriculum, and a checkpoint written without one
+  to the curriculum.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
 * ``grads``: one optimizer step per layout of ``--layouts`` (a JSON list of ``{"name", "zero", "args"}``, the
@@ -308,6 +310,18 @@ def main():
                 if dist.is_initialized():
                     dist.barrier()
                 results[stage][str(at)] = one_run(rest + every + ["--save", save], ds, hook="stops")
+            # resuming across a curriculum and none is refused before anything is written or loaded
+            from pretrain.config_base import ConfigError
+            plain = [a for i, a in enumerate(rest) if "--train.curriculum" not in (a, rest[i - 1] if i else None)]
+
+            def refused(argv):
+                try:
+                    one_run(argv, ds)
+                except ConfigError as e:
+                    return str(e)
+            results[stage]["refused_without"] = refused(plain + ["--save", full])
+            one_run(plain + ["--save", base + "_plain", "--train-iters", "1"], ds)
+            results[stage]["refused_with"] = refused(rest + ["--save", base + "_plain"])
             continue
         if args.scenario == "aux":
             results[stage] = {w: one_run(rest + ["--save", f"{base}_aux{w}", "--train-iters", "1",
