@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 from pretrain.config_base import ConfigError
-from test_engine_resume import ENV, PY, TINY, one_line_error, ok, records, train  # noqa: F401
+from test_engine_resume import ENV, PY, TINY, records
 from test_engine_train import torchrun
 
 
@@ -184,8 +184,9 @@ def test_invalid_stages_name_the_field(value, field, words):
 def test_a_curriculum_from_yaml(tmp_path):
     from pretrain.engine.run_config import parse_args
     preset = tmp_path / "p.yaml"
-    preset.write_text("train:\n  curriculum:\n    - {data: d/copy1, steps: 100}\n    - {data: d/copy2, bptt_segments: 2, "
-                      "loss: 0.5, window: 20, max_steps: 1000}\n    - {bptt_segments: 4}\n")
+    preset.write_text("train:\n  curriculum:\n    - {data: d/copy1, steps: 100}\n"
+                      "    - {data: d/copy2, bptt_segments: 2, loss: 0.5, window: 20, max_steps: 1000}\n"
+                      "    - {bptt_segments: 4}\n")
     cfg, _ = parse_args(["--config", str(preset)])
     st = cfg.train.curriculum
     assert [s.data for s in st] == ["d/copy1", "d/copy2", None] and [s.bptt_segments for s in st] == [None, 2, 4]

@@ -23,6 +23,10 @@ ordered stream's position) and ``rng`` (the random generators), so a resumed run
 (bit for bit in fp32 on CPU).  The learning-rate schedule is a function of the number of applied updates
 (``meta.json``'s ``lr_step``) and of this run's options, so a resumed run follows its own schedule from its first
 update, with or without the optimizer state (``--no-load-optim``).
+
+With ``train.curriculum`` (``curriculum.py``) the run trains stage after stage, each with its data and BPTT depth;
+a stage ends after a step (by its step count or a loss threshold) with a new stream from the stage's start, fresh
+memory states and the stage's depth, before that step's checkpoint, whose ``meta.json`` records the stage.
 """
 from __future__ import annotations
 
