@@ -87,7 +87,9 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             try:
                 return _coerce(value, a, field)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:   # Optional[X]: X's own error, which names the innermost field (a list item's key)
+            raise errors[0]
         raise ConfigError(field, f"{value!r} matches none of {tp}")
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):

@@ -25,6 +25,11 @@ Scenarios:
   step that is a save-interval step (``on``) and one that is not (``between``): a run that stops there and the
   same command without the stop, which resumes.  Records for each run the losses, the final weights (a hash per rank), memory
   sums and stream position, every checkpoint saved (tag and meta.json's reason) and where the resume started.
+* ``curriculum``: an uninterrupted run (``train.curriculum`` among the options) saving every step, then for each
+  step of ``--resume-points`` a run resumed from a copy of that step's checkpoint alone; records for each the
+  losses, weights, memory sums, stream and curriculum position, as ``stops`` does; then the message that refuses
+  the uninterrupted run's last checkpoint to a run without the curriculum, and a checkpoint written without one
+  to the curriculum.
 * ``aux``: one step with the mechanism's auxiliary loss patched to ``1000 * sum(embedding weights)``, with
   ``train.aux_loss_weight`` 1 and 0; records the logged losses and the change of the embedding weights.
 * ``grads``: one optimizer step per layout of ``--layouts`` (a JSON list of ``{"name", "zero", "args"}``, the
@@ -136,7 +141,9 @@ def one_run(argv, ds_config, hook=None):
             import torch
             torch.save(st, tr.run_dir + ".final.pt")
     elif hook == "stops":
-        extra.update(weights=weights_hash(tr), stream=tr.stream.state_dict(), stopped=tr.stopped)
+        extra.update(weights=weights_hash(tr), stream=tr.stream.state_dict(), stopped=tr.stopped,
+                     curriculum=None if getattr(tr, "curriculum", None) is None else tr.curriculum.state_dict(),
+                     bptt_segments=tr.k, memory_k=tr.memory.k)
     elif hook == "aux":
         delta = (tr.model.embedding.tables[0].weight.detach() - before).flatten()
         extra.update(emb_delta_max=float(delta.max()), emb_delta_min=float(delta.min()),
@@ -208,7 +215,8 @@ def patch_aux_mean_square(tr, scale=0.5):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops", "grads"],
+    p.add_argument("--scenario", choices=["resume", "losses", "skip", "lr_resume", "aux", "state", "stops", "grads",
+                                            "curriculum"],
                    required=True)
     p.add_argument("--kinds", default="exit_interval,SIGTERM,SIGUSR1,SIGUSR2,walltime,end",
                    help="stops: comma-separated stop kinds")
@@ -222,6 +230,7 @@ def main():
     p.add_argument("--zero3-linear", action="store_true",
                    help="every run uses DeepSpeed's ZeRO-3 replacement of torch.nn.functional.linear")
     p.add_argument("--stop-at", type=int, default=3)
+    p.add_argument("--resume-points", default="1", help="curriculum: comma-separated steps to resume from")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -285,6 +294,34 @@ def main():
                     results[stage][f"{kind}_{where}"] = {"at": at, "interval": interval,
                                                          "stopped": one_run(common + stop, ds, hook="stops"),
                                                          "resumed": one_run(common, ds, hook="stops")}
+            continue
+        if args.scenario == "curriculum":
+            every = ["--save-interval", "1", "--checkpoint.keep_last", "100"]
+            full = base + "_full"
+            results[stage] = {"full": one_run(rest + every + ["--save", full], ds, hook="stops")}
+            for at in (int(s) for s in args.resume_points.split(",")):
+                save = f"{base}_from{at}"
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    import shutil
+                    tag = f"iter_{at:07d}"
+                    shutil.copytree(os.path.join(full, tag), os.path.join(save, tag))
+                    with open(os.path.join(save, "latest"), "w") as f:
+                        f.write(tag)
+                if dist.is_initialized():
+                    dist.barrier()
+                results[stage][str(at)] = one_run(rest + every + ["--save", save], ds, hook="stops")
+            # resuming across a curriculum and none is refused before anything is written or loaded
+            from pretrain.config_base import ConfigError
+            plain = [a for i, a in enumerate(rest) if "--train.curriculum" not in (a, rest[i - 1] if i else None)]
+
+            def refused(argv):
+                try:
+                    one_run(argv, ds)
+                except ConfigError as e:
+                    return str(e)
+            results[stage]["refused_without"] = refused(plain + ["--save", full])
+            one_run(plain + ["--save", base + "_plain", "--train-iters", "1"], ds)
+            results[stage]["refused_with"] = refused(rest + ["--save", base + "_plain"])
             continue
         if args.scenario == "aux":
             results[stage] = {w: one_run(rest + ["--save", f"{base}_aux{w}", "--train-iters", "1",

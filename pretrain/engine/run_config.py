@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -43,6 +44,35 @@ class DataConfig:
 
 
 @dataclass
+class CurriculumStage:
+    """One stage of ``train.curriculum``: what the stage trains on, how deep it backpropagates, when it ends."""
+    data: Optional[str] = F(None, "dataset prefix of this stage's training data (PREFIX uses PREFIX_train when it "
+                                  "exists; default: the training split of data.path), e.g. the task made with "
+                                  "fewer segments per example; same tokenizer as data.path")
+    bptt_segments: Optional[int] = F(None, "segments unrolled per micro-batch in this stage (default: "
+                                           "train.bptt_segments)")
+    steps: Optional[int] = F(None, "the stage ends after this many optimizer steps")
+    loss: Optional[float] = F(None, "the stage ends when the mean training loss over its last `window` steps is "
+                                    "below this")
+    window: int = F(10, "loss: steps averaged (finite steps that score targets)")
+    max_steps: Optional[int] = F(None, "loss: end the stage after this many steps at the latest")
+
+    def validate(self):
+        if self.steps is not None and self.loss is not None:
+            raise ConfigError("steps", "give steps or loss, not both")
+        for name in ("bptt_segments", "steps", "window", "max_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(name, f"must be >= 1, got {v}")
+        if self.loss is not None and not (math.isfinite(self.loss) and self.loss > 0):
+            raise ConfigError("loss", f"must be a finite number > 0, got {self.loss}")
+        if self.max_steps is not None and self.loss is None:
+            raise ConfigError("max_steps", "caps a loss stage; give loss (or steps instead of max_steps)")
+        if self.data is not None and not self.data.strip():
+            raise ConfigError("data", "must be a dataset prefix, got an empty string")
+
+
+@dataclass
 class TrainConfig:
     iters: int = F(1000, "optimizer steps to train (Megatron: --train-iters)")
     micro_batch: Optional[int] = F(None, "rows per micro-batch per data-parallel rank (default: the DeepSpeed "
@@ -64,8 +94,15 @@ class TrainConfig:
     aux_loss_weight: float = F(1.0, "weight of a memory mechanism's auxiliary loss added to the LM loss (the "
                                     "mechanism may scale it already; evaluation reports the LM loss alone)")
     init_from: Optional[str] = F(None, "start from an exported model directory (weights only)")
+    curriculum: Optional[List[CurriculumStage]] = F(
+        None, "stages trained one after the other, each a mapping {data, bptt_segments, steps | loss (window, "
+              "max_steps)}; every stage but the last ends after `steps` steps or when the mean loss of its last "
+              "`window` steps is below `loss`, the last runs to train.iters (docs/training.md, Curricula); on the "
+              "command line a YAML list: '[{data: d/copy1, steps: 100}, {data: d/copy2, loss: 0.5}, {}]'")
 
     def validate(self):
+        if self.curriculum is not None:
+            self._validate_curriculum()
         if self.iters < 0:
             raise ConfigError("iters", f"must be >= 0, got {self.iters}")
         for name in ("micro_batch", "grad_accum"):
@@ -80,6 +117,25 @@ class TrainConfig:
             raise ConfigError("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
         if not self.aux_loss_weight >= 0:
             raise ConfigError("aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
+
+    def _validate_curriculum(self):
+        stages = self.curriculum
+        if not stages:
+            raise ConfigError("curriculum", "an empty list; give at least one stage, or leave it null (no "
+                                            "curriculum)")
+        for i, st in enumerate(stages):
+            where = f"curriculum[{i}]"
+            try:
+                st.validate()
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{e.field}", str(e).split(": ", 1)[-1]) from None
+            last = i == len(stages) - 1
+            if not last and st.steps is None and st.loss is None:
+                raise ConfigError(where, "needs an end: steps N or loss X (only the last stage runs to "
+                                         "train.iters)")
+            if last and (st.steps is not None or st.loss is not None):
+                raise ConfigError(where, "the last stage runs to train.iters: it takes no steps or loss (add a "
+                                         "stage after it)")
 
 
 @dataclass

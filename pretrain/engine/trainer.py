@@ -23,6 +23,10 @@ ordered stream's position) and ``rng`` (the random generators), so a resumed run
 (bit for bit in fp32 on CPU).  The learning-rate schedule is a function of the number of applied updates
 (``meta.json``'s ``lr_step``) and of this run's options, so a resumed run follows its own schedule from its first
 update, with or without the optimizer state (``--no-load-optim``).
+
+With ``train.curriculum`` (``curriculum.py``) the run trains stage after stage, each with its data and BPTT depth;
+a stage ends after a step (by its step count or a loss threshold) with a new stream from the stage's start, fresh
+memory states and the stage's depth, before that step's checkpoint, whose ``meta.json`` records the stage.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 from data_tools.streams import StreamStateError
 from pretrain.config_base import ConfigError, to_dict
 from pretrain.engine import checkpoint as ckpt
+from pretrain.engine import curriculum
 from pretrain.engine import dist as pdist
 from pretrain.engine import resume as rs
 from pretrain.engine.family import family_for
@@ -147,24 +152,50 @@ class Trainer:
         self.zero = zero_stage(self.ds_config)
         self.seg_len = self.family.segment_len
         self.k = cfg.train.bptt_segments
+        # the curriculum's stages (train.curriculum), their data checked now; the stage comes with the resume
+        self.curriculum = curriculum.build(cfg, self.data, self.seg_len)
         if cfg.eval.protocol == "sliding":
             raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
         self.family.check()
 
     def _open_streams_and_plan(self) -> None:
-        """The training and evaluation streams (built, and so checked, now, not at the first evaluation) and the
-        checkpoint to resume from (chosen, verified and compared with this run before anything is loaded)."""
+        """The checkpoint to resume from (chosen and verified; with a curriculum it decides the stage), the
+        training and evaluation streams (built, and so checked, now, not at the first evaluation), then the
+        checkpoint compared with this run, all before anything is loaded."""
         cfg = self.cfg
-        self.stream = self._open(lambda: self.family.train_stream(
-            self.data.prefixes["train"], self.data, self.dp_rank, self.dp_size, self.micro, self.accum, self.k),
-            "train")
-        self.eval_streams = self._open_eval_streams()
-
-        # the checkpoint to resume from: chosen, verified and compared with this run before anything is loaded
         self.run_dir = cfg.checkpoint.save
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.dp_rank, self.tp_rank,
                                            self.dp_size, self.tp_size, self.rank)
-        self.plan = self._plan_resume()
+        plan = self._select_checkpoint()
+        if plan is not None and self.curriculum is not None:
+            self.curriculum.load_state_dict(plan.meta.get("curriculum"), plan.where)
+            self.k = self.curriculum.current.k
+        elif plan is not None:
+            curriculum.check_no_curriculum(plan.meta, plan.where)
+        self.stream = self._open_train_stream()
+        if self.curriculum is not None:   # every other stage's stream is built (and so checked) now as well
+            for st in self.curriculum.stages:
+                if st.index != self.curriculum.stage:
+                    self._open_train_stream(st)
+        self.eval_streams = self._open_eval_streams()
+        if plan is not None:   # compared with this run (the stage's BPTT depth) before anything is loaded
+            rs.check_resumable(plan, self.layout(), cfg.data.resume_policy)
+            rs.check_reshardable(plan)
+        self.plan = plan
+
+    def _open_train_stream(self, stage: Optional[curriculum.Stage] = None):
+        """The training stream, from its start: over the training split, or over the data of curriculum stage
+        ``stage`` (default: the current one) at its BPTT depth."""
+        if self.curriculum is None:
+            return self._open(lambda: self.family.train_stream(
+                self.data.prefixes["train"], self.data, self.dp_rank, self.dp_size, self.micro, self.accum, self.k),
+                "train")
+        st = stage or self.curriculum.current
+        try:
+            return self.family.train_stream(st.prefix, st.data, self.dp_rank, self.dp_size, self.micro, self.accum,
+                                            st.k)
+        except ValueError as e:
+            raise ConfigError(f"train.curriculum[{st.index}].data", f"{st.prefix}: {e}") from None
 
     def _build_model(self, parallel) -> None:
         """The model, with the weights of the checkpoint's model checked against it (and converted when the layout
@@ -233,12 +264,16 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []  # per step of this process: step, loss, finite
 
         self.peak, self.peak_src = peak_tflops(self.dtype, cfg.log.peak_tflops)
-        n = self.seg_len
-        self.flops_per_step = 3 * self.model.flops(self.micro, n, self.family.mem_len) * self.accum * self.k
-        self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
+        self._set_step_rates()
         self.resume_record: Optional[Dict[str, Any]] = None
         self.saved_step: Optional[int] = None   # the step this run's run directory already holds a checkpoint of
         self.stopped: Optional[str] = None      # why train() stopped before train.iters (signal, guard, interval)
+
+    def _set_step_rates(self) -> None:
+        """FLOPs and tokens of one optimizer step at the current BPTT depth ``k``."""
+        n = self.seg_len
+        self.flops_per_step = 3 * self.model.flops(self.micro, n, self.family.mem_len) * self.accum * self.k
+        self.tokens_per_step = self.micro * self.accum * self.dp_size * n * self.k
 
     def _open_run_dir(self) -> None:
         """Nothing failed: only now is the run directory written (resolved config, DeepSpeed config), the metrics
@@ -263,6 +298,11 @@ class Trainer:
             f"{self.accum}, {self.family.describe(self.k)}; "
             f"{self.stream.steps_per_epoch} steps per epoch; peak {self.peak:.2f} TFLOP/s ({self.peak_src})",
             self.rank)
+        if self.curriculum is not None:
+            log(f"{self.curriculum.describe()}" + (f" (since step {self.curriculum.start})" if self.step else ""),
+                self.rank)
+            if self.plan is None and self.rank == 0:
+                self.metrics.write(self.curriculum.record(self.step, "start"))
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _check_token_ids(self) -> None:
@@ -321,16 +361,14 @@ class Trainer:
                             segment_len=self.seg_len, bptt_segments=self.k)
 
     # ------------------------------------------------------------------------------------------------ resume
-    def _plan_resume(self) -> Optional[rs.ResumePlan]:
+    def _select_checkpoint(self) -> Optional[rs.ResumePlan]:
+        """The checkpoint to resume from, chosen and verified (not yet compared with this run), or None."""
         cfg = self.cfg
         load_dir = rs.resolve_load_dir(cfg.checkpoint.load, self.run_dir)
         if load_dir is None:
             return None
-        plan = rs.select_checkpoint(load_dir, self.ckpt, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size,
+        return rs.select_checkpoint(load_dir, self.ckpt, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size,
                                     agree=ckpt._agree_any, log=lambda m: log(m, self.rank))
-        rs.check_resumable(plan, self.layout(), cfg.data.resume_policy)
-        rs.check_reshardable(plan)
-        return plan
 
     def _convert(self, plan: rs.ResumePlan) -> str:
         """The layout-free copy of the checkpoint (``reshard.convert``), written once by the first rank while the
@@ -393,7 +431,9 @@ class Trainer:
         try:
             info = self.stream.load_state_dict(stream_state, policy=cfg.data.resume_policy)
         except StreamStateError as e:
-            raise ConfigError("data.resume_policy" if "layout" in str(e) else "data.path", str(e)) from None
+            data_field = "data.path" if self.curriculum is None else \
+                f"train.curriculum[{self.curriculum.stage}].data"
+            raise ConfigError("data.resume_policy" if "layout" in str(e) else data_field, str(e)) from None
         log(info["message"], self.rank)
         reset = []
         if info["reset_memory"]:
@@ -620,7 +660,8 @@ class Trainer:
                 "segment_len": layout.segment_len, "bptt_segments": layout.bptt_segments,
                 "attn_type": getattr(self.cfg.model, "attn_type", None), "mechanism": self.cfg.model.mechanism_name,
                 "dtype": str(self.dtype), "model": to_dict(self.cfg.model), "params": self.param_shapes(),
-                "optimizer_params": self.optimizer_param_names}
+                "optimizer_params": self.optimizer_param_names,
+                **({} if self.curriculum is None else {"curriculum": self.curriculum.state_dict()})}
 
     def save(self, reason: str) -> Optional[str]:
         """Checkpoint this step (collective), at most once: a step already saved by this run, or the checkpoint of
@@ -678,11 +719,19 @@ class Trainer:
                         f"checkpoint is the last good state", self.rank)
                     code = EXIT_NONFINITE
                     break
-                if self.step % cfg.log.interval == 0 or self.step == cfg.train.iters:
+                # a curriculum stage that ends with this step: its last log window is written now (a window
+                # never spans two stages) and the next stage starts before this step's checkpoint
+                stage_end = None
+                if self.curriculum is not None:
+                    self.curriculum.observe(r)
+                    stage_end = self.curriculum.due(self.step)
+                if self.step % cfg.log.interval == 0 or self.step == cfg.train.iters or stage_end is not None:
                     window["seconds"] = time.perf_counter() - window["start"] - window["excluded"]
                     self._log_window(window)
                     window = self._new_window()
                 t_aside = time.perf_counter()   # evaluation and checkpoints are not training steps' time
+                if stage_end is not None:
+                    self._next_stage(stage_end)
                 last = self.step >= cfg.train.iters
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and not last:
                     self._eval_and_log("valid", cfg.eval.iters)
@@ -725,6 +774,23 @@ class Trainer:
             _progress = None
             stop.restore()
 
+    def _next_stage(self, reason: str) -> None:
+        """Move to the next curriculum stage after this step: its stream from its start, every memory state fresh,
+        its BPTT depth (memory slots, FLOPs and tokens per step); logged and recorded in metrics.jsonl."""
+        cur = self.curriculum
+        ended = cur.current.index
+        cur.advance(self.step)
+        self.k = cur.current.k
+        self.memory = MemorySlots(self.model, self.accum, self.micro, self.device,
+                                  reset_memory=self.cfg.data.reset_memory, bptt_segments=self.k)
+        self.stream = self._open_train_stream()
+        self._batches = iter(self.stream)
+        self._set_step_rates()
+        log(f"step {self.step}: curriculum stage {ended + 1} ends ({reason}); {cur.describe()}; memory states "
+            f"reset", self.rank)
+        if self.rank == 0:
+            self.metrics.write(cur.record(self.step, reason))
+
     def _debug_signal(self, stop: StopRequest) -> None:
         """Fault injection for the tests (``debug.signal_at``): this rank sends itself the signal at the end of the
         step, as a scheduler would (the handler sets the flag; the stop is agreed by every rank)."""
@@ -752,6 +818,8 @@ class Trainer:
                "step_seconds": dt / steps,
                "consumed_tokens": self.consumed_tokens,
                "skipped": int(w["skipped"])}
+        if self.curriculum is not None:
+            rec["stage"] = self.curriculum.current.index   # the stage the window's steps trained in
         if w["aux_steps"]:
             rec["aux_loss"] = w["aux"] / w["aux_steps"]  # the mechanism's auxiliary loss, before its weight
         achieved = self.flops_per_step * steps / dt / 1e12
