@@ -36,11 +36,14 @@ def tasks(tmp_path_factory):
 
 
 def curriculum_args(tasks, loss_window=3):
-    """Stage 0: 1 segment per example for 2 steps; stage 1: 2 segments, BPTT 2, until the mean loss of 3 steps is
-    below 50 (met as soon as the window is full: after step 5); stage 2: the target task, BPTT 4, to the end."""
-    stages = (f"[{{data: {tasks[1]}, steps: 2}}, {{data: {tasks[2]}, bptt_segments: 2, loss: 50, "
-              f"window: {loss_window}, max_steps: 10}}, {{bptt_segments: 4}}]")
-    return ["--data-path", tasks[4], "--data.align", "document", "--train.curriculum", stages]
+    """Stage 0: 1 segment per example, BPTT 1, for 2 steps; stage 1: 2 segments, BPTT 2, until the mean loss of 3
+    steps is below 50 (met as soon as the window is full: after step 5); stage 2: the target task at the run's
+    BPTT depth (train.bptt_segments 4), to the end.  The run's depth differs from stage 0's, which a fresh run
+    starts at."""
+    stages = (f"[{{data: {tasks[1]}, bptt_segments: 1, steps: 2}}, {{data: {tasks[2]}, bptt_segments: 2, "
+              f"loss: 50, window: {loss_window}, max_steps: 10}}, {{}}]")
+    return ["--data-path", tasks[4], "--data.align", "document", "--train.bptt_segments", "4",
+            "--train.curriculum", stages]
 
 
 # ------------------------------------------------------------------------------------------------ exact resume

@@ -154,6 +154,8 @@ class Trainer:
         self.k = cfg.train.bptt_segments
         # the curriculum's stages (train.curriculum), their data checked now; the stage comes with the resume
         self.curriculum = curriculum.build(cfg, self.data, self.seg_len)
+        if self.curriculum is not None:   # a fresh run starts at stage 0's depth (a resume: at its stage's)
+            self.k = self.curriculum.current.k
         if cfg.eval.protocol == "sliding":
             raise ConfigError("eval.protocol", "the sliding protocol runs in pretrain/evaluate.py, not during training")
         self.family.check()
