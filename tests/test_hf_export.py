@@ -277,3 +277,17 @@ def test_bad_input_gets_one_line(tmp_path, data, capsys, monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.30.2")
     rc, err = _run(["--model", exp, "--output", tmp_path / "o5"], capsys)
     assert rc == 2 and _one_line(err, "transformers 4.30.2: not supported (needs 5.x; tested with 5.24)"), err
+
+
+def test_sampling_with_the_generation_config_defaults_equals_generate_py(tmp_path, data):
+    """``do_sample=True`` alone: transformers 5 leaves temperature, top_k, top_p None in the generation config;
+    generate() takes generate.py's defaults (temperature 1, top-k 0, top-p 1) and draws what it draws."""
+    from pretrain.generate import generate
+    model, hf, _ = _export(tmp_path, "xl-0", data, init_std=0.3)
+    prompt = [3, 1, 4, 1, 5]
+    want = generate(model, prompt, max_new_tokens=9, temperature=1.0, top_k=0, top_p=1.0,
+                    generator=torch.Generator().manual_seed(7), mem_len=model.cfg.mem_len,
+                    segment_len=model.cfg.tgt_len)
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=True,
+                      generator=torch.Generator().manual_seed(7))
+    assert got[0].tolist() == prompt + want

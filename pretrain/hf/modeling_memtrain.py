@@ -204,8 +204,8 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
         segment to segment of ``segment_length`` (default: training's) as in training, the partial segment
         re-read for every new token (or a sliding window, or one token at a time, by ``decode_policy_for``).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` as in ``generate.py``, drawn
-        from ``generator``; a setting not given comes from the generation config, whose unset fields have
-        transformers' defaults); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
+        from ``generator``; a setting not given comes from the generation config, else ``generate.py``'s
+        defaults: temperature 1, top_k 0, top_p 1); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
         with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.  ValueError for padding
         in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments are ignored."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -213,7 +213,9 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
                              "only if generated one call per row)")
         gc = self.generation_config
         do_sample = gc.do_sample if do_sample is None else do_sample
-        temperature = (gc.temperature if temperature is None else temperature) if do_sample else 0.0
+        if temperature is None:         # transformers 5 leaves unset sampling fields None: generate.py's defaults
+            temperature = 1.0 if gc.temperature is None else gc.temperature
+        temperature = temperature if do_sample else 0.0
         top_k = (gc.top_k or 0) if top_k is None else top_k
         top_p = (gc.top_p or 1.0) if top_p is None else top_p
         eos = gc.eos_token_id if eos_token_id is None else eos_token_id
