@@ -291,3 +291,37 @@ def test_sampling_with_the_generation_config_defaults_equals_generate_py(tmp_pat
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=True,
                       generator=torch.Generator().manual_seed(7))
     assert got[0].tolist() == prompt + want
+
+
+def test_output_is_replaced_only_when_an_earlier_export(tmp_path, data, capsys, monkeypatch):
+    """``--output`` holding ``--model`` (the run directory of its export), a file or a foreign directory is refused
+    with one line and left as it was; an earlier export is replaced; a failed write leaves no folder behind."""
+    cfg = ModelConfig(**{**BASE, **CASES["xl-0"]})
+    run = tmp_path / "run"
+    exp = write_model_export(run / "export", build_model(cfg), data)
+    (run / "config.yaml").write_text("data: {}\n")
+    rc, err = _run(["--model", exp, "--output", run], capsys)
+    assert rc == 2 and _one_line(err, "holds --model"), err
+    assert sorted(os.listdir(run)) == ["config.yaml", "export"] and os.path.isfile(os.path.join(exp, "model.yaml"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    rc, err = _run(["--model", exp, "--output", afile], capsys)
+    assert rc == 2 and _one_line(err, "exists and is not a directory"), err
+    assert afile.read_text() == "keep"
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    rc, err = _run(["--model", exp, "--output", foreign], capsys)
+    assert rc == 2 and _one_line(err, "a directory export_hf.py did not write"), err
+    assert os.listdir(foreign) == ["notes.txt"]
+    out = tmp_path / "hf"
+    assert _run(["--model", exp, "--output", out], capsys)[0] == 0
+    assert _run(["--model", exp, "--output", out], capsys)[0] == 0, "an earlier export is replaced"
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        export_hf(exp, str(tmp_path / "new" / "deep" / "hf"), log=lambda m: None)
+    assert not (tmp_path / "new").exists()

@@ -454,27 +454,55 @@ def _evaluations(path: str) -> List[Dict[str, Any]]:
 
 def export_hf(source: str, output: str, log=print) -> str:
     """Write the Hugging Face model directory ``output`` for the export directory or checkpoint ``source`` (under
-    a temporary name, renamed when complete; a directory already at ``output`` is replaced).  Loads it back with
+    a temporary name, renamed when complete; an earlier export at ``output`` is replaced; anything else there is refused, ``check_output``).  Loads it back with
     ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` and saves it again, so the files are exactly
     what ``save_pretrained`` writes.  ExportError (one line, naming the file or flag) on bad input."""
-    import torch
-    from safetensors.torch import save_file
-
-    from data_tools.cli import staged_dir
+    from data_tools.cli import make_folders, remove_folders
     version = check_transformers()
+    check_output(source, output)
     cfg, model_cfg, weights, meta, tok = read_source(source)
     fields, favor = describe_model(cfg)
     sources = bundle_sources(hook_targets())
-    eod = meta.get("eod_id")
     tensors = {k: v.float().contiguous() for k, v in sorted(weights.items())}
     tensors.update(favor)
     fields["weight_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
     out = os.path.abspath(output)
-    if os.path.abspath(source) == out:
-        raise ExportError(f"--output {output}: the same directory as --model")
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    parents = make_folders(os.path.dirname(out))
     os.makedirs(tmp)
+    try:
+        _write(tmp, out, output, source, cfg, model_cfg, weights, meta, tok, fields, tensors, sources, version, log)
+    except BaseException:
+        remove_folders(parents)          # the folders made for --output go too: nothing is left of a failure
+        raise
+    return out
+
+
+def check_output(source: str, output: str) -> None:
+    """ExportError unless ``output`` may be written: it is replaced only when it is missing, an empty directory
+    or a directory this exporter wrote (``memtrain_export.json``); never when it holds ``source`` (``--output
+    runs/x`` for ``--model runs/x/export`` would delete the training run)."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise ExportError(f"--output {output}: holds --model {source}; replacing it would delete the source "
+                          f"(name a new directory)")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ExportError(f"--output {output}: exists and is not a directory")
+    if os.path.isdir(output) and os.listdir(output) and \
+            not os.path.isfile(os.path.join(output, "memtrain_export.json")):
+        raise ExportError(f"--output {output}: a directory export_hf.py did not write (no memtrain_export.json); "
+                          f"only an earlier export is replaced: remove it or name a new directory")
+
+
+def _write(tmp, out, output, source, cfg, model_cfg, weights, meta, tok, fields, tensors, sources, version,
+           log) -> None:
+    """The files of the directory, written into ``tmp`` and renamed to ``out`` (``export_hf``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data_tools.cli import staged_dir
+    eod = meta.get("eod_id")
     with staged_dir(tmp, out):
         for name in TEMPLATES:
             shutil.copyfile(os.path.join(HERE, name), os.path.join(tmp, name))
@@ -517,4 +545,3 @@ def export_hf(source: str, output: str, log=print) -> str:
                       "pad_id": meta.get("pad_id"), "transformers": version, "evaluation": evaluation}
         with open(os.path.join(tmp, "memtrain_export.json"), "w") as f:
             json.dump(provenance, f, indent=2, default=str)
-    return out
