@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="export directory (SAVE/export) or checkpoint (SAVE, or SAVE/global_stepN) of a training run")
+                   help="export directory (SAVE/export) or checkpoint (SAVE, or SAVE/iter_NNNNNNN) of a training run")
     p.add_argument("--output", required=True, help="the Hugging Face model directory to write (an earlier export there is replaced)")
     return p
 

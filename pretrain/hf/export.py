@@ -21,7 +21,7 @@ A directory holds::
     memtrain_export.json        provenance: source, step, data, tokenizer spec, the evaluation figures found
 
 Sources: an export directory (``SAVE/export``, ``pretrain/engine/export.py``), or a DeepSpeed checkpoint of the
-trainer (``SAVE`` with its ``latest`` file, or ``SAVE/global_stepN``) of any ZeRO stage and tensor-parallel size:
+trainer (``SAVE`` with its ``latest`` file, or ``SAVE/iter_NNNNNNN``) of any ZeRO stage and tensor-parallel size:
 its shards are joined by ``pretrain.engine.reshard.convert`` (what resuming under another layout uses).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def bundle_sources(hook_targets: Dict[str, str]) -> Dict[str, str]:
 # --------------------------------------------------------------------------------------------------- sources
 def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """(model config dict, full fp32 weights, meta) of a trainer checkpoint: ``SAVE`` (its ``latest``) or
-    ``SAVE/global_stepN``; tensor-parallel and ZeRO shards joined (``reshard.convert``)."""
+    ``SAVE/iter_NNNNNNN``; tensor-parallel and ZeRO shards joined (``reshard.convert``)."""
     import torch
 
     from pretrain.engine import checkpoint as ckpt
@@ -154,7 +154,7 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
         load_dir, tag = path, ckpt.read_latest(path)
         if tag is None:
             raise ExportError(f"--model {path}: neither an export directory (model.safetensors, model.yaml, "
-                              f"export.json) nor a checkpoint (SAVE with a 'latest' file, or SAVE/global_stepN)")
+                              f"export.json) nor a checkpoint (SAVE with a 'latest' file, or SAVE/iter_NNNNNNN)")
     try:
         meta = ckpt.read_meta(load_dir, tag)
         problem = ckpt.verify(load_dir, tag, meta)
