@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="export directory (SAVE/export) or checkpoint (SAVE, or SAVE/iter_NNNNNNN) of a training run")
-    p.add_argument("--output", required=True, help="the Hugging Face model directory to write (an earlier export there is replaced)")
+    p.add_argument("--output", required=True,
+                   help="the Hugging Face model directory to write (an earlier export there is replaced)")
     return p
 
 
