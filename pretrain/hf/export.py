@@ -456,7 +456,8 @@ def export_hf(source: str, output: str, log=print) -> str:
     """Write the Hugging Face model directory ``output`` for the export directory or checkpoint ``source`` (under
     a temporary name, renamed when complete; an earlier export at ``output`` is replaced, anything else there is
     refused: ``check_output``).  Loads it back with ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)``
-    and saves it again, so the files are exactly what ``save_pretrained`` writes.  ExportError (one line, naming the file or flag) on bad input."""
+    and saves it again, so the files are exactly what ``save_pretrained`` writes.  ExportError (one line, naming
+    the file or flag) on bad input."""
     from data_tools.cli import make_folders, remove_folders
     version = check_transformers()
     check_output(source, output)

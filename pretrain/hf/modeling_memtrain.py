@@ -205,9 +205,10 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
         re-read for every new token (or a sliding window, or one token at a time, by ``decode_policy_for``).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` as in ``generate.py``, drawn
         from ``generator``; a setting not given comes from the generation config, else ``generate.py``'s
-        defaults: temperature 1, top_k 0, top_p 1); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
-        with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.  ValueError for padding
-        in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments are ignored."""
+        defaults: temperature 1, top_k 0, top_p 1); a row stops after ``eos_token_id`` (default: the generation
+        config's) and is padded with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.
+        ValueError for padding in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments
+        are ignored."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask: padding is not supported (give rows of real tokens; lengths may differ "
                              "only if generated one call per row)")
