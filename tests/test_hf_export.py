@@ -281,7 +281,7 @@ def test_bad_input_gets_one_line(tmp_path, data, capsys, monkeypatch):
 
 def test_sampling_with_the_generation_config_defaults_equals_generate_py(tmp_path, data):
     """``do_sample=True`` alone: transformers 5 leaves temperature, top_k, top_p None in the generation config;
-    generate() takes generate.py's defaults (temperature 1, top-k 0, top-p 1) and draws what it draws."""
+    generate() samples at temperature 1, top-k 0, top-p 1 and draws what generate.py's loop draws with them."""
     from pretrain.generate import generate
     model, hf, _ = _export(tmp_path, "xl-0", data, init_std=0.3)
     prompt = [3, 1, 4, 1, 5]

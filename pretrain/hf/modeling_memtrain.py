@@ -204,9 +204,10 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
         segment to segment of ``segment_length`` (default: training's) as in training, the partial segment
         re-read for every new token (or a sliding window, or one token at a time, by ``decode_policy_for``).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` as in ``generate.py``, drawn
-        from ``generator``; a setting not given comes from the generation config, else ``generate.py``'s
-        defaults: temperature 1, top_k 0, top_p 1); a row stops after ``eos_token_id`` (default: the generation
-        config's) and is padded with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.
+        from ``generator``; a setting not given comes from the generation config, else temperature 1,
+        top_k 0, top_p 1: transformers' defaults; ``generate.py``'s command line has ``--top-p 0.95``); a row
+        stops after ``eos_token_id`` (default: the generation config's) and is padded with ``pad_token_id``
+        (default: the EOS id, else 0).  Returns [B, P + new] int64.
         ValueError for padding in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments
         are ignored."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -214,7 +215,7 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
                              "only if generated one call per row)")
         gc = self.generation_config
         do_sample = gc.do_sample if do_sample is None else do_sample
-        if temperature is None:         # transformers 5 leaves unset sampling fields None: generate.py's defaults
+        if temperature is None:         # transformers 5 leaves unset sampling fields None (its default is 1)
             temperature = 1.0 if gc.temperature is None else gc.temperature
         temperature = temperature if do_sample else 0.0
         top_k = (gc.top_k or 0) if top_k is None else top_k
