@@ -47,6 +47,8 @@ def _export(args) -> int:
         out = export_hf(args.model, args.output, log=lambda m: print(m, file=sys.stderr))
     except ExportError as e:
         return fail(PROG, e)
+    except OSError as e:                # a disk full or a folder that cannot be written: one line naming it
+        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e} (nothing written)")
     print(f"wrote {out} (AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True))")
     return 0
 

@@ -325,3 +325,18 @@ def test_output_is_replaced_only_when_an_earlier_export(tmp_path, data, capsys, 
     with pytest.raises(OSError):
         export_hf(exp, str(tmp_path / "new" / "deep" / "hf"), log=lambda m: None)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_os_error_gets_one_line(tmp_path, data, capsys, monkeypatch):
+    """A disk full while writing, or an --output that cannot be made: one line naming the file, no traceback,
+    nothing left behind."""
+    cfg = ModelConfig(**{**BASE, **CASES["xl-0"]})
+    exp = write_model_export(tmp_path / "export", build_model(cfg), data)
+    import safetensors.torch
+
+    def full(tensors, filename, **kw):
+        raise OSError(28, "No space left on device", filename)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    rc, err = _run(["--model", exp, "--output", tmp_path / "hf"], capsys)
+    assert rc == 2 and _one_line(err, "model.safetensors: No space left on device"), err
+    assert sorted(os.listdir(tmp_path)) == ["export"]
