@@ -266,12 +266,12 @@ def test_bad_input_gets_one_line(tmp_path, data, capsys, monkeypatch):
     rc, err = _run(["--model", tmp_path / "nothing", "--output", tmp_path / "o3"], capsys)
     assert rc == 2 and _one_line(err, "no such export directory or checkpoint"), err
     # a checkpoint folder without its files
-    ckpt = tmp_path / "run" / "global_step5" / "memtrain"
+    ckpt = tmp_path / "run" / "iter_0000005" / "memtrain"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"step": 5, "files": {"mp_rank_00_model_states.pt": 10},
                                                 "model": {}, "dp_size": 1, "tp_size": 1, "zero_stage": 0}))
-    rc, err = _run(["--model", tmp_path / "run" / "global_step5", "--output", tmp_path / "o4"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "global_step5" in err and "Traceback" not in err, err
+    rc, err = _run(["--model", tmp_path / "run" / "iter_0000005", "--output", tmp_path / "o4"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "iter_0000005" in err and "Traceback" not in err, err
     # an unsupported transformers version
     import transformers
     monkeypatch.setattr(transformers, "__version__", "4.30.2")
