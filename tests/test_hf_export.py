@@ -340,3 +340,24 @@ def test_an_os_error_gets_one_line(tmp_path, data, capsys, monkeypatch):
     rc, err = _run(["--model", exp, "--output", tmp_path / "hf"], capsys)
     assert rc == 2 and _one_line(err, "model.safetensors: No space left on device"), err
     assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_a_membart_run_or_an_unknown_model_config_gets_one_line(tmp_path, capsys):
+    """MemBART (its checkpoint's model config says arch membart; its export is config.json + export.json) and a
+    checkpoint whose model config does not parse: one line naming the file, no traceback, nothing written."""
+    meta = {"step": 5, "files": {"mp_rank_00_model_states.pt": 10}, "dp_size": 1, "tp_size": 1, "zero_stage": 0}
+    for name, model, text in [("bart", {"arch": "membart", "encoder_layers": 2}, "a model of arch 'membart'"),
+                              ("odd", {"n_layer": 2, "no_such_field": 1}, "its model config: ")]:
+        ckpt = tmp_path / name / "iter_0000005" / "memtrain"
+        ckpt.mkdir(parents=True)
+        (ckpt / "meta.json").write_text(json.dumps(dict(meta, model=model)))
+        (ckpt.parent / "mp_rank_00_model_states.pt").write_bytes(b"0" * 10)     # complete as meta.json says
+        rc, err = _run(["--model", ckpt.parent, "--output", tmp_path / f"hf-{name}"], capsys)
+        assert rc == 2 and _one_line(err, text) and "meta.json" in err, err
+        assert not (tmp_path / f"hf-{name}").exists()
+    export = tmp_path / "membart-export"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "bart"}')
+    (export / "export.json").write_text('{"arch": "membart", "step": 5}')
+    rc, err = _run(["--model", export, "--output", tmp_path / "hf-export"], capsys)
+    assert rc == 2 and _one_line(err, "a model of arch 'membart'"), err

@@ -137,6 +137,10 @@ def bundle_sources(hook_targets: Dict[str, str]) -> Dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------- sources
+_NOT_DECODER = ("a model of arch {arch!r}: export_hf.py writes decoder-only LMs; a MemBART run's own export "
+                "(SAVE/export) is already a BART-format directory (docs/membart.md)")
+
+
 def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """(model config dict, full fp32 weights, meta) of a trainer checkpoint: ``SAVE`` (its ``latest``) or
     ``SAVE/iter_NNNNNNN``; tensor-parallel and ZeRO shards joined (``reshard.convert``)."""
@@ -146,7 +150,7 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
     from pretrain.engine import reshard
     from pretrain.model import ModelConfig, build_model, parallel
     from pretrain.model.weights import described_parameters
-    from pretrain.config_base import from_dict
+    from pretrain.config_base import ConfigError, from_dict
     path = path.rstrip("/")
     if os.path.isfile(os.path.join(path, "memtrain", "meta.json")):
         load_dir, tag = os.path.dirname(path) or ".", os.path.basename(path)
@@ -157,12 +161,18 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
                               f"export.json) nor a checkpoint (SAVE with a 'latest' file, or SAVE/iter_NNNNNNN)")
     try:
         meta = ckpt.read_meta(load_dir, tag)
+        meta_file = ckpt.meta_path(load_dir, tag)
+        if not isinstance(meta.get("model"), dict):
+            raise ExportError(f"{meta_file}: no model config in it (written by an older version)")
+        if meta["model"].get("arch", "decoder") != "decoder":
+            raise ExportError(f"{meta_file}: {_NOT_DECODER.format(arch=meta['model'].get('arch'))}")
+        try:
+            cfg = from_dict(ModelConfig, meta["model"])
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ExportError(f"{meta_file}: its model config: {e}") from None
         problem = ckpt.verify(load_dir, tag, meta)
         if problem:
             raise ExportError(f"{os.path.join(load_dir, tag)}: incomplete checkpoint ({problem})")
-        if not isinstance(meta.get("model"), dict):
-            raise ExportError(f"{ckpt.meta_path(load_dir, tag)}: no model config in it (written by an older version)")
-        cfg = from_dict(ModelConfig, meta["model"])
         if not parallel.is_initialized():
             parallel.initialize(1)
         model = build_model(cfg)
@@ -194,6 +204,13 @@ def read_source(path: str):
     if not os.path.exists(path):
         raise ExportError(f"--model {path}: no such export directory or checkpoint")
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.yaml")):
+        try:
+            with open(os.path.join(path, "export.json"), encoding="utf-8") as f:
+                arch = json.load(f).get("arch", "decoder")
+        except (OSError, ValueError, AttributeError):
+            arch = "decoder"
+        if arch != "decoder":           # the trainer's export of MemBART (config.json + export.json)
+            raise ExportError(f"--model {path}: {_NOT_DECODER.format(arch=arch)}")
         raise ExportError(f"--model {path}: a Hugging Face model directory (config.json), not a memtrain export "
                           f"or checkpoint: it is already exported (or comes from another tool)")
     if os.path.isfile(os.path.join(path, "model.yaml")) or os.path.isfile(os.path.join(path, "export.json")):
