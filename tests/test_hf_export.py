@@ -361,3 +361,23 @@ def test_a_membart_run_or_an_unknown_model_config_gets_one_line(tmp_path, capsys
     (export / "export.json").write_text('{"arch": "membart", "step": 5}')
     rc, err = _run(["--model", export, "--output", tmp_path / "hf-export"], capsys)
     assert rc == 2 and _one_line(err, "a model of arch 'membart'"), err
+
+
+def test_the_carried_memory_is_cut_from_the_graph(tmp_path, data):
+    """As the project model's state (``detach_state=True``): a loop that carries the memory in grad mode keeps
+    no graph of earlier segments (it grew by every segment's activations); ``detach_memory=False`` keeps it."""
+    model, hf, _ = _export(tmp_path, "lamemo-3", data)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(2))
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+    out = hf(tokens, labels=tokens)
+    assert out.logits.requires_grad and out.loss.requires_grad
+    assert tensors(out.memory) and not any(t.requires_grad for t in tensors(out.memory))
+    _, state = model(tokens, model.init_state(2))
+    assert not any(t.requires_grad for t in tensors(vars(state)))
+    kept = hf(tokens, detach_memory=False).memory
+    assert any(t.grad_fn is not None for t in tensors(kept))

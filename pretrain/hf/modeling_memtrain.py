@@ -83,6 +83,17 @@ class _ModelConfig:
         return self._absolute
 
 
+def _detached(x):
+    """``x`` (a memory: dicts and lists of tensors) with every tensor detached."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
 class _Node(nn.Module):
     """A plain container: the weights keep the project's names (``stack.layers.0.mixer.attn.qkv.weight``)."""
 
@@ -173,9 +184,12 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, memory: Optional[Dict[str, Any]] = None,
                 labels: Optional[torch.LongTensor] = None, mem_len: Optional[int] = None,
                 clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
-                attention_mask: Optional[torch.Tensor] = None, **kwargs) -> MemTrainOutput:
+                attention_mask: Optional[torch.Tensor] = None, detach_memory: bool = True,
+                **kwargs) -> MemTrainOutput:
         """One segment: ``input_ids`` [B, N] int64 after ``memory`` (None: a fresh stream).  ``mem_len``,
-        ``clamp_len``, ``same_length``: the evaluation protocol's settings (default: training's).  Returns
+        ``clamp_len``, ``same_length``: the evaluation protocol's settings (default: training's).  The returned
+        memory is cut from the autograd graph (truncated backprop, the project model's ``detach_state=True``: a
+        loop carrying it keeps no graph of earlier segments); ``detach_memory=False`` keeps it in.  Returns
         ``MemTrainOutput``.  ``attention_mask`` must be all ones (no padding: rows are separate streams);
         ValueError otherwise, and for a ``mem_len`` the model cannot use."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -184,6 +198,8 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(torch.long)
         logprobs, new = self._run(input_ids, memory, mem_len, clamp_len, same_length)
+        if detach_memory:
+            new = _detached(new)
         loss = None
         if labels is not None:
             loss = nn.functional.nll_loss(logprobs[:, :-1].reshape(-1, logprobs.shape[-1]),
