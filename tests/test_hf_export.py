@@ -272,7 +272,11 @@ def test_bad_input_gets_one_line(tmp_path, data, capsys, monkeypatch):
                                                 "model": {}, "dp_size": 1, "tp_size": 1, "zero_stage": 0}))
     rc, err = _run(["--model", tmp_path / "run" / "iter_0000005", "--output", tmp_path / "o4"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "iter_0000005" in err and "Traceback" not in err, err
-    # an unsupported transformers version
+    # no transformers, or an unsupported version
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)
+        rc, err = _run(["--model", exp, "--output", tmp_path / "o5"], capsys)
+    assert rc == 2 and _one_line(err, "transformers is not installed: pip install 'transformers>=5,<6'"), err
     import transformers
     monkeypatch.setattr(transformers, "__version__", "4.30.2")
     rc, err = _run(["--model", exp, "--output", tmp_path / "o5"], capsys)

@@ -382,7 +382,8 @@ def check_transformers() -> str:
     try:
         import transformers
     except ImportError:
-        raise ExportError("transformers is not installed: pip install 'transformers>=4.46'") from None
+        raise ExportError("transformers is not installed: pip install 'transformers>=5,<6' (or pip install -e "
+                          "'.[hf]')") from None
     v = transformers.__version__
     major = int(re.match(r"\d+", v).group()) if re.match(r"\d+", v) else 0
     if major != 5:
