@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="export directory (SAVE/export) or checkpoint (SAVE, or SAVE/global_stepN) of a training run")
-    p.add_argument("--output", required=True, help="the Hugging Face model directory to write (replaced if there)")
+                   help="export directory (SAVE/export) or checkpoint (SAVE, or SAVE/iter_NNNNNNN) of a training run")
+    p.add_argument("--output", required=True,
+                   help="the Hugging Face model directory to write (an earlier export there is replaced)")
     return p
 
 
@@ -46,6 +47,8 @@ def _export(args) -> int:
         out = export_hf(args.model, args.output, log=lambda m: print(m, file=sys.stderr))
     except ExportError as e:
         return fail(PROG, e)
+    except OSError as e:                # a disk full or a folder that cannot be written: one line naming it
+        return fail(PROG, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e} (nothing written)")
     print(f"wrote {out} (AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True))")
     return 0
 

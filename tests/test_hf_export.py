@@ -266,14 +266,122 @@ def test_bad_input_gets_one_line(tmp_path, data, capsys, monkeypatch):
     rc, err = _run(["--model", tmp_path / "nothing", "--output", tmp_path / "o3"], capsys)
     assert rc == 2 and _one_line(err, "no such export directory or checkpoint"), err
     # a checkpoint folder without its files
-    ckpt = tmp_path / "run" / "global_step5" / "memtrain"
+    ckpt = tmp_path / "run" / "iter_0000005" / "memtrain"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"step": 5, "files": {"mp_rank_00_model_states.pt": 10},
                                                 "model": {}, "dp_size": 1, "tp_size": 1, "zero_stage": 0}))
-    rc, err = _run(["--model", tmp_path / "run" / "global_step5", "--output", tmp_path / "o4"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "global_step5" in err and "Traceback" not in err, err
-    # an unsupported transformers version
+    rc, err = _run(["--model", tmp_path / "run" / "iter_0000005", "--output", tmp_path / "o4"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "iter_0000005" in err and "Traceback" not in err, err
+    # no transformers, or an unsupported version
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)
+        rc, err = _run(["--model", exp, "--output", tmp_path / "o5"], capsys)
+    assert rc == 2 and _one_line(err, "transformers is not installed: pip install 'transformers>=5,<6'"), err
     import transformers
     monkeypatch.setattr(transformers, "__version__", "4.30.2")
     rc, err = _run(["--model", exp, "--output", tmp_path / "o5"], capsys)
     assert rc == 2 and _one_line(err, "transformers 4.30.2: not supported (needs 5.x; tested with 5.24)"), err
+
+
+def test_sampling_with_the_generation_config_defaults_equals_generate_py(tmp_path, data):
+    """``do_sample=True`` alone: transformers 5 leaves temperature, top_k, top_p None in the generation config;
+    generate() samples at temperature 1, top-k 0, top-p 1 and draws what generate.py's loop draws with them."""
+    from pretrain.generate import generate
+    model, hf, _ = _export(tmp_path, "xl-0", data, init_std=0.3)
+    prompt = [3, 1, 4, 1, 5]
+    want = generate(model, prompt, max_new_tokens=9, temperature=1.0, top_k=0, top_p=1.0,
+                    generator=torch.Generator().manual_seed(7), mem_len=model.cfg.mem_len,
+                    segment_len=model.cfg.tgt_len)
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=True,
+                      generator=torch.Generator().manual_seed(7))
+    assert got[0].tolist() == prompt + want
+
+
+def test_output_is_replaced_only_when_an_earlier_export(tmp_path, data, capsys, monkeypatch):
+    """``--output`` holding ``--model`` (the run directory of its export), a file or a foreign directory is refused
+    with one line and left as it was; an earlier export is replaced; a failed write leaves no folder behind."""
+    cfg = ModelConfig(**{**BASE, **CASES["xl-0"]})
+    run = tmp_path / "run"
+    exp = write_model_export(run / "export", build_model(cfg), data)
+    (run / "config.yaml").write_text("data: {}\n")
+    rc, err = _run(["--model", exp, "--output", run], capsys)
+    assert rc == 2 and _one_line(err, "holds --model"), err
+    assert sorted(os.listdir(run)) == ["config.yaml", "export"] and os.path.isfile(os.path.join(exp, "model.yaml"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    rc, err = _run(["--model", exp, "--output", afile], capsys)
+    assert rc == 2 and _one_line(err, "exists and is not a directory"), err
+    assert afile.read_text() == "keep"
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    rc, err = _run(["--model", exp, "--output", foreign], capsys)
+    assert rc == 2 and _one_line(err, "a directory export_hf.py did not write"), err
+    assert os.listdir(foreign) == ["notes.txt"]
+    out = tmp_path / "hf"
+    assert _run(["--model", exp, "--output", out], capsys)[0] == 0
+    assert _run(["--model", exp, "--output", out], capsys)[0] == 0, "an earlier export is replaced"
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        export_hf(exp, str(tmp_path / "new" / "deep" / "hf"), log=lambda m: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_os_error_gets_one_line(tmp_path, data, capsys, monkeypatch):
+    """A disk full while writing, or an --output that cannot be made: one line naming the file, no traceback,
+    nothing left behind."""
+    cfg = ModelConfig(**{**BASE, **CASES["xl-0"]})
+    exp = write_model_export(tmp_path / "export", build_model(cfg), data)
+    import safetensors.torch
+
+    def full(tensors, filename, **kw):
+        raise OSError(28, "No space left on device", filename)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    rc, err = _run(["--model", exp, "--output", tmp_path / "hf"], capsys)
+    assert rc == 2 and _one_line(err, "model.safetensors: No space left on device"), err
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_a_membart_run_or_an_unknown_model_config_gets_one_line(tmp_path, capsys):
+    """MemBART (its checkpoint's model config says arch membart; its export is config.json + export.json) and a
+    checkpoint whose model config does not parse: one line naming the file, no traceback, nothing written."""
+    meta = {"step": 5, "files": {"mp_rank_00_model_states.pt": 10}, "dp_size": 1, "tp_size": 1, "zero_stage": 0}
+    for name, model, text in [("bart", {"arch": "membart", "encoder_layers": 2}, "a model of arch 'membart'"),
+                              ("odd", {"n_layer": 2, "no_such_field": 1}, "its model config: ")]:
+        ckpt = tmp_path / name / "iter_0000005" / "memtrain"
+        ckpt.mkdir(parents=True)
+        (ckpt / "meta.json").write_text(json.dumps(dict(meta, model=model)))
+        (ckpt.parent / "mp_rank_00_model_states.pt").write_bytes(b"0" * 10)     # complete as meta.json says
+        rc, err = _run(["--model", ckpt.parent, "--output", tmp_path / f"hf-{name}"], capsys)
+        assert rc == 2 and _one_line(err, text) and "meta.json" in err, err
+        assert not (tmp_path / f"hf-{name}").exists()
+    export = tmp_path / "membart-export"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "bart"}')
+    (export / "export.json").write_text('{"arch": "membart", "step": 5}')
+    rc, err = _run(["--model", export, "--output", tmp_path / "hf-export"], capsys)
+    assert rc == 2 and _one_line(err, "a model of arch 'membart'"), err
+
+
+def test_the_carried_memory_is_cut_from_the_graph(tmp_path, data):
+    """As the project model's state (``detach_state=True``): a loop that carries the memory in grad mode keeps
+    no graph of earlier segments (it grew by every segment's activations); ``detach_memory=False`` keeps it."""
+    model, hf, _ = _export(tmp_path, "lamemo-3", data)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(2))
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+    out = hf(tokens, labels=tokens)
+    assert out.logits.requires_grad and out.loss.requires_grad
+    assert tensors(out.memory) and not any(t.requires_grad for t in tensors(out.memory))
+    _, state = model(tokens, model.init_state(2))
+    assert not any(t.requires_grad for t in tensors(vars(state)))
+    kept = hf(tokens, detach_memory=False).memory
+    assert any(t.grad_fn is not None for t in tensors(kept))

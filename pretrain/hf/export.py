@@ -21,7 +21,7 @@ A directory holds::
     memtrain_export.json        provenance: source, step, data, tokenizer spec, the evaluation figures found
 
 Sources: an export directory (``SAVE/export``, ``pretrain/engine/export.py``), or a DeepSpeed checkpoint of the
-trainer (``SAVE`` with its ``latest`` file, or ``SAVE/global_stepN``) of any ZeRO stage and tensor-parallel size:
+trainer (``SAVE`` with its ``latest`` file, or ``SAVE/iter_NNNNNNN``) of any ZeRO stage and tensor-parallel size:
 its shards are joined by ``pretrain.engine.reshard.convert`` (what resuming under another layout uses).
 """
 from __future__ import annotations
@@ -137,16 +137,20 @@ def bundle_sources(hook_targets: Dict[str, str]) -> Dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------- sources
+_NOT_DECODER = ("a model of arch {arch!r}: export_hf.py writes decoder-only LMs; a MemBART run's own export "
+                "(SAVE/export) is already a BART-format directory (docs/membart.md)")
+
+
 def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """(model config dict, full fp32 weights, meta) of a trainer checkpoint: ``SAVE`` (its ``latest``) or
-    ``SAVE/global_stepN``; tensor-parallel and ZeRO shards joined (``reshard.convert``)."""
+    ``SAVE/iter_NNNNNNN``; tensor-parallel and ZeRO shards joined (``reshard.convert``)."""
     import torch
 
     from pretrain.engine import checkpoint as ckpt
     from pretrain.engine import reshard
     from pretrain.model import ModelConfig, build_model, parallel
     from pretrain.model.weights import described_parameters
-    from pretrain.config_base import from_dict
+    from pretrain.config_base import ConfigError, from_dict
     path = path.rstrip("/")
     if os.path.isfile(os.path.join(path, "memtrain", "meta.json")):
         load_dir, tag = os.path.dirname(path) or ".", os.path.basename(path)
@@ -154,15 +158,21 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
         load_dir, tag = path, ckpt.read_latest(path)
         if tag is None:
             raise ExportError(f"--model {path}: neither an export directory (model.safetensors, model.yaml, "
-                              f"export.json) nor a checkpoint (SAVE with a 'latest' file, or SAVE/global_stepN)")
+                              f"export.json) nor a checkpoint (SAVE with a 'latest' file, or SAVE/iter_NNNNNNN)")
     try:
         meta = ckpt.read_meta(load_dir, tag)
+        meta_file = ckpt.meta_path(load_dir, tag)
+        if not isinstance(meta.get("model"), dict):
+            raise ExportError(f"{meta_file}: no model config in it (written by an older version)")
+        if meta["model"].get("arch", "decoder") != "decoder":
+            raise ExportError(f"{meta_file}: {_NOT_DECODER.format(arch=meta['model'].get('arch'))}")
+        try:
+            cfg = from_dict(ModelConfig, meta["model"])
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ExportError(f"{meta_file}: its model config: {e}") from None
         problem = ckpt.verify(load_dir, tag, meta)
         if problem:
             raise ExportError(f"{os.path.join(load_dir, tag)}: incomplete checkpoint ({problem})")
-        if not isinstance(meta.get("model"), dict):
-            raise ExportError(f"{ckpt.meta_path(load_dir, tag)}: no model config in it (written by an older version)")
-        cfg = from_dict(ModelConfig, meta["model"])
         if not parallel.is_initialized():
             parallel.initialize(1)
         model = build_model(cfg)
@@ -194,6 +204,13 @@ def read_source(path: str):
     if not os.path.exists(path):
         raise ExportError(f"--model {path}: no such export directory or checkpoint")
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.yaml")):
+        try:
+            with open(os.path.join(path, "export.json"), encoding="utf-8") as f:
+                arch = json.load(f).get("arch", "decoder")
+        except (OSError, ValueError, AttributeError):
+            arch = "decoder"
+        if arch != "decoder":           # the trainer's export of MemBART (config.json + export.json)
+            raise ExportError(f"--model {path}: {_NOT_DECODER.format(arch=arch)}")
         raise ExportError(f"--model {path}: a Hugging Face model directory (config.json), not a memtrain export "
                           f"or checkpoint: it is already exported (or comes from another tool)")
     if os.path.isfile(os.path.join(path, "model.yaml")) or os.path.isfile(os.path.join(path, "export.json")):
@@ -365,7 +382,8 @@ def check_transformers() -> str:
     try:
         import transformers
     except ImportError:
-        raise ExportError("transformers is not installed: pip install 'transformers>=4.46'") from None
+        raise ExportError("transformers is not installed: pip install 'transformers>=5,<6' (or pip install -e "
+                          "'.[hf]')") from None
     v = transformers.__version__
     major = int(re.match(r"\d+", v).group()) if re.match(r"\d+", v) else 0
     if major != 5:
@@ -454,27 +472,56 @@ def _evaluations(path: str) -> List[Dict[str, Any]]:
 
 def export_hf(source: str, output: str, log=print) -> str:
     """Write the Hugging Face model directory ``output`` for the export directory or checkpoint ``source`` (under
-    a temporary name, renamed when complete; a directory already at ``output`` is replaced).  Loads it back with
-    ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` and saves it again, so the files are exactly
-    what ``save_pretrained`` writes.  ExportError (one line, naming the file or flag) on bad input."""
-    import torch
-    from safetensors.torch import save_file
-
-    from data_tools.cli import staged_dir
+    a temporary name, renamed when complete; an earlier export at ``output`` is replaced, anything else there is
+    refused: ``check_output``).  Loads it back with ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)``
+    and saves it again, so the files are exactly what ``save_pretrained`` writes.  ExportError (one line, naming
+    the file or flag) on bad input."""
+    from data_tools.cli import make_folders, remove_folders
     version = check_transformers()
+    check_output(source, output)
     cfg, model_cfg, weights, meta, tok = read_source(source)
     fields, favor = describe_model(cfg)
     sources = bundle_sources(hook_targets())
-    eod = meta.get("eod_id")
     tensors = {k: v.float().contiguous() for k, v in sorted(weights.items())}
     tensors.update(favor)
     fields["weight_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
     out = os.path.abspath(output)
-    if os.path.abspath(source) == out:
-        raise ExportError(f"--output {output}: the same directory as --model")
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    parents = make_folders(os.path.dirname(out))
     os.makedirs(tmp)
+    try:
+        _write(tmp, out, output, source, cfg, model_cfg, weights, meta, tok, fields, tensors, sources, version, log)
+    except BaseException:
+        remove_folders(parents)          # the folders made for --output go too: nothing is left of a failure
+        raise
+    return out
+
+
+def check_output(source: str, output: str) -> None:
+    """ExportError unless ``output`` may be written: it is replaced only when it is missing, an empty directory
+    or a directory this exporter wrote (``memtrain_export.json``); never when it holds ``source`` (``--output
+    runs/x`` for ``--model runs/x/export`` would delete the training run)."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise ExportError(f"--output {output}: holds --model {source}; replacing it would delete the source "
+                          f"(name a new directory)")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ExportError(f"--output {output}: exists and is not a directory")
+    if os.path.isdir(output) and os.listdir(output) and \
+            not os.path.isfile(os.path.join(output, "memtrain_export.json")):
+        raise ExportError(f"--output {output}: a directory export_hf.py did not write (no memtrain_export.json); "
+                          f"only an earlier export is replaced: remove it or name a new directory")
+
+
+def _write(tmp, out, output, source, cfg, model_cfg, weights, meta, tok, fields, tensors, sources, version,
+           log) -> None:
+    """The files of the directory, written into ``tmp`` and renamed to ``out`` (``export_hf``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data_tools.cli import staged_dir
+    eod = meta.get("eod_id")
     with staged_dir(tmp, out):
         for name in TEMPLATES:
             shutil.copyfile(os.path.join(HERE, name), os.path.join(tmp, name))
@@ -517,4 +564,3 @@ def export_hf(source: str, output: str, log=print) -> str:
                       "pad_id": meta.get("pad_id"), "transformers": version, "evaluation": evaluation}
         with open(os.path.join(tmp, "memtrain_export.json"), "w") as f:
             json.dump(provenance, f, indent=2, default=str)
-    return out

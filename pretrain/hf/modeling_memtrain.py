@@ -83,6 +83,17 @@ class _ModelConfig:
         return self._absolute
 
 
+def _detached(x):
+    """``x`` (a memory: dicts and lists of tensors) with every tensor detached."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
 class _Node(nn.Module):
     """A plain container: the weights keep the project's names (``stack.layers.0.mixer.attn.qkv.weight``)."""
 
@@ -173,9 +184,12 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, memory: Optional[Dict[str, Any]] = None,
                 labels: Optional[torch.LongTensor] = None, mem_len: Optional[int] = None,
                 clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
-                attention_mask: Optional[torch.Tensor] = None, **kwargs) -> MemTrainOutput:
+                attention_mask: Optional[torch.Tensor] = None, detach_memory: bool = True,
+                **kwargs) -> MemTrainOutput:
         """One segment: ``input_ids`` [B, N] int64 after ``memory`` (None: a fresh stream).  ``mem_len``,
-        ``clamp_len``, ``same_length``: the evaluation protocol's settings (default: training's).  Returns
+        ``clamp_len``, ``same_length``: the evaluation protocol's settings (default: training's).  The returned
+        memory is cut from the autograd graph (truncated backprop, the project model's ``detach_state=True``: a
+        loop carrying it keeps no graph of earlier segments); ``detach_memory=False`` keeps it in.  Returns
         ``MemTrainOutput``.  ``attention_mask`` must be all ones (no padding: rows are separate streams);
         ValueError otherwise, and for a ``mem_len`` the model cannot use."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -184,6 +198,8 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(torch.long)
         logprobs, new = self._run(input_ids, memory, mem_len, clamp_len, same_length)
+        if detach_memory:
+            new = _detached(new)
         loss = None
         if labels is not None:
             loss = nn.functional.nll_loss(logprobs[:, :-1].reshape(-1, logprobs.shape[-1]),
@@ -204,16 +220,20 @@ class MemTrainForCausalLM(MemTrainPreTrainedModel, GenerationMixin):
         segment to segment of ``segment_length`` (default: training's) as in training, the partial segment
         re-read for every new token (or a sliding window, or one token at a time, by ``decode_policy_for``).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` as in ``generate.py``, drawn
-        from ``generator``; a setting not given comes from the generation config, whose unset fields have
-        transformers' defaults); a row stops after ``eos_token_id`` (default: the generation config's) and is padded
-        with ``pad_token_id`` (default: the EOS id, else 0).  Returns [B, P + new] int64.  ValueError for padding
-        in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments are ignored."""
+        from ``generator``; a setting not given comes from the generation config, else temperature 1,
+        top_k 0, top_p 1: transformers' defaults; ``generate.py``'s command line has ``--top-p 0.95``); a row
+        stops after ``eos_token_id`` (default: the generation config's) and is padded with ``pad_token_id``
+        (default: the EOS id, else 0).  Returns [B, P + new] int64.
+        ValueError for padding in ``attention_mask``; ``sample_next``'s for bad sampling settings.  Other arguments
+        are ignored."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask: padding is not supported (give rows of real tokens; lengths may differ "
                              "only if generated one call per row)")
         gc = self.generation_config
         do_sample = gc.do_sample if do_sample is None else do_sample
-        temperature = (gc.temperature if temperature is None else temperature) if do_sample else 0.0
+        if temperature is None:         # transformers 5 leaves unset sampling fields None (its default is 1)
+            temperature = 1.0 if gc.temperature is None else gc.temperature
+        temperature = temperature if do_sample else 0.0
         top_k = (gc.top_k or 0) if top_k is None else top_k
         top_p = (gc.top_p or 1.0) if top_p is None else top_p
         eos = gc.eos_token_id if eos_token_id is None else eos_token_id
