@@ -87,15 +87,8 @@ def gpt2_tokenizer_json(legacy_merges: bool = False) -> str:
 
 def _byte_decoder():
     """GPT-2's map from its printable stand-in characters back to bytes (``bytes_to_unicode`` inverted)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    from pretrain.hf.export import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def gpt2_tiktoken_ranks() -> str:

@@ -261,7 +261,7 @@ def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
     if kind == "bytes":
         from tokenizers.pre_tokenizers import ByteLevel
         alphabet = ByteLevel.alphabet()
-        table = _bytes_to_unicode()
+        table = bytes_to_unicode()
         vocab = {table[b]: b for b in range(256)}
         assert set(vocab) == set(alphabet)
         t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -316,8 +316,9 @@ def tokenizer_files(tok, eod_id: Optional[int]) -> Dict[str, bytes]:
             "special_tokens_map.json": _json_bytes(special)}
 
 
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer maps bytes to)."""
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer maps bytes to; GPT-2's
+    ``encoder.py``).  The GPT-2 test fixtures invert it."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
